@@ -1,0 +1,20 @@
+//! The imfleet agent: a small daemon on an IM host that serves the controller
+//! over mutual TLS, and the on-host half of the one-time SSH bootstrap.
+//!
+//! Module map:
+//! - [`layout`]: where the agent keeps its binary, config, identity and logs.
+//! - [`config`]: `agent.toml`, written at bootstrap.
+//! - [`identity`]: key generation on the host, CSR out, certificate in.
+//! - [`server`]: the gRPC service and the mTLS role gate in front of it.
+//! - [`supervision`]: running under systemd or under the agent's own supervisor.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod identity;
+pub mod layout;
+pub mod server;
+pub mod supervision;
+
+/// Version of this agent build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+

@@ -1,0 +1,248 @@
+//! Keeping the agent running: under systemd when systemd is PID 1, otherwise
+//! under the agent's own small supervisor (containers, minimal hosts).
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::config::AgentConfig;
+use crate::layout::{Layout, SYSTEMD_UNIT, SYSTEMD_UNIT_PATH};
+use imfleet_certs::storage::write_atomically as write_file_atomically;
+
+/// Set in the agent's environment to say who supervises it.
+pub const SUPERVISION_ENV: &str = "IMFLEET_SUPERVISION";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supervision {
+    Systemd,
+    Supervisor,
+}
+
+impl Supervision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Supervision::Systemd => "systemd",
+            Supervision::Supervisor => "supervisor",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisionError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("`systemctl {args}` failed: {stderr}")]
+    Systemctl { args: String, stderr: String },
+    #[error("the previous supervisor (pid {0}) did not stop")]
+    StuckSupervisor(i32),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisionError {
+    let what = what.into();
+    move |source| SupervisionError::Io { what, source }
+}
+
+/// True when systemd is the init system (PID 1) of this host.
+pub fn systemd_is_init() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+        && std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
+}
+
+/// The systemd unit that runs the agent.
+pub fn systemd_unit(layout: &Layout) -> String {
+    format!(
+        "[Unit]\n\
+         Description=imfleet agent (PortSIP IM host management)\n\
+         Documentation=https://example.invalid/imfleet\n\
+         After=network-online.target docker.service\n\
+         Wants=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         Environment={env}=systemd\n\
+         ExecStart={bin} --root {root} serve\n\
+         Restart=always\n\
+         RestartSec=2\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        env = SUPERVISION_ENV,
+        bin = layout.binary().display(),
+        root = layout.root().display(),
+    )
+}
+
+/// Writes the config and (re)starts the agent under the right supervisor.
+pub fn install(layout: &Layout, config: &AgentConfig) -> Result<Supervision, SupervisionError> {
+    let etc = layout.etc_dir();
+    std::fs::create_dir_all(&etc).map_err(io(format!("create {}", etc.display())))?;
+    let path = layout.config();
+    write_file_atomically(&path, config.to_toml().as_bytes(), 0o644)
+        .map_err(io(format!("write {}", path.display())))?;
+
+    if systemd_is_init() {
+        stop_supervisor(layout)?;
+        write_file_atomically(
+            Path::new(SYSTEMD_UNIT_PATH),
+            systemd_unit(layout).as_bytes(),
+            0o644,
+        )
+        .map_err(io(format!("write {SYSTEMD_UNIT_PATH}")))?;
+        systemctl(&["daemon-reload"])?;
+        systemctl(&["enable", SYSTEMD_UNIT])?;
+        systemctl(&["restart", SYSTEMD_UNIT])?;
+        Ok(Supervision::Systemd)
+    } else {
+        stop_supervisor(layout)?;
+        spawn_supervisor(layout)?;
+        Ok(Supervision::Supervisor)
+    }
+}
+
+fn systemctl(args: &[&str]) -> Result<(), SupervisionError> {
+    let out = std::process::Command::new("systemctl")
+        .args(args)
+        .output()
+        .map_err(io("run systemctl"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SupervisionError::Systemctl {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// The pid in the supervisor pid file, if that process is alive and really
+/// is an agent supervisor (pid files outlive reboots; pids get reused).
+pub fn running_supervisor(layout: &Layout) -> Option<Pid> {
+    let text = std::fs::read_to_string(layout.supervisor_pid()).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.iter()
+        .any(|a| *a == b"supervise")
+        .then_some(Pid::from_raw(pid))
+}
+
+/// Stops a running supervisor (and with it the agent). Returns whether one ran.
+pub fn stop_supervisor(layout: &Layout) -> Result<bool, SupervisionError> {
+    let Some(pid) = running_supervisor(layout) else {
+        return Ok(false);
+    };
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if kill(pid, None).is_err() || !Path::new(&format!("/proc/{pid}")).exists() {
+            return Ok(true);
+        }
+        // A zombie still "exists"; treat it as gone.
+        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    Err(SupervisionError::StuckSupervisor(pid.as_raw()))
+}
+
+/// Starts `agent supervise` detached from the caller (its own process group,
+/// no inherited stdio), so it survives the SSH session that started it.
+fn spawn_supervisor(layout: &Layout) -> Result<(), SupervisionError> {
+    let log_dir = layout.log_dir();
+    std::fs::create_dir_all(&log_dir).map_err(io(format!("create {}", log_dir.display())))?;
+    std::fs::create_dir_all(layout.run_dir()).map_err(io("create run dir"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.log_file())
+        .map_err(io("open agent log"))?;
+    let log2 = log.try_clone().map_err(io("open agent log"))?;
+    let binary = agent_binary(layout);
+    std::process::Command::new(&binary)
+        .arg("--root")
+        .arg(layout.root())
+        .arg("supervise")
+        .env(SUPERVISION_ENV, Supervision::Supervisor.as_str())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(io(format!("start {}", binary.display())))?;
+    Ok(())
+}
+
+/// The installed binary when present, else this very executable (dev runs).
+fn agent_binary(layout: &Layout) -> std::path::PathBuf {
+    let installed = layout.binary();
+    if installed.exists() {
+        installed
+    } else {
+        std::env::current_exe().unwrap_or(installed)
+    }
+}
+
+/// Runs the agent as a child and restarts it when it exits, with backoff.
+/// Returns when SIGTERM or SIGINT arrives, after stopping the child.
+pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    std::fs::create_dir_all(layout.run_dir()).map_err(io("create run dir"))?;
+    let pid_path = layout.supervisor_pid();
+    write_file_atomically(&pid_path, format!("{}\n", std::process::id()).as_bytes(), 0o644)
+        .map_err(io(format!("write {}", pid_path.display())))?;
+
+    let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler"))?;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(agent_binary(layout))
+            .arg("--root")
+            .arg(layout.root())
+            .arg("serve")
+            .env(SUPERVISION_ENV, Supervision::Supervisor.as_str())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("start agent"))?;
+        tracing::info!(pid = child.id(), "agent started");
+        let stop = tokio::select! {
+            status = child.wait() => {
+                tracing::warn!(?status, "agent exited; restarting after {backoff:?}");
+                false
+            }
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+        };
+        if stop {
+            if let Some(id) = child.id() {
+                let _ = kill(Pid::from_raw(id as i32), Signal::SIGTERM);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+            let _ = child.kill().await;
+            let _ = std::fs::remove_file(&pid_path);
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = term.recv() => { let _ = std::fs::remove_file(&pid_path); return Ok(()); }
+            _ = int.recv() => { let _ = std::fs::remove_file(&pid_path); return Ok(()); }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

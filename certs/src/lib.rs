@@ -1,0 +1,49 @@
+//! The imfleet PKI: the controller's private CA, the identities it issues, and
+//! the policy that decides what a signed certificate may say.
+//!
+//! Trust model, in one paragraph: the controller owns a CA key that never
+//! leaves its state directory. The controller's own client identity carries
+//! role `controller` and EKU clientAuth only; an agent's identity carries role
+//! `agent` and EKU serverAuth only, with SANs chosen by the controller (the
+//! addresses it dials). An agent creates its key on its own host and sends
+//! only a CSR; from that CSR the CA takes the public key and nothing else.
+#![forbid(unsafe_code)]
+
+mod authority;
+mod error;
+mod inspect;
+mod request;
+mod role;
+pub mod storage;
+
+pub use authority::{CertificateAuthority, IssuedIdentity, Validity};
+pub use error::CertError;
+pub use inspect::{
+    CertificateInfo, inspect_der, inspect_pem, key_matches_certificate, role_of_der,
+    split_certificates_pem,
+    verify_server_identity,
+};
+pub use request::{KeyAndRequest, generate_key_and_request};
+pub use role::Role;
+
+/// Lifetime of the CA certificate.
+pub const CA_LIFETIME: time::Duration = time::Duration::days(3650);
+/// Lifetime of the controller's client certificate.
+pub const CONTROLLER_LIFETIME: time::Duration = time::Duration::days(825);
+/// Lifetime of an agent's serving certificate.
+pub const AGENT_LIFETIME: time::Duration = time::Duration::days(397);
+/// An agent identity is renewed on re-bootstrap when it expires sooner than this.
+pub const RENEW_BEFORE: time::Duration = time::Duration::days(30);
+/// Backdating of `not_before`, so small clock skew between hosts does not
+/// make a fresh certificate "not yet valid".
+pub const CLOCK_SKEW_ALLOWANCE: time::Duration = time::Duration::minutes(10);
+
+/// Organisation name written into every subject this CA issues.
+pub const ORGANISATION: &str = "imfleet";
+
+/// Installs aws-lc-rs as the process-wide rustls provider. Call first thing
+/// in every binary (and test) that does TLS: with more than one provider
+/// compiled in, rustls refuses to guess. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

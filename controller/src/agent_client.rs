@@ -1,0 +1,175 @@
+//! Talking to agents: one mTLS channel per host. The controller presents its
+//! `controller` identity and accepts only an agent certificate from its own CA
+//! whose SAN names the address it dialled.
+
+use std::time::{Duration, Instant};
+
+use imfleet_proto::agent::v1::agent_client::AgentClient;
+use imfleet_proto::agent::v1::{PingReply, PingRequest};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::error_chain;
+use crate::state::ClientIdentity;
+
+/// Bound on TCP connect plus TLS handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where an agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAddress {
+    /// IP address or DNS name; must be a SAN of the agent's certificate.
+    pub host: String,
+    pub port: u16,
+}
+
+impl AgentAddress {
+    fn uri(&self) -> String {
+        if self.host.contains(':') {
+            format!("https://[{}]:{}", self.host, self.port)
+        } else {
+            format!("https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for AgentAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent at {address} is unreachable: {detail}")]
+    Unreachable { address: String, detail: String },
+    #[error(
+        "agent at {address} failed the TLS check: {detail}. The host may have been re-installed or the address belongs to another machine; re-run `controller bootstrap` for it if that is expected"
+    )]
+    Tls { address: String, detail: String },
+    #[error("agent at {address} refused the call: {message}")]
+    Refused { address: String, message: String },
+    #[error("agent at {address}: {status}")]
+    Rpc {
+        address: String,
+        status: Box<tonic::Status>,
+    },
+    #[error("invalid agent address {address}: {detail}")]
+    BadAddress { address: String, detail: String },
+}
+
+/// A connected agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    address: AgentAddress,
+    client: AgentClient<Channel>,
+}
+
+/// The answer to a ping, with the time the round trip took.
+#[derive(Debug, Clone)]
+pub struct PingOutcome {
+    pub reply: PingReply,
+    pub round_trip: Duration,
+}
+
+impl Agent {
+    /// Connects and completes the TLS handshake (so TLS failures surface here).
+    pub async fn connect(
+        identity: &ClientIdentity,
+        address: &AgentAddress,
+    ) -> Result<Agent, AgentError> {
+        let bad = |detail: String| AgentError::BadAddress {
+            address: address.to_string(),
+            detail,
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&identity.ca_pem))
+            .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
+            .domain_name(address.host.clone());
+        let endpoint = Endpoint::from_shared(address.uri())
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| bad(error_chain(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(Duration::from_secs(30))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| classify_transport(address, &e))?;
+        Ok(Agent {
+            address: address.clone(),
+            client: AgentClient::new(channel),
+        })
+    }
+
+    pub fn address(&self) -> &AgentAddress {
+        &self.address
+    }
+
+    pub async fn ping(&self) -> Result<PingOutcome, AgentError> {
+        let nonce = u64::try_from(crate::now_unix()).unwrap_or_default() ^ 0x5eed;
+        let started = Instant::now();
+        let reply = self
+            .client
+            .clone()
+            .ping(PingRequest { nonce })
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner();
+        Ok(PingOutcome {
+            reply,
+            round_trip: started.elapsed(),
+        })
+    }
+
+    fn status_error(&self, status: tonic::Status) -> AgentError {
+        let address = self.address.to_string();
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => AgentError::Refused {
+                address,
+                message: status.message().to_owned(),
+            },
+            tonic::Code::Unavailable => {
+                let detail = std::error::Error::source(&status)
+                    .map(error_chain)
+                    .unwrap_or_else(|| status.message().to_owned());
+                if looks_like_tls(&detail) {
+                    AgentError::Tls { address, detail }
+                } else {
+                    AgentError::Unreachable { address, detail }
+                }
+            }
+            _ => AgentError::Rpc {
+                address,
+                status: Box::new(status),
+            },
+        }
+    }
+}
+
+fn looks_like_tls(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "alert", "unknownissuer", "notvalidforname"]
+        .iter()
+        .any(|m| d.contains(m))
+}
+
+fn classify_transport(address: &AgentAddress, err: &tonic::transport::Error) -> AgentError {
+    let detail = error_chain(err);
+    if looks_like_tls(&detail) {
+        AgentError::Tls {
+            address: address.to_string(),
+            detail,
+        }
+    } else {
+        AgentError::Unreachable {
+            address: address.to_string(),
+            detail,
+        }
+    }
+}

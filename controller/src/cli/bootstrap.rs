@@ -1,0 +1,114 @@
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use imfleet_controller::bootstrap::{BootstrapRequest, bootstrap, locate_agent_binary};
+use imfleet_controller::ssh::SshOptions;
+
+use super::output;
+
+/// How to reach a host over SSH (shared by every command that may need SSH).
+#[derive(Args, Clone, Debug)]
+pub struct SshArgs {
+    /// SSH login user (default: from ~/.ssh/config, else the local user).
+    #[arg(long, value_name = "USER")]
+    pub ssh_user: Option<String>,
+    /// SSH port (default: from ~/.ssh/config, else 22).
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+    /// Private key to log in with (only this key is offered).
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Alternative ssh_config file (as `ssh -F`).
+    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// Seconds to wait for the SSH connection.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub ssh_timeout: u64,
+}
+
+impl SshArgs {
+    pub fn options(&self) -> SshOptions {
+        SshOptions {
+            user: self.ssh_user.clone(),
+            port: self.ssh_port,
+            identity_file: self.identity.clone(),
+            config_file: self.ssh_config.clone(),
+            connect_timeout: Some(Duration::from_secs(self.ssh_timeout.max(1))),
+        }
+    }
+}
+
+/// Where and how the agent runs (shared with deploy).
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// Agent executable to install (default: `agent` next to this controller).
+    #[arg(long, env = "IMFLEET_AGENT_BINARY", value_name = "FILE")]
+    pub agent_binary: Option<PathBuf>,
+    /// Address the controller dials for gRPC (default: the SSH host name).
+    #[arg(long, value_name = "ADDR")]
+    pub agent_address: Option<String>,
+    /// Port of the agent's mTLS listener.
+    #[arg(long, default_value_t = imfleet_proto::DEFAULT_AGENT_PORT, value_name = "PORT")]
+    pub agent_port: u16,
+    /// Address the agent listens on (0.0.0.0 = every interface).
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub agent_bind: IpAddr,
+}
+
+#[derive(Args)]
+pub struct BootstrapArgs {
+    /// SSH destination: a name from ~/.ssh/config, a host name or an IP.
+    host: String,
+    #[command(flatten)]
+    ssh: SshArgs,
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let request = BootstrapRequest {
+        target: args.host.clone(),
+        ssh: args.ssh.options(),
+        agent_binary: locate_agent_binary(args.agent.agent_binary.as_deref())?,
+        agent_address: args.agent.agent_address.clone(),
+        agent_port: args.agent.agent_port,
+        agent_bind: args.agent.agent_bind,
+    };
+    let progress = output::spinner(!args.json);
+    let result = bootstrap(&state, &request, &progress).await;
+    progress.finish_and_clear();
+    let report = result?;
+    if args.json {
+        output::print_json(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let host = &report.host;
+    println!(
+        "Bootstrapped {} in {:.1} s: agent {} at {}:{} ({}), round trip {}",
+        host.name,
+        report.elapsed_ms as f64 / 1000.0,
+        host.agent_version,
+        host.agent_address,
+        host.agent_port,
+        report.supervision,
+        output::millis(report.round_trip_ms),
+    );
+    if report.uploaded_bytes > 0 {
+        println!("  agent binary uploaded ({} bytes, sha256 verified)", report.uploaded_bytes);
+    } else {
+        println!("  agent binary already up to date");
+    }
+    match &report.certificate_issued {
+        Some(reason) => println!("  new certificate issued: {reason}"),
+        None => println!("  existing certificate kept"),
+    }
+    println!("  certificate expires {}", output::expiry(host.cert_not_after));
+    Ok(ExitCode::SUCCESS)
+}

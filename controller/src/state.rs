@@ -1,0 +1,279 @@
+//! The controller's state directory: CA, the controller's client identity and
+//! the state database. Created by `controller init` or implicitly by the first
+//! command that needs it; creating it again changes nothing.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use imfleet_certs::storage::{ensure_private_dir, write_atomically};
+use imfleet_certs::{CONTROLLER_LIFETIME, CertificateAuthority, Validity};
+
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    Cert {
+        path: String,
+        source: imfleet_certs::CertError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "state directory {0} is incomplete: the CA key is missing but certificates issued by it exist; restore it from backup (creating a new CA would orphan every bootstrapped agent)"
+    )]
+    MissingCaKey(String),
+    #[error("no home directory to keep controller state in; pass --state-dir or set IMFLEET_STATE_DIR")]
+    NoDefault,
+}
+
+/// Where the controller keeps its state unless told otherwise:
+/// `/var/lib/imfleet` for root, `$XDG_DATA_HOME/imfleet` for anyone else.
+pub fn default_state_dir() -> Result<PathBuf, StateError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(PathBuf::from("/var/lib/imfleet"));
+    }
+    dirs::data_dir()
+        .map(|d| d.join("imfleet"))
+        .ok_or(StateError::NoDefault)
+}
+
+/// File names inside the state directory.
+pub mod files {
+    pub const CA_CERT: &str = "ca.pem";
+    pub const CA_KEY: &str = "ca.key";
+    pub const CONTROLLER_CERT: &str = "controller.pem";
+    pub const CONTROLLER_KEY: &str = "controller.key";
+    pub const DATABASE: &str = "state.db";
+    pub const LOCK: &str = ".lock";
+    /// Scratch space for SSH control sockets during bootstrap.
+    pub const RUN: &str = "run";
+}
+
+/// The controller's TLS client identity (with the CA it trusts).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
+    }
+}
+
+/// What `init` found or created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InitReport {
+    pub state_dir: String,
+    pub created: Vec<String>,
+    pub ca_fingerprint: String,
+}
+
+/// An opened state directory.
+#[derive(Debug)]
+pub struct ControllerState {
+    dir: PathBuf,
+    pub ca: CertificateAuthority,
+    pub identity: ClientIdentity,
+    pub store: Store,
+}
+
+impl ControllerState {
+    /// Opens the state directory, creating whatever is missing.
+    pub fn open_or_init(dir: &Path) -> Result<(ControllerState, InitReport), StateError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StateError::Io { path, source }
+        };
+        ensure_private_dir(dir).map_err(io(dir))?;
+        // One controller process at a time creates files; others wait here.
+        let lock_path = dir.join(files::LOCK);
+        let lock = File::create(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+
+        let mut created = Vec::new();
+        let ca = load_or_create_ca(dir, &mut created)?;
+        let identity = load_or_issue_identity(dir, &ca, &mut created)?;
+        let db_path = dir.join(files::DATABASE);
+        if !db_path.exists() {
+            created.push(files::DATABASE.to_owned());
+        }
+        let store = Store::open(&db_path)?;
+        ensure_private_dir(&dir.join(files::RUN)).map_err(io(dir))?;
+        drop(lock);
+
+        let report = InitReport {
+            state_dir: dir.display().to_string(),
+            created,
+            ca_fingerprint: imfleet_certs::inspect_pem(ca.cert_pem())
+                .map(|i| i.sha256_fingerprint)
+                .unwrap_or_default(),
+        };
+        Ok((
+            ControllerState {
+                dir: dir.to_owned(),
+                ca,
+                identity,
+                store,
+            },
+            report,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join(files::RUN)
+    }
+}
+
+fn read(dir: &Path, name: &str) -> Result<Option<String>, StateError> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), StateError> {
+    let path = dir.join(name);
+    write_atomically(&path, text.as_bytes(), mode).map_err(|source| StateError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn cert_err(dir: &Path, name: &str) -> impl FnOnce(imfleet_certs::CertError) -> StateError {
+    let path = dir.join(name).display().to_string();
+    move |source| StateError::Cert { path, source }
+}
+
+fn load_or_create_ca(
+    dir: &Path,
+    created: &mut Vec<String>,
+) -> Result<CertificateAuthority, StateError> {
+    match (read(dir, files::CA_CERT)?, read(dir, files::CA_KEY)?) {
+        (Some(cert), Some(key)) => {
+            CertificateAuthority::from_pem(&cert, &key).map_err(cert_err(dir, files::CA_KEY))
+        }
+        (Some(_), None) => Err(StateError::MissingCaKey(dir.display().to_string())),
+        (None, _) => {
+            let host = hostname_or_default();
+            let ca = CertificateAuthority::generate(&format!("imfleet CA ({host})"))
+                .map_err(cert_err(dir, files::CA_CERT))?;
+            // Key first: a crash in between leaves a key without a cert, which
+            // the next run simply replaces.
+            write(dir, files::CA_KEY, ca.key_pem(), 0o600)?;
+            write(dir, files::CA_CERT, ca.cert_pem(), 0o644)?;
+            // A new CA invalidates any identity issued by a previous one.
+            let _ = std::fs::remove_file(dir.join(files::CONTROLLER_CERT));
+            created.push(files::CA_CERT.to_owned());
+            created.push(files::CA_KEY.to_owned());
+            Ok(ca)
+        }
+    }
+}
+
+fn load_or_issue_identity(
+    dir: &Path,
+    ca: &CertificateAuthority,
+    created: &mut Vec<String>,
+) -> Result<ClientIdentity, StateError> {
+    let existing = match (read(dir, files::CONTROLLER_CERT)?, read(dir, files::CONTROLLER_KEY)?) {
+        (Some(cert), Some(key)) => {
+            let usable = imfleet_certs::key_matches_certificate(&cert, &key).is_ok()
+                && imfleet_certs::inspect_pem(&cert).is_ok_and(|info| {
+                    info.not_after - time::OffsetDateTime::now_utc() > imfleet_certs::RENEW_BEFORE
+                });
+            usable.then_some((cert, key))
+        }
+        _ => None,
+    };
+    let (cert_pem, key_pem) = match existing {
+        Some(pair) => pair,
+        None => {
+            let issued = ca
+                .issue_controller(
+                    &format!("controller@{}", hostname_or_default()),
+                    Validity::starting_now(CONTROLLER_LIFETIME),
+                )
+                .map_err(cert_err(dir, files::CONTROLLER_CERT))?;
+            write(dir, files::CONTROLLER_KEY, &issued.key_pem, 0o600)?;
+            write(dir, files::CONTROLLER_CERT, &issued.cert_pem, 0o644)?;
+            created.push(files::CONTROLLER_CERT.to_owned());
+            created.push(files::CONTROLLER_KEY.to_owned());
+            (issued.cert_pem, issued.key_pem)
+        }
+    };
+    Ok(ClientIdentity {
+        ca_pem: ca.cert_pem().to_owned(),
+        cert_pem,
+        key_pem,
+    })
+}
+
+fn hostname_or_default() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "controller".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_creates_private_files_and_is_idempotent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let (_, first) = ControllerState::open_or_init(&dir).unwrap();
+        assert_eq!(first.created.len(), 5, "{:?}", first.created);
+        assert_eq!(mode(&dir), 0o700);
+        for secret in [files::CA_KEY, files::CONTROLLER_KEY, files::DATABASE] {
+            assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
+        }
+        let before: Vec<_> = [files::CA_CERT, files::CA_KEY, files::CONTROLLER_CERT, files::CONTROLLER_KEY]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect();
+
+        let (_, second) = ControllerState::open_or_init(&dir).unwrap();
+        assert!(second.created.is_empty(), "{:?}", second.created);
+        assert_eq!(second.ca_fingerprint, first.ca_fingerprint);
+        let after: Vec<_> = [files::CA_CERT, files::CA_KEY, files::CONTROLLER_CERT, files::CONTROLLER_KEY]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn a_lost_ca_key_is_reported_not_silently_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        ControllerState::open_or_init(tmp.path()).unwrap();
+        std::fs::remove_file(tmp.path().join(files::CA_KEY)).unwrap();
+        let err = ControllerState::open_or_init(tmp.path()).unwrap_err();
+        assert!(matches!(err, StateError::MissingCaKey(_)), "{err}");
+        assert!(!tmp.path().join(files::CA_KEY).exists());
+    }
+}

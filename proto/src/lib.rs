@@ -1,0 +1,21 @@
+//! Generated gRPC types for the imfleet controller <-> agent protocol.
+//!
+//! The `.proto` sources live in `proto/imfleet/` and are compiled by `build.rs`
+//! with protox, so building needs no system `protoc`.
+#![forbid(unsafe_code)]
+
+/// Version 1 of the agent service.
+pub mod agent {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("imfleet.agent.v1");
+    }
+}
+
+/// Protocol revision spoken by this build. Bump when RPCs or fields are added,
+/// so a controller can tell which features an older agent lacks.
+pub const PROTOCOL_REVISION: u32 = 1;
+
+/// TCP port the agent listens on unless configured otherwise. Chosen to avoid
+/// every port PortSIP uses (5060-5067, 5432, 8881-8904, 10000+ RTP).
+pub const DEFAULT_AGENT_PORT: u16 = 7443;

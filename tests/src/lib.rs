@@ -1,0 +1,146 @@
+//! Test support: throwaway "hosts" made of a real OpenSSH server on a unique
+//! loopback address, running in a private mount namespace so each host has its
+//! own `/opt/imfleet`, plus helpers to run the real `controller` binary.
+//!
+//! Needs root (sshd, useradd, mount namespaces) and openssh-server + sudo
+//! installed; `scripts/test` sets that up.
+#![forbid(unsafe_code)]
+
+pub mod host;
+pub mod pki;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use host::{SshUser, TestHost};
+
+/// Directory holding the built `controller` and `agent` binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IMFLEET_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps")
+        .to_owned()
+}
+
+/// Path of a workspace binary; panics with the fix when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`), or set IMFLEET_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// The result of one `controller` run.
+#[derive(Debug)]
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// Asserts success and returns stdout parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        assert!(self.success(), "command failed: {self:#?}");
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `cmd` to completion, killing it if it outlives `limit` (then
+/// `status` is `None`), so a hang fails the test instead of stalling CI.
+pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || read_all(stdout));
+    let err_reader = std::thread::spawn(move || read_all(stderr));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed: started.elapsed(),
+    }
+}
+
+fn read_all(mut r: impl std::io::Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
+
+/// A controller with its own throwaway state directory.
+pub struct Controller {
+    pub state: tempfile::TempDir,
+}
+
+impl Default for Controller {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Controller {
+    pub fn new() -> Self {
+        Controller {
+            state: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("controller"));
+        cmd.arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .env("IMFLEET_AGENT_BINARY", bin("agent"))
+            .env_remove("IMFLEET_STATE_DIR");
+        cmd
+    }
+
+    /// Runs the controller with a generous hard limit.
+    pub fn run(&self, args: &[&str]) -> Run {
+        run_with_limit(self.command(args), Duration::from_secs(120))
+    }
+
+    /// Bootstraps `host` as `user`; the test host's ssh_config is used.
+    pub fn bootstrap(&self, host: &TestHost, user: SshUser, extra: &[&str]) -> Run {
+        let mut args = vec!["bootstrap".to_owned()];
+        args.extend(host.ssh_args(user));
+        args.extend(host.agent_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(host.address().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&args)
+    }
+}

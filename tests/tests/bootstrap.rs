@@ -1,0 +1,132 @@
+//! Bootstrap end to end: the real `controller` binary, a real OpenSSH server,
+//! the real agent started on the host, real mTLS and a real SQLite database.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use imfleet_tests::{Controller, SshUser, TestHost};
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
+    let host = TestHost::start();
+    let controller = Controller::new();
+
+    let first = controller.bootstrap(&host, SshUser::Root, &["--json"]);
+    assert!(first.success(), "{first:#?}\nagent log:\n{}", host.agent_log());
+    let report = first.json();
+    let address = host.address().to_string();
+    assert_eq!(report["host"]["agent_address"], address.as_str());
+    assert_eq!(report["supervision"], "supervisor");
+    assert!(report["uploaded_bytes"].as_u64().unwrap() > 1_000_000);
+    assert!(report["certificate_issued"].is_string());
+
+    // The agent's files on the host: binary installed, key private and made there.
+    let opt = host.opt_imfleet();
+    let installed = std::fs::read(opt.join("bin/agent")).unwrap();
+    assert_eq!(installed, std::fs::read(imfleet_tests::bin("agent")).unwrap());
+    assert_eq!(mode(&opt.join("etc/agent.key")), 0o600);
+    assert!(!opt.join("etc/agent.key.pending").exists());
+    let cert = std::fs::read_to_string(opt.join("etc/agent.pem")).unwrap();
+    let info = imfleet_certs::inspect_pem(&cert).unwrap();
+    assert_eq!(info.subject_alt_names, vec![address.clone()]);
+    assert_eq!(info.role, Some(imfleet_certs::Role::Agent));
+    // The controller never had the agent's key: it is not in its state dir.
+    let agent_key = std::fs::read_to_string(opt.join("etc/agent.key")).unwrap();
+    for entry in std::fs::read_dir(controller.state.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(agent_key.trim()),
+                "agent key found in {}",
+                path.display()
+            );
+        }
+    }
+    // The scratch directory is gone.
+    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with("imfleet-bootstrap.")
+                && e.metadata().is_ok_and(|m| m.uid() == 0)
+                && std::fs::read_dir(e.path()).is_ok_and(|mut d| {
+                    d.any(|f| f.is_ok_and(|f| f.metadata().is_ok_and(|m| m.len() == installed.len() as u64)))
+                })
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "scratch dirs left behind: {leftovers:?}");
+
+    // ping and hosts, by address and as JSON.
+    let ping = controller.run(&["ping", "--json", &address]).json();
+    let entry = &ping[0];
+    assert_eq!(entry["reachable"], true, "{ping}");
+    assert_eq!(entry["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(entry["supervision"], "supervisor");
+    assert!(entry["round_trip_ms"].as_f64().unwrap() > 0.0);
+    assert!(entry["certificate_days_left"].as_i64().unwrap() > 300);
+    let hosts = controller.run(&["hosts", "--json"]).json();
+    assert_eq!(hosts.as_array().unwrap().len(), 1);
+    assert_eq!(hosts[0]["host"], address.as_str());
+    let table = controller.run(&["hosts"]);
+    assert!(table.success() && table.stdout.contains(&address), "{table:#?}");
+
+    // Re-running keeps the identity and does not re-upload the same binary.
+    let pid_before = host.supervisor_pid();
+    let again = controller.bootstrap(&host, SshUser::Root, &["--json"]).json();
+    assert_eq!(again["uploaded_bytes"], 0);
+    assert!(again["certificate_issued"].is_null(), "{again}");
+    assert_eq!(std::fs::read_to_string(opt.join("etc/agent.pem")).unwrap(), cert);
+    assert_ne!(host.supervisor_pid(), pid_before, "the agent was restarted");
+    assert_eq!(controller.run(&["ping", "--json", &address]).json()[0]["reachable"], true);
+}
+
+#[test]
+fn bootstrap_replaces_a_different_agent_binary() {
+    let host = TestHost::start();
+    let controller = Controller::new();
+    assert!(controller.bootstrap(&host, SshUser::Root, &[]).success());
+
+    // Same program, different bytes: a build that differs from the installed one.
+    let other = tempfile::tempdir().unwrap();
+    let modified = other.path().join("agent");
+    let mut bytes = std::fs::read(imfleet_tests::bin("agent")).unwrap();
+    bytes.extend_from_slice(b"\0imfleet-test-build-2");
+    std::fs::write(&modified, &bytes).unwrap();
+    std::fs::set_permissions(&modified, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let run = controller.bootstrap(
+        &host,
+        SshUser::Root,
+        &["--json", "--agent-binary", modified.to_str().unwrap()],
+    );
+    let report = run.json();
+    assert_eq!(report["uploaded_bytes"].as_u64().unwrap(), bytes.len() as u64);
+    assert_eq!(std::fs::read(host.opt_imfleet().join("bin/agent")).unwrap(), bytes);
+    assert_eq!(
+        controller
+            .run(&["ping", "--json", &host.address().to_string()])
+            .json()[0]["reachable"],
+        true
+    );
+}
+
+#[test]
+fn bootstrap_as_a_passwordless_sudoer() {
+    let host = TestHost::start();
+    let controller = Controller::new();
+    let run = controller.bootstrap(&host, SshUser::Sudoer, &["--json"]);
+    assert!(run.success(), "{run:#?}\nsshd:\n{}", host.sshd_log());
+    let report = run.json();
+    assert_eq!(report["host"]["ssh_user"], "imfleet-sudoer");
+    // Installed by root through sudo, not owned by the login user.
+    let meta = std::fs::metadata(host.opt_imfleet().join("bin/agent")).unwrap();
+    assert_eq!(meta.uid(), 0);
+    let key = std::fs::metadata(host.opt_imfleet().join("etc/agent.key")).unwrap();
+    assert_eq!((key.uid(), key.permissions().mode() & 0o777), (0, 0o600));
+    let ping = controller.run(&["ping", "--json", &host.address().to_string()]).json();
+    assert_eq!(ping[0]["reachable"], true);
+}

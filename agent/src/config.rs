@@ -57,6 +57,8 @@ mod tests {
         };
         let back: AgentConfig = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(back, cfg);
-        assert!(toml::from_str::<AgentConfig>("listen = \"0.0.0.0:1\"\nlisten_typo = 1\n").is_err());
+        assert!(
+            toml::from_str::<AgentConfig>("listen = \"0.0.0.0:1\"\nlisten_typo = 1\n").is_err()
+        );
     }
 }

@@ -149,16 +149,27 @@ mod tests {
         let sans = vec!["127.0.0.2".to_owned()];
 
         let csr = request(&layout, "im1").unwrap();
-        let mode = std::fs::metadata(layout.pending_key()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(layout.pending_key())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
 
         // A certificate for some other key is refused and changes nothing.
         let other = imfleet_certs::generate_key_and_request("other").unwrap();
         let foreign = ca
-            .sign_agent_request(&other.csr_pem, "other", &sans, Validity::starting_now(AGENT_LIFETIME))
+            .sign_agent_request(
+                &other.csr_pem,
+                "other",
+                &sans,
+                Validity::starting_now(AGENT_LIFETIME),
+            )
             .unwrap();
         let err = install(&layout, &format!("{foreign}{}", ca.cert_pem())).unwrap_err();
-        assert!(matches!(err, IdentityError::Cert(CertError::KeyMismatch)), "{err}");
+        assert!(
+            matches!(err, IdentityError::Cert(CertError::KeyMismatch)),
+            "{err}"
+        );
         assert!(!layout.certificate().exists());
 
         // A bundle whose CA did not sign the leaf is refused too.
@@ -167,12 +178,18 @@ mod tests {
             .unwrap();
         let stranger = CertificateAuthority::generate("stranger").unwrap();
         assert!(install(&layout, &format!("{cert}{}", stranger.cert_pem())).is_err());
-        assert!(matches!(install(&layout, &cert), Err(IdentityError::BadBundle)));
+        assert!(matches!(
+            install(&layout, &cert),
+            Err(IdentityError::BadBundle)
+        ));
 
         let info = install(&layout, &format!("{cert}{}", ca.cert_pem())).unwrap();
         assert_eq!(info.subject_alt_names, sans);
         assert!(!layout.pending_key().exists());
-        let key_mode = std::fs::metadata(layout.key()).unwrap().permissions().mode();
+        let key_mode = std::fs::metadata(layout.key())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(key_mode & 0o777, 0o600);
         let loaded = load(&layout).unwrap();
         assert_eq!(loaded.ca_pem, ca.cert_pem());

@@ -17,4 +17,3 @@ pub mod supervision;
 
 /// Version of this agent build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-

@@ -84,7 +84,9 @@ pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
         Some(other) => Err(Status::permission_denied(format!(
             "certificate role `{other}` may not call the agent"
         ))),
-        None => Err(Status::permission_denied("certificate carries no imfleet role")),
+        None => Err(Status::permission_denied(
+            "certificate carries no imfleet role",
+        )),
     }
 }
 
@@ -104,6 +106,9 @@ pub async fn serve(
     Server::builder()
         .tls_config(tls)?
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }

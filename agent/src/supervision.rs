@@ -145,9 +145,11 @@ pub fn stop_supervisor(layout: &Layout) -> Result<bool, SupervisionError> {
             return Ok(true);
         }
         // A zombie still "exists"; treat it as gone.
-        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        {
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        }) {
             return Ok(true);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -200,8 +202,12 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
 
     std::fs::create_dir_all(layout.run_dir()).map_err(io("create run dir"))?;
     let pid_path = layout.supervisor_pid();
-    write_file_atomically(&pid_path, format!("{}\n", std::process::id()).as_bytes(), 0o644)
-        .map_err(io(format!("write {}", pid_path.display())))?;
+    write_file_atomically(
+        &pid_path,
+        format!("{}\n", std::process::id()).as_bytes(),
+        0o644,
+    )
+    .map_err(io(format!("write {}", pid_path.display())))?;
 
     let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler"))?;

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -56,7 +55,8 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,7 +66,10 @@ impl CertificateAuthority {
         Self::generate_with_validity(common_name, Validity::starting_now(crate::CA_LIFETIME))
     }
 
-    pub fn generate_with_validity(common_name: &str, validity: Validity) -> Result<Self, CertError> {
+    pub fn generate_with_validity(
+        common_name: &str,
+        validity: Validity,
+    ) -> Result<Self, CertError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = subject(common_name, None);
@@ -142,12 +145,11 @@ impl CertificateAuthority {
         subject_alt_names: &[String],
         validity: Validity,
     ) -> Result<String, CertError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            CertError::Parse {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CertError::Parse {
                 what: "certificate signing request",
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         let params = leaf_params(
             Role::Agent,
             common_name,
@@ -237,8 +239,7 @@ mod tests {
     fn hostile_request(sans: &[&str]) -> (KeyPair, String) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.extended_key_usages = vec![
@@ -264,7 +265,10 @@ mod tests {
         assert_eq!(info.role, Some(Role::Agent));
         assert_eq!(info.common_name, "im1");
         assert!(info.server_auth);
-        assert!(!info.client_auth, "agent certificate must not be usable as a client");
+        assert!(
+            !info.client_auth,
+            "agent certificate must not be usable as a client"
+        );
         let lifetime = info.not_after - info.not_before;
         assert!(lifetime <= AGENT_LIFETIME + crate::CLOCK_SKEW_ALLOWANCE + time::Duration::SECOND);
 
@@ -287,7 +291,13 @@ mod tests {
         let flipped: String = lines[mid]
             .chars()
             .enumerate()
-            .map(|(i, c)| if i == 10 { if c == 'A' { 'B' } else { 'A' } } else { c })
+            .map(|(i, c)| {
+                if i == 10 {
+                    if c == 'A' { 'B' } else { 'A' }
+                } else {
+                    c
+                }
+            })
             .collect();
         lines[mid] = flipped;
         let tampered = lines.join("\n");
@@ -321,8 +331,13 @@ mod tests {
                 Validity::starting_now(AGENT_LIFETIME),
             )
             .unwrap();
-        verify_server_identity(ca.cert_pem(), &pem, "im1.example", OffsetDateTime::now_utc())
-            .unwrap();
+        verify_server_identity(
+            ca.cert_pem(),
+            &pem,
+            "im1.example",
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         assert!(
             verify_server_identity(
                 other.cert_pem(),
@@ -339,7 +354,10 @@ mod tests {
     fn controller_identity_is_client_only() {
         let ca = CertificateAuthority::generate("test CA").unwrap();
         let id = ca
-            .issue_controller("controller@pbx01", Validity::starting_now(time::Duration::days(1)))
+            .issue_controller(
+                "controller@pbx01",
+                Validity::starting_now(time::Duration::days(1)),
+            )
             .unwrap();
         let info = inspect_pem(&id.cert_pem).unwrap();
         assert_eq!(info.role, Some(Role::Controller));

@@ -39,15 +39,14 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
         detail: e.to_string(),
     })?;
     let subject = cert.subject();
-    let first_attr = |attrs: &mut dyn Iterator<
-        Item = &x509_parser::x509::AttributeTypeAndValue<'_>,
-    >| {
-        attrs
-            .next()
-            .and_then(|a| a.as_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let first_attr =
+        |attrs: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+            attrs
+                .next()
+                .and_then(|a| a.as_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
     let common_name = first_attr(&mut subject.iter_common_name());
     let role = Role::parse(&first_attr(&mut subject.iter_organizational_unit()));
 
@@ -103,12 +102,10 @@ pub fn verify_server_identity(
         .add(CertificateDer::from(first_der(ca_pem)?))
         .map_err(|e| CertError::Verify(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider,
-    )
-    .build()
-    .map_err(|e| CertError::Verify(e.to_string()))?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| CertError::Verify(e.to_string()))?;
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| CertError::InvalidName(server_name.to_owned()))?;
     let leaf = CertificateDer::from(first_der(cert_pem)?);

@@ -20,8 +20,7 @@ pub use authority::{CertificateAuthority, IssuedIdentity, Validity};
 pub use error::CertError;
 pub use inspect::{
     CertificateInfo, inspect_der, inspect_pem, key_matches_certificate, role_of_der,
-    split_certificates_pem,
-    verify_server_identity,
+    split_certificates_pem, verify_server_identity,
 };
 pub use request::{KeyAndRequest, generate_key_and_request};
 pub use role::Role;

@@ -46,10 +46,12 @@ impl std::fmt::Display for AgentAddress {
 pub enum AgentError {
     #[error("agent at {address} is unreachable: {detail}")]
     Unreachable { address: String, detail: String },
-    #[error(
-        "agent at {address} failed the TLS check: {detail}. The host may have been re-installed or the address belongs to another machine; re-run `controller bootstrap` for it if that is expected"
-    )]
-    Tls { address: String, detail: String },
+    #[error("TLS with the agent at {address} failed: {detail}. {hint}")]
+    Tls {
+        address: String,
+        detail: String,
+        hint: &'static str,
+    },
     #[error("agent at {address} refused the call: {message}")]
     Refused { address: String, message: String },
     #[error("agent at {address}: {status}")]
@@ -134,14 +136,23 @@ impl Agent {
                 address,
                 message: status.message().to_owned(),
             },
-            tonic::Code::Unavailable => {
+            tonic::Code::Unavailable | tonic::Code::Unknown => {
                 let detail = std::error::Error::source(&status)
                     .map(error_chain)
                     .unwrap_or_else(|| status.message().to_owned());
                 if looks_like_tls(&detail) {
-                    AgentError::Tls { address, detail }
-                } else {
+                    AgentError::Tls {
+                        address,
+                        hint: tls_hint(&detail),
+                        detail,
+                    }
+                } else if status.code() == tonic::Code::Unavailable {
                     AgentError::Unreachable { address, detail }
+                } else {
+                    AgentError::Rpc {
+                        address,
+                        status: Box::new(status),
+                    }
                 }
             }
             _ => AgentError::Rpc {
@@ -154,9 +165,34 @@ impl Agent {
 
 fn looks_like_tls(detail: &str) -> bool {
     let d = detail.to_ascii_lowercase();
-    ["certificate", "tls", "handshake", "alert", "unknownissuer", "notvalidforname"]
-        .iter()
-        .any(|m| d.contains(m))
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "alert",
+        "unknownissuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
+}
+
+/// What an operator should do about a TLS failure, judged by its wording.
+fn tls_hint(detail: &str) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("alert: unknownca") {
+        "The agent does not trust this controller's CA: it was bootstrapped by another controller (or this state directory was recreated); re-run `controller bootstrap` for the host"
+    } else if d.contains("alert: certificateexpired") {
+        "The controller's own certificate has expired; run `controller init` to renew it"
+    } else if d.contains("alert:") {
+        "The agent refused the certificate this controller presented"
+    } else if d.contains("not valid for name") {
+        "The agent's certificate does not name the address dialled: the address may belong to another machine, or the host was re-addressed; re-run `controller bootstrap` for it if that is expected"
+    } else if d.contains("unknownissuer") || d.contains("expired") {
+        "The agent's certificate is not one this controller issued (or it expired); re-run `controller bootstrap` for the host if that is expected"
+    } else {
+        "Check that the address really is the bootstrapped host"
+    }
 }
 
 fn classify_transport(address: &AgentAddress, err: &tonic::transport::Error) -> AgentError {
@@ -164,6 +200,7 @@ fn classify_transport(address: &AgentAddress, err: &tonic::transport::Error) -> 
     if looks_like_tls(&detail) {
         AgentError::Tls {
             address: address.to_string(),
+            hint: tls_hint(&detail),
             detail,
         }
     } else {

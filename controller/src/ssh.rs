@@ -141,8 +141,7 @@ pub fn classify_connect_failure(target: &str, resolved: &ResolvedTarget, stderr:
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
-        .filter(|l| !l.chars().all(|c| c == '@'))
-        .last()
+        .rfind(|l| !l.chars().all(|c| c == '@'))
         .unwrap_or("ssh exited without saying why")
         .to_owned();
     let target = target.to_owned();
@@ -373,19 +372,28 @@ mod tests {
             Host key verification failed.";
         let err = classify_connect_failure("im1", &resolved(2222), changed);
         assert!(matches!(err, SshError::HostKeyChanged { .. }));
-        assert!(err.to_string().contains("ssh-keygen -R [10.1.2.3]:2222"), "{err}");
+        assert!(
+            err.to_string().contains("ssh-keygen -R [10.1.2.3]:2222"),
+            "{err}"
+        );
         let err = classify_connect_failure("im1", &resolved(22), changed);
-        assert!(err.to_string().contains("ssh-keygen -R 10.1.2.3 "), "{err}");
+        assert!(err.to_string().contains("ssh-keygen -R 10.1.2.3`"), "{err}");
 
         let denied = "Warning: Permanently added '[10.1.2.3]:2222' (ED25519) to the list of known hosts.\r\n\
                       pbx@10.1.2.3: Permission denied (publickey).";
         let err = classify_connect_failure("im1", &resolved(2222), denied);
         assert!(matches!(err, SshError::AuthRejected { .. }));
-        assert!(err.to_string().contains("ssh-copy-id pbx@10.1.2.3"), "{err}");
+        assert!(
+            err.to_string().contains("ssh-copy-id pbx@10.1.2.3"),
+            "{err}"
+        );
 
         let refused = "ssh: connect to host 10.1.2.3 port 2222: Connection refused";
         let err = classify_connect_failure("im1", &resolved(2222), refused);
-        assert!(matches!(err, SshError::Unreachable { port: 2222, .. }), "{err}");
+        assert!(
+            matches!(err, SshError::Unreachable { port: 2222, .. }),
+            "{err}"
+        );
 
         let dns = "ssh: Could not resolve hostname im9: Name or service not known";
         assert!(matches!(
@@ -393,7 +401,11 @@ mod tests {
             SshError::UnknownHost { .. }
         ));
         assert!(matches!(
-            classify_connect_failure("im1", &resolved(22), "kex_exchange_identification: something odd"),
+            classify_connect_failure(
+                "im1",
+                &resolved(22),
+                "kex_exchange_identification: something odd"
+            ),
             SshError::Other { .. }
         ));
     }

@@ -28,7 +28,9 @@ pub enum StateError {
         "state directory {0} is incomplete: the CA key is missing but certificates issued by it exist; restore it from backup (creating a new CA would orphan every bootstrapped agent)"
     )]
     MissingCaKey(String),
-    #[error("no home directory to keep controller state in; pass --state-dir or set IMFLEET_STATE_DIR")]
+    #[error(
+        "no home directory to keep controller state in; pass --state-dir or set IMFLEET_STATE_DIR"
+    )]
     NoDefault,
 }
 
@@ -193,7 +195,10 @@ fn load_or_issue_identity(
     ca: &CertificateAuthority,
     created: &mut Vec<String>,
 ) -> Result<ClientIdentity, StateError> {
-    let existing = match (read(dir, files::CONTROLLER_CERT)?, read(dir, files::CONTROLLER_KEY)?) {
+    let existing = match (
+        read(dir, files::CONTROLLER_CERT)?,
+        read(dir, files::CONTROLLER_KEY)?,
+    ) {
         (Some(cert), Some(key)) => {
             let usable = imfleet_certs::key_matches_certificate(&cert, &key).is_ok()
                 && imfleet_certs::inspect_pem(&cert).is_ok_and(|info| {
@@ -252,18 +257,28 @@ mod tests {
         for secret in [files::CA_KEY, files::CONTROLLER_KEY, files::DATABASE] {
             assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
         }
-        let before: Vec<_> = [files::CA_CERT, files::CA_KEY, files::CONTROLLER_CERT, files::CONTROLLER_KEY]
-            .iter()
-            .map(|f| std::fs::read(dir.join(f)).unwrap())
-            .collect();
+        let before: Vec<_> = [
+            files::CA_CERT,
+            files::CA_KEY,
+            files::CONTROLLER_CERT,
+            files::CONTROLLER_KEY,
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
 
         let (_, second) = ControllerState::open_or_init(&dir).unwrap();
         assert!(second.created.is_empty(), "{:?}", second.created);
         assert_eq!(second.ca_fingerprint, first.ca_fingerprint);
-        let after: Vec<_> = [files::CA_CERT, files::CA_KEY, files::CONTROLLER_CERT, files::CONTROLLER_KEY]
-            .iter()
-            .map(|f| std::fs::read(dir.join(f)).unwrap())
-            .collect();
+        let after: Vec<_> = [
+            files::CA_CERT,
+            files::CA_KEY,
+            files::CONTROLLER_CERT,
+            files::CONTROLLER_KEY,
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
         assert_eq!(before, after);
     }
 

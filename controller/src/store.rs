@@ -195,7 +195,11 @@ impl Store {
     }
 
     /// The most recent events of one host, newest first.
-    pub fn events(&self, host: &str, limit: usize) -> Result<Vec<(i64, String, String)>, StoreError> {
+    pub fn events(
+        &self,
+        host: &str,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT at, kind, detail FROM events WHERE host = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
@@ -265,7 +269,10 @@ mod tests {
 
         store.mark_seen("im2", 42, "0.3.0").unwrap();
         let im2 = store.host("im2").unwrap().unwrap();
-        assert_eq!((im2.last_seen_at, im2.agent_version.as_str()), (Some(42), "0.3.0"));
+        assert_eq!(
+            (im2.last_seen_at, im2.agent_version.as_str()),
+            (Some(42), "0.3.0")
+        );
 
         store.record_event(Some("im1"), "bootstrap", "ok").unwrap();
         assert_eq!(store.events("im1", 10).unwrap().len(), 1);
@@ -282,11 +289,11 @@ mod tests {
         drop(Store::open(&path).unwrap());
         let store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
-        store
-            .conn
-            .pragma_update(None, "user_version", 999)
-            .unwrap();
+        store.conn.pragma_update(None, "user_version", 999).unwrap();
         drop(store);
-        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 999, .. })));
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 999, .. })
+        ));
     }
 }

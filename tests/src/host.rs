@@ -110,6 +110,37 @@ impl TestHost {
         ]
     }
 
+    /// Like [`Self::ssh_args`] but logging in with `key` only (the test
+    /// ssh_config names no key in this variant).
+    pub fn ssh_args_with_key(&self, user: SshUser, key: &Path) -> Vec<String> {
+        let config = self.dir().join("ssh_config_nokey");
+        let text = std::fs::read_to_string(self.ssh_config()).unwrap();
+        let text: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("IdentityFile"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&config, text).unwrap();
+        vec![
+            "-F".into(),
+            config.display().to_string(),
+            "-i".into(),
+            key.display().to_string(),
+            "--ssh-port".into(),
+            SSH_PORT.to_string(),
+            "--ssh-user".into(),
+            user.name().into(),
+        ]
+    }
+
+    /// Stops sshd: the host no longer answers on its SSH port.
+    pub fn kill_sshd(&mut self) {
+        if let Some(mut child) = self.sshd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Controller arguments that make the agent listen on this host's address.
     pub fn agent_args(&self) -> Vec<String> {
         vec![
@@ -179,7 +210,15 @@ impl TestHost {
             cfg = d.join("sshd_config").display()
         );
         let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c", &script])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -195,7 +234,11 @@ impl TestHost {
             if let Some(status) = self.sshd.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sshd exited ({status}): {}", self.sshd_log());
             }
-            assert!(Instant::now() < deadline, "sshd did not start: {}", self.sshd_log());
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                self.sshd_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -284,7 +327,14 @@ pub fn ensure_test_users() {
                 .success();
             if !exists {
                 let ok = Command::new("useradd")
-                    .args(["--create-home", "--shell", "/bin/sh", "--password", "*", user.name()])
+                    .args([
+                        "--create-home",
+                        "--shell",
+                        "/bin/sh",
+                        "--password",
+                        "*",
+                        user.name(),
+                    ])
                     .status()
                     .expect("useradd")
                     .success();

@@ -20,12 +20,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("IMFLEET_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/<profile>/deps/<test-binary> -> target/<profile>
+    // Tests live in target/<profile>/deps/, the demo in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps")
-        .to_owned()
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// Path of a workspace binary; panics with the fix when it was not built.
@@ -135,8 +137,13 @@ impl Controller {
 
     /// Bootstraps `host` as `user`; the test host's ssh_config is used.
     pub fn bootstrap(&self, host: &TestHost, user: SshUser, extra: &[&str]) -> Run {
+        self.bootstrap_with(host, host.ssh_args(user), extra)
+    }
+
+    /// Bootstraps `host` with explicit SSH arguments.
+    pub fn bootstrap_with(&self, host: &TestHost, ssh_args: Vec<String>, extra: &[&str]) -> Run {
         let mut args = vec!["bootstrap".to_owned()];
-        args.extend(host.ssh_args(user));
+        args.extend(ssh_args);
         args.extend(host.agent_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(host.address().to_string());

@@ -3,7 +3,11 @@
 use imfleet_certs::{AGENT_LIFETIME, CertificateAuthority, IssuedIdentity, Validity};
 
 /// Issues an agent identity (key and certificate) for `sans`.
-pub fn agent_identity(ca: &CertificateAuthority, sans: &[&str], validity: Validity) -> IssuedIdentity {
+pub fn agent_identity(
+    ca: &CertificateAuthority,
+    sans: &[&str],
+    validity: Validity,
+) -> IssuedIdentity {
     let req = imfleet_certs::generate_key_and_request("test-agent").expect("csr");
     let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
     let cert_pem = ca

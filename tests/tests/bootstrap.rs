@@ -15,7 +15,11 @@ fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
     let controller = Controller::new();
 
     let first = controller.bootstrap(&host, SshUser::Root, &["--json"]);
-    assert!(first.success(), "{first:#?}\nagent log:\n{}", host.agent_log());
+    assert!(
+        first.success(),
+        "{first:#?}\nagent log:\n{}",
+        host.agent_log()
+    );
     let report = first.json();
     let address = host.address().to_string();
     assert_eq!(report["host"]["agent_address"], address.as_str());
@@ -26,7 +30,10 @@ fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
     // The agent's files on the host: binary installed, key private and made there.
     let opt = host.opt_imfleet();
     let installed = std::fs::read(opt.join("bin/agent")).unwrap();
-    assert_eq!(installed, std::fs::read(imfleet_tests::bin("agent")).unwrap());
+    assert_eq!(
+        installed,
+        std::fs::read(imfleet_tests::bin("agent")).unwrap()
+    );
     assert_eq!(mode(&opt.join("etc/agent.key")), 0o600);
     assert!(!opt.join("etc/agent.key.pending").exists());
     let cert = std::fs::read_to_string(opt.join("etc/agent.pem")).unwrap();
@@ -51,14 +58,24 @@ fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
-            e.file_name().to_string_lossy().starts_with("imfleet-bootstrap.")
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("imfleet-bootstrap.")
                 && e.metadata().is_ok_and(|m| m.uid() == 0)
                 && std::fs::read_dir(e.path()).is_ok_and(|mut d| {
-                    d.any(|f| f.is_ok_and(|f| f.metadata().is_ok_and(|m| m.len() == installed.len() as u64)))
+                    d.any(|f| {
+                        f.is_ok_and(|f| {
+                            f.metadata()
+                                .is_ok_and(|m| m.len() == installed.len() as u64)
+                        })
+                    })
                 })
         })
         .collect();
-    assert!(leftovers.is_empty(), "scratch dirs left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "scratch dirs left behind: {leftovers:?}"
+    );
 
     // ping and hosts, by address and as JSON.
     let ping = controller.run(&["ping", "--json", &address]).json();
@@ -72,16 +89,27 @@ fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
     assert_eq!(hosts.as_array().unwrap().len(), 1);
     assert_eq!(hosts[0]["host"], address.as_str());
     let table = controller.run(&["hosts"]);
-    assert!(table.success() && table.stdout.contains(&address), "{table:#?}");
+    assert!(
+        table.success() && table.stdout.contains(&address),
+        "{table:#?}"
+    );
 
     // Re-running keeps the identity and does not re-upload the same binary.
     let pid_before = host.supervisor_pid();
-    let again = controller.bootstrap(&host, SshUser::Root, &["--json"]).json();
+    let again = controller
+        .bootstrap(&host, SshUser::Root, &["--json"])
+        .json();
     assert_eq!(again["uploaded_bytes"], 0);
     assert!(again["certificate_issued"].is_null(), "{again}");
-    assert_eq!(std::fs::read_to_string(opt.join("etc/agent.pem")).unwrap(), cert);
+    assert_eq!(
+        std::fs::read_to_string(opt.join("etc/agent.pem")).unwrap(),
+        cert
+    );
     assert_ne!(host.supervisor_pid(), pid_before, "the agent was restarted");
-    assert_eq!(controller.run(&["ping", "--json", &address]).json()[0]["reachable"], true);
+    assert_eq!(
+        controller.run(&["ping", "--json", &address]).json()[0]["reachable"],
+        true
+    );
 }
 
 #[test]
@@ -104,8 +132,14 @@ fn bootstrap_replaces_a_different_agent_binary() {
         &["--json", "--agent-binary", modified.to_str().unwrap()],
     );
     let report = run.json();
-    assert_eq!(report["uploaded_bytes"].as_u64().unwrap(), bytes.len() as u64);
-    assert_eq!(std::fs::read(host.opt_imfleet().join("bin/agent")).unwrap(), bytes);
+    assert_eq!(
+        report["uploaded_bytes"].as_u64().unwrap(),
+        bytes.len() as u64
+    );
+    assert_eq!(
+        std::fs::read(host.opt_imfleet().join("bin/agent")).unwrap(),
+        bytes
+    );
     assert_eq!(
         controller
             .run(&["ping", "--json", &host.address().to_string()])
@@ -127,6 +161,8 @@ fn bootstrap_as_a_passwordless_sudoer() {
     assert_eq!(meta.uid(), 0);
     let key = std::fs::metadata(host.opt_imfleet().join("etc/agent.key")).unwrap();
     assert_eq!((key.uid(), key.permissions().mode() & 0o777), (0, 0o600));
-    let ping = controller.run(&["ping", "--json", &host.address().to_string()]).json();
+    let ping = controller
+        .run(&["ping", "--json", &host.address().to_string()])
+        .json();
     assert_eq!(ping[0]["reachable"], true);
 }

@@ -153,9 +153,18 @@ pub async fn bootstrap(
         "connecting to {}@{}:{} over SSH",
         resolved.user, resolved.hostname, resolved.port
     ));
-    let mut remote = Remote::connect(&request.target, &resolved, &request.ssh, &state.run_dir())
-        .await?;
-    let result = install_over_ssh(state, request, &mut remote, &binary, &local, &sans, progress).await;
+    let mut remote =
+        Remote::connect(&request.target, &resolved, &request.ssh, &state.run_dir()).await?;
+    let result = install_over_ssh(
+        state,
+        request,
+        &mut remote,
+        &binary,
+        &local,
+        &sans,
+        progress,
+    )
+    .await;
     remote.close().await;
     let installed = result?;
 
@@ -233,7 +242,12 @@ async fn install_over_ssh(
 
     progress.set_message("probing the host");
     let probe_out = remote
-        .run("probe", &["sh", "-c", plan::PROBE_SCRIPT, "sh", &agent_path], false, None)
+        .run(
+            "probe",
+            &["sh", "-c", plan::PROBE_SCRIPT, "sh", &agent_path],
+            false,
+            None,
+        )
         .await?;
     let probe = plan::parse_probe(&probe_out)?;
     let result = async {
@@ -242,14 +256,22 @@ async fn install_over_ssh(
 
         let mut uploaded_bytes = 0;
         if host_plan.upload {
-            progress.set_message(format!("uploading the agent ({} MB)", local.size / 1_000_000));
+            progress.set_message(format!(
+                "uploading the agent ({} MB)",
+                local.size / 1_000_000
+            ));
             upload_agent(remote, &probe.tmp_dir, binary, local, &layout).await?;
             uploaded_bytes = local.size;
         }
 
         progress.set_message("checking the agent identity");
         let shown = remote
-            .exec("agent identity show", &[&agent_path, "identity", "show"], true, None)
+            .exec(
+                "agent identity show",
+                &[&agent_path, "identity", "show"],
+                true,
+                None,
+            )
             .await?;
         let installed_cert = (shown.status == 0).then_some(shown.stdout.as_str());
         let decision = plan::decide_identity(
@@ -294,7 +316,12 @@ async fn install_over_ssh(
     }
     .await;
     let _ = remote
-        .exec("clean up", &["rm", "-rf", "--", &probe.tmp_dir], false, None)
+        .exec(
+            "clean up",
+            &["rm", "-rf", "--", &probe.tmp_dir],
+            false,
+            None,
+        )
         .await;
     result
 }
@@ -310,9 +337,16 @@ async fn upload_agent(
 ) -> Result<(), BootstrapError> {
     let staged = format!("{tmp_dir}/agent");
     remote
-        .run("upload", &["sh", "-c", "cat > \"$1\"", "sh", &staged], false, Some(binary))
+        .run(
+            "upload",
+            &["sh", "-c", "cat > \"$1\"", "sh", &staged],
+            false,
+            Some(binary),
+        )
         .await?;
-    let sum = remote.run("sha256sum", &["sha256sum", &staged], false, None).await?;
+    let sum = remote
+        .run("sha256sum", &["sha256sum", &staged], false, None)
+        .await?;
     let got = sum.split_whitespace().next().unwrap_or_default().to_owned();
     if got != local.sha256 {
         return Err(BootstrapError::UploadCorrupt {
@@ -365,7 +399,12 @@ async fn enrol(
         .await?;
     let cert = state
         .ca
-        .sign_agent_request(&csr, common_name, sans, Validity::starting_now(AGENT_LIFETIME))
+        .sign_agent_request(
+            &csr,
+            common_name,
+            sans,
+            Validity::starting_now(AGENT_LIFETIME),
+        )
         .map_err(BootstrapError::Sign)?;
     let bundle = format!("{cert}{}", state.ca.cert_pem());
     remote
@@ -403,11 +442,12 @@ async fn resolve_ips(host: &str, port: u16) -> Result<Vec<IpAddr>, BootstrapErro
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![ip]);
     }
-    let addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| BootstrapError::Resolve {
-            host: host.to_owned(),
-            detail: e.to_string(),
-        })?;
+    let addrs =
+        tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| BootstrapError::Resolve {
+                host: host.to_owned(),
+                detail: e.to_string(),
+            })?;
     Ok(addrs.map(|a| a.ip()).collect())
 }

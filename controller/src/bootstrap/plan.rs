@@ -199,7 +199,9 @@ pub fn decide_identity(
     let horizon = now + imfleet_certs::RENEW_BEFORE;
     for name in names {
         if let Err(e) = imfleet_certs::verify_server_identity(ca_pem, cert, name, horizon) {
-            return IdentityDecision::Issue(format!("the installed certificate is unusable for {name}: {e}"));
+            return IdentityDecision::Issue(format!(
+                "the installed certificate is unusable for {name}: {e}"
+            ));
         }
     }
     match imfleet_certs::inspect_pem(cert) {
@@ -229,7 +231,8 @@ mod tests {
     use super::*;
     use imfleet_certs::{AGENT_LIFETIME, CertificateAuthority, Validity};
 
-    const ROOT_PROBE: &str = "uid=0\nuser=root\narch=x86_64\nhas_sha256sum=yes\ntmp=/tmp/imfleet-bootstrap.AbCd1234\n";
+    const ROOT_PROBE: &str =
+        "uid=0\nuser=root\narch=x86_64\nhas_sha256sum=yes\ntmp=/tmp/imfleet-bootstrap.AbCd1234\n";
 
     fn local() -> LocalAgent {
         LocalAgent {
@@ -245,7 +248,10 @@ mod tests {
         assert_eq!(probe.sudo, Sudo::NotNeeded);
         assert_eq!(
             plan_host(&probe, &local()).unwrap(),
-            HostPlan { use_sudo: false, upload: true }
+            HostPlan {
+                use_sudo: false,
+                upload: true
+            }
         );
     }
 
@@ -255,26 +261,37 @@ mod tests {
         let plan = plan_host(&parse_probe(&text).unwrap(), &local()).unwrap();
         assert!(!plan.upload);
         let text = format!("{ROOT_PROBE}installed_sha256={}\n", "b".repeat(64));
-        assert!(plan_host(&parse_probe(&text).unwrap(), &local()).unwrap().upload);
+        assert!(
+            plan_host(&parse_probe(&text).unwrap(), &local())
+                .unwrap()
+                .upload
+        );
     }
 
     #[test]
     fn sudo_states_decide_the_plan() {
-        let base = "uid=1000\nuser=pbx\narch=x86_64\nhas_sha256sum=yes\ntmp=/tmp/imfleet-bootstrap.x\n";
+        let base =
+            "uid=1000\nuser=pbx\narch=x86_64\nhas_sha256sum=yes\ntmp=/tmp/imfleet-bootstrap.x\n";
         let ok = parse_probe(&format!("{base}sudo=ok\n")).unwrap();
         assert!(plan_host(&ok, &local()).unwrap().use_sudo);
         let pw = parse_probe(&format!("{base}sudo=password\n")).unwrap();
         let err = plan_host(&pw, &local()).unwrap_err();
         assert!(err.to_string().contains("NOPASSWD"), "{err}");
         let missing = parse_probe(&format!("{base}sudo=missing\n")).unwrap();
-        assert!(matches!(plan_host(&missing, &local()), Err(PlanError::SudoMissing { .. })));
+        assert!(matches!(
+            plan_host(&missing, &local()),
+            Err(PlanError::SudoMissing { .. })
+        ));
         assert_eq!(parse_probe(base), Err(PlanError::ProbeIncomplete("sudo")));
     }
 
     #[test]
     fn wrong_architecture_or_missing_tools_are_refused() {
         let arm = parse_probe(&ROOT_PROBE.replace("x86_64", "aarch64")).unwrap();
-        assert!(matches!(plan_host(&arm, &local()), Err(PlanError::ArchMismatch { .. })));
+        assert!(matches!(
+            plan_host(&arm, &local()),
+            Err(PlanError::ArchMismatch { .. })
+        ));
         let amd = parse_probe(&ROOT_PROBE.replace("x86_64", "amd64")).unwrap();
         assert!(plan_host(&amd, &local()).is_ok());
         let no_sum = parse_probe(&ROOT_PROBE.replace("has_sha256sum=yes\n", "")).unwrap();
@@ -302,13 +319,23 @@ mod tests {
         let names = vec!["127.0.0.2".to_owned()];
         let issue = |sans: &[String], validity| {
             let req = imfleet_certs::generate_key_and_request("im1").unwrap();
-            ca.sign_agent_request(&req.csr_pem, "im1", sans, validity).unwrap()
+            ca.sign_agent_request(&req.csr_pem, "im1", sans, validity)
+                .unwrap()
         };
         let good = issue(&names, Validity::starting_now(AGENT_LIFETIME));
-        assert_eq!(decide_identity(Some(&good), ca.cert_pem(), &names, now), IdentityDecision::Keep);
-        assert!(matches!(decide_identity(None, ca.cert_pem(), &names, now), IdentityDecision::Issue(_)));
+        assert_eq!(
+            decide_identity(Some(&good), ca.cert_pem(), &names, now),
+            IdentityDecision::Keep
+        );
+        assert!(matches!(
+            decide_identity(None, ca.cert_pem(), &names, now),
+            IdentityDecision::Issue(_)
+        ));
 
-        let other_name = issue(&["127.0.0.3".to_owned()], Validity::starting_now(AGENT_LIFETIME));
+        let other_name = issue(
+            &["127.0.0.3".to_owned()],
+            Validity::starting_now(AGENT_LIFETIME),
+        );
         assert!(matches!(
             decide_identity(Some(&other_name), ca.cert_pem(), &names, now),
             IdentityDecision::Issue(_)
@@ -328,7 +355,10 @@ mod tests {
     #[test]
     fn dns_names_also_get_their_addresses() {
         let ips: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "10.0.0.5".parse().unwrap()];
-        assert_eq!(subject_alt_names("im1.example", &ips), vec!["im1.example", "10.0.0.5"]);
+        assert_eq!(
+            subject_alt_names("im1.example", &ips),
+            vec!["im1.example", "10.0.0.5"]
+        );
         assert_eq!(subject_alt_names("10.0.0.6", &ips), vec!["10.0.0.6"]);
     }
 }

@@ -49,7 +49,11 @@ struct HostStatus {
     error: Option<String>,
 }
 
-async fn probe(state: &ControllerState, identity: &ClientIdentity, host: &HostRecord) -> HostStatus {
+async fn probe(
+    state: &ControllerState,
+    identity: &ClientIdentity,
+    host: &HostRecord,
+) -> HostStatus {
     let address = AgentAddress {
         host: host.agent_address.clone(),
         port: host.agent_port,
@@ -76,9 +80,11 @@ async fn probe(state: &ControllerState, identity: &ClientIdentity, host: &HostRe
     match outcome {
         Ok(pong) => {
             let reply = pong.reply;
-            let _ = state
-                .store
-                .mark_seen(&host.name, imfleet_controller::now_unix(), &reply.agent_version);
+            let _ = state.store.mark_seen(
+                &host.name,
+                imfleet_controller::now_unix(),
+                &reply.agent_version,
+            );
             status.reachable = true;
             status.certificate_not_after = output::rfc3339(reply.certificate_not_after);
             status.certificate_days_left =
@@ -101,21 +107,35 @@ async fn probe_all(state: &ControllerState, hosts: &[HostRecord]) -> Vec<HostSta
 
 fn render(statuses: &[HostStatus]) {
     let mut table = output::table(&[
-        "HOST", "ADDRESS", "AGENT", "UPTIME", "CERT EXPIRES", "RTT", "STATUS",
+        "HOST",
+        "ADDRESS",
+        "AGENT",
+        "UPTIME",
+        "CERT EXPIRES",
+        "RTT",
+        "STATUS",
     ]);
     for s in statuses {
         table.add_row(vec![
             s.host.clone(),
             s.address.clone(),
             s.agent_version.clone().unwrap_or_else(|| "-".into()),
-            s.uptime_seconds.map(output::uptime).unwrap_or_else(|| "-".into()),
+            s.uptime_seconds
+                .map(output::uptime)
+                .unwrap_or_else(|| "-".into()),
             format!(
                 "{} ({} d)",
                 &s.certificate_not_after[..10.min(s.certificate_not_after.len())],
                 s.certificate_days_left
             ),
-            s.round_trip_ms.map(output::millis).unwrap_or_else(|| "-".into()),
-            if s.reachable { "ok".into() } else { "UNREACHABLE".into() },
+            s.round_trip_ms
+                .map(output::millis)
+                .unwrap_or_else(|| "-".into()),
+            if s.reachable {
+                "ok".into()
+            } else {
+                "UNREACHABLE".into()
+            },
         ]);
     }
     println!("{table}");

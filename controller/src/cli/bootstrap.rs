@@ -101,7 +101,10 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         output::millis(report.round_trip_ms),
     );
     if report.uploaded_bytes > 0 {
-        println!("  agent binary uploaded ({} bytes, sha256 verified)", report.uploaded_bytes);
+        println!(
+            "  agent binary uploaded ({} bytes, sha256 verified)",
+            report.uploaded_bytes
+        );
     } else {
         println!("  agent binary already up to date");
     }
@@ -109,6 +112,9 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         Some(reason) => println!("  new certificate issued: {reason}"),
         None => println!("  existing certificate kept"),
     }
-    println!("  certificate expires {}", output::expiry(host.cert_not_after));
+    println!(
+        "  certificate expires {}",
+        output::expiry(host.cert_not_after)
+    );
     Ok(ExitCode::SUCCESS)
 }

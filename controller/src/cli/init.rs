@@ -17,10 +17,17 @@ pub fn run(dir: &Path, args: InitArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         output::print_json(&report)?;
     } else if report.created.is_empty() {
-        println!("State directory {} is already initialised.", report.state_dir);
+        println!(
+            "State directory {} is already initialised.",
+            report.state_dir
+        );
         println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
     } else {
-        println!("Initialised {}: created {}", report.state_dir, report.created.join(", "));
+        println!(
+            "Initialised {}: created {}",
+            report.state_dir,
+            report.created.join(", ")
+        );
         println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
     }
     Ok(ExitCode::SUCCESS)

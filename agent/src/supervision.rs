@@ -252,3 +252,28 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_unit_runs_the_installed_agent_and_restarts_it() {
+        let unit = systemd_unit(&Layout::new("/opt/imfleet"));
+        assert!(unit.contains("ExecStart=/opt/imfleet/bin/agent --root /opt/imfleet serve\n"));
+        assert!(unit.contains("Restart=always\n"));
+        assert!(unit.contains("Environment=IMFLEET_SUPERVISION=systemd\n"));
+        assert!(unit.contains("WantedBy=multi-user.target\n"));
+    }
+
+    #[test]
+    fn a_stale_pid_file_is_not_mistaken_for_a_supervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.run_dir()).unwrap();
+        // Our own pid: alive, but not `agent supervise`.
+        std::fs::write(layout.supervisor_pid(), format!("{}\n", std::process::id())).unwrap();
+        assert_eq!(running_supervisor(&layout), None);
+        assert!(!stop_supervisor(&layout).unwrap());
+    }
+}

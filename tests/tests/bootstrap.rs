@@ -166,3 +166,60 @@ fn bootstrap_as_a_passwordless_sudoer() {
         .json();
     assert_eq!(ping[0]["reachable"], true);
 }
+
+/// The agent's own supervisor brings a crashed agent back; a stopped agent
+/// shows as unreachable with a non-zero exit status.
+#[test]
+fn supervisor_restarts_a_crashed_agent_and_ping_reports_a_dead_one() {
+    let host = TestHost::start();
+    let controller = Controller::new();
+    assert!(controller.bootstrap(&host, SshUser::Root, &[]).success());
+    let address = host.address().to_string();
+
+    let supervisor = host.supervisor_pid().expect("supervisor running");
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
+    let serving: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serving),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Poll until a new agent process answers (the supervisor backs off 1 s first).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let run = controller.run(&["ping", "--json", &address]);
+        if run.success() {
+            let now =
+                std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                    .unwrap();
+            assert_ne!(
+                now.split_whitespace().next(),
+                Some(serving.to_string().as_str())
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent not restarted: {}",
+            host.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    host.stop_agent();
+    let run = controller.run(&["ping", "--json", &address]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report[0]["reachable"], false);
+    let error = report[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("unreachable") && error.contains("refused"),
+        "{error}"
+    );
+    let table = controller.run(&["hosts"]);
+    assert!(
+        table.success() && table.stdout.contains("UNREACHABLE"),
+        "{table:#?}"
+    );
+}

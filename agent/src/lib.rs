@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod facts;
 pub mod identity;
 pub mod layout;
 pub mod server;

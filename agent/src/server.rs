@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use imfleet_certs::Role;
 use imfleet_proto::agent::v1::agent_server::{Agent, AgentServer};
-use imfleet_proto::agent::v1::{PingReply, PingRequest};
+use imfleet_proto::agent::v1::{HostInventory, InventoryRequest, PingReply, PingRequest};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -65,6 +65,17 @@ impl Agent for AgentService {
             supervision: self.facts.supervision.clone(),
             platform: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
         }))
+    }
+
+    async fn inventory(
+        &self,
+        request: Request<InventoryRequest>,
+    ) -> Result<Response<HostInventory>, Status> {
+        let request = request.into_inner();
+        if request.paths.len() > 16 {
+            return Err(Status::invalid_argument("at most 16 paths per inventory"));
+        }
+        Ok(Response::new(crate::facts::collect(request).await))
     }
 }
 

@@ -7,6 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["."])?;
     tonic_prost_build::configure()
+        // Messages serialise to JSON for `--json` output of read commands.
+        .type_attribute(".imfleet.agent.v1", "#[derive(serde::Serialize)]")
+        .field_attribute(
+            ".imfleet.agent.v1.InterfaceAddress.origin",
+            "#[serde(serialize_with = \"crate::json::address_origin\")]",
+        )
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

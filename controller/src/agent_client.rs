@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
-use imfleet_proto::agent::v1::{PingReply, PingRequest};
+use imfleet_proto::agent::v1::{HostInventory, InventoryRequest, PingReply, PingRequest};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error_chain;
@@ -127,6 +127,26 @@ impl Agent {
             reply,
             round_trip: started.elapsed(),
         })
+    }
+
+    /// The host's facts, with `paths` examined for a service running as `uid:gid`.
+    pub async fn inventory(
+        &self,
+        paths: Vec<String>,
+        service_uid: u32,
+        service_gid: u32,
+    ) -> Result<HostInventory, AgentError> {
+        let mut client = self.client.clone();
+        let request = tonic::Request::new(InventoryRequest {
+            paths,
+            service_uid,
+            service_gid,
+        });
+        Ok(client
+            .inventory(request)
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
     }
 
     fn status_error(&self, status: tonic::Status) -> AgentError {

@@ -12,6 +12,21 @@ pub mod agent {
     }
 }
 
+/// JSON forms of enum fields (names, not numbers).
+pub mod json {
+    use crate::agent::v1::AddressOrigin;
+
+    pub fn address_origin<S: serde::Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+        let name = match AddressOrigin::try_from(*value) {
+            Ok(AddressOrigin::Static) => "static",
+            Ok(AddressOrigin::Dhcp) => "dhcp",
+            Ok(AddressOrigin::LinkLocal) => "link-local",
+            _ => "unknown",
+        };
+        s.serialize_str(name)
+    }
+}
+
 /// Protocol revision spoken by this build. Bump when RPCs or fields are added,
 /// so a controller can tell which features an older agent lacks.
 pub const PROTOCOL_REVISION: u32 = 2;

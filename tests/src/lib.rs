@@ -151,3 +151,25 @@ impl Controller {
         self.run(&args)
     }
 }
+
+/// Serialises tests that use the IM's fixed host ports (5432, 8887, 8902):
+/// every test host shares one network stack, as real IM hosts do not.
+pub fn im_ports_lock() -> std::fs::File {
+    let file = std::fs::File::create(std::env::temp_dir().join("imfleet-test-im-ports.lock"))
+        .expect("lock file");
+    file.lock().expect("lock");
+    file
+}
+
+/// Starts a host and bootstraps it as root; the usual start of a test.
+pub fn bootstrapped_host() -> (TestHost, Controller) {
+    let host = TestHost::start();
+    let controller = Controller::new();
+    let run = controller.bootstrap(&host, SshUser::Root, &[]);
+    assert!(
+        run.success(),
+        "bootstrap failed: {run:#?}\nagent log:\n{}",
+        host.agent_log()
+    );
+    (host, controller)
+}

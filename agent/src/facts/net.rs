@@ -96,6 +96,9 @@ pub fn classify(
     if link_local {
         return (AddressOrigin::LinkLocal, "link-local address".into());
     }
+    if ip.is_loopback() {
+        return (AddressOrigin::Static, "loopback address".into());
+    }
     if let Some(c) = configs.iter().find(|c| names_static_address(c, ip)) {
         return (
             AddressOrigin::Static,

@@ -181,8 +181,8 @@ pub fn filesystems(mounts: &[Mount]) -> Vec<Filesystem> {
 fn space(path: &Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(path) {
         Ok(s) => {
-            let frag = s.fragment_size() as u64;
-            (s.blocks() as u64 * frag, s.blocks_available() as u64 * frag)
+            let frag = s.fragment_size();
+            (s.blocks() * frag, s.blocks_available() * frag)
         }
         Err(_) => (0, 0),
     }

@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::bail;
 use clap::Args;
 use imfleet_controller::agent_client::{Agent, AgentAddress};
 use imfleet_controller::state::{ClientIdentity, ControllerState};
@@ -151,16 +150,10 @@ pub async fn ping(dir: &Path, args: PingArgs) -> anyhow::Result<ExitCode> {
     let hosts = if args.all {
         state.store.hosts()?
     } else {
-        let mut found = Vec::new();
-        for name in &args.hosts {
-            match state.store.host(name)? {
-                Some(h) => found.push(h),
-                None => bail!(
-                    "unknown host `{name}`: it has not been bootstrapped (see `controller hosts`, or run `controller bootstrap {name}`)"
-                ),
-            }
-        }
-        found
+        args.hosts
+            .iter()
+            .map(|name| super::known_host(&state, name))
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
     let statuses = probe_all(&state, &hosts).await;
     if args.json {

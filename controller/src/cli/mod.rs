@@ -5,6 +5,7 @@ mod agents;
 mod bootstrap;
 mod init;
 mod output;
+mod preflight;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,10 @@ pub enum Command {
     Ping(agents::PingArgs),
     /// List bootstrapped hosts and whether their agents answer.
     Hosts(agents::HostsArgs),
+    /// Show a host's hardware, OS, network and configuration facts.
+    Inventory(preflight::InventoryArgs),
+    /// Check a host against PortSIP's requirements before installing.
+    Preflight(preflight::PreflightArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -54,7 +59,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bootstrap(args) => bootstrap::run(&dir, args).await,
         Command::Ping(args) => agents::ping(&dir, args).await,
         Command::Hosts(args) => agents::hosts(&dir, args).await,
+        Command::Inventory(args) => preflight::inventory(&dir, args).await,
+        Command::Preflight(args) => preflight::preflight(&dir, args).await,
     }
+}
+
+/// A bootstrapped host by name or agent address, or an error naming the fix.
+fn known_host(
+    state: &ControllerState,
+    name: &str,
+) -> anyhow::Result<imfleet_controller::store::HostRecord> {
+    state.store.host(name)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown host `{name}`: it has not been bootstrapped (see `controller hosts`, or run `controller bootstrap {name}`)"
+        )
+    })
+}
+
+/// Connects to a bootstrapped host's agent over mTLS.
+async fn connect(
+    state: &ControllerState,
+    host: &imfleet_controller::store::HostRecord,
+) -> anyhow::Result<imfleet_controller::agent_client::Agent> {
+    let address = imfleet_controller::agent_client::AgentAddress {
+        host: host.agent_address.clone(),
+        port: host.agent_port,
+    };
+    Ok(imfleet_controller::agent_client::Agent::connect(&state.identity, &address).await?)
 }
 
 /// Opens the state directory, creating it on first use.

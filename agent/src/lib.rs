@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod deploy;
 pub mod facts;
 pub mod identity;
 pub mod layout;

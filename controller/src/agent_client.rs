@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
-use imfleet_proto::agent::v1::{HostInventory, InventoryRequest, PingReply, PingRequest};
+use imfleet_proto::agent::v1::{
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, InventoryRequest,
+    LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error_chain;
@@ -54,6 +57,8 @@ pub enum AgentError {
     },
     #[error("agent at {address} refused the call: {message}")]
     Refused { address: String, message: String },
+    #[error("on {address}: {message}")]
+    Rejected { address: String, message: String },
     #[error("agent at {address}: {status}")]
     Rpc {
         address: String,
@@ -96,7 +101,6 @@ impl Agent {
             .tls_config(tls)
             .map_err(|e| bad(error_chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(Duration::from_secs(30))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
         let channel = endpoint
@@ -116,10 +120,12 @@ impl Agent {
     pub async fn ping(&self) -> Result<PingOutcome, AgentError> {
         let nonce = u64::try_from(crate::now_unix()).unwrap_or_default() ^ 0x5eed;
         let started = Instant::now();
+        let mut request = tonic::Request::new(PingRequest { nonce });
+        request.set_timeout(Duration::from_secs(10));
         let reply = self
             .client
             .clone()
-            .ping(PingRequest { nonce })
+            .ping(request)
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner();
@@ -137,11 +143,12 @@ impl Agent {
         service_gid: u32,
     ) -> Result<HostInventory, AgentError> {
         let mut client = self.client.clone();
-        let request = tonic::Request::new(InventoryRequest {
+        let mut request = tonic::Request::new(InventoryRequest {
             paths,
             service_uid,
             service_gid,
         });
+        request.set_timeout(Duration::from_secs(60));
         Ok(client
             .inventory(request)
             .await
@@ -149,9 +156,73 @@ impl Agent {
             .into_inner())
     }
 
+    /// Starts applying a deployment; events stream until the outcome.
+    pub async fn apply(
+        &self,
+        request: ApplyRequest,
+    ) -> Result<tonic::Streaming<ApplyEvent>, AgentError> {
+        let mut client = self.client.clone();
+        // An apply waits for health checks: no per-call deadline.
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(Duration::from_secs(3600));
+        Ok(client
+            .apply(request)
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    pub async fn control(&self, request: ControlRequest) -> Result<DeploymentStatus, AgentError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(request);
+        // Stopping waits out the grace period.
+        request.set_timeout(Duration::from_secs(3600));
+        Ok(client
+            .control(request)
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    pub async fn status(&self, deployment: &str) -> Result<DeploymentStatus, AgentError> {
+        let mut client = self.client.clone();
+        Ok(client
+            .status(StatusRequest {
+                deployment: deployment.to_owned(),
+            })
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    pub async fn logs(
+        &self,
+        request: LogsRequest,
+    ) -> Result<tonic::Streaming<LogLine>, AgentError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(Duration::from_secs(24 * 3600));
+        Ok(client
+            .logs(request)
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    /// Turns a failed stream item into an error with the same classification.
+    pub fn stream_error(&self, status: tonic::Status) -> AgentError {
+        self.status_error(status)
+    }
+
     fn status_error(&self, status: tonic::Status) -> AgentError {
         let address = self.address.to_string();
         match status.code() {
+            tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                AgentError::Rejected {
+                    address,
+                    message: status.message().to_owned(),
+                }
+            }
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => AgentError::Refused {
                 address,
                 message: status.message().to_owned(),

@@ -11,6 +11,7 @@
 
 pub mod agent_client;
 pub mod bootstrap;
+pub mod deployment;
 pub mod preflight;
 pub mod ssh;
 pub mod state;

@@ -47,7 +47,46 @@ const MIGRATIONS: &[&str] = &[
         detail  TEXT NOT NULL
     );
     CREATE INDEX events_by_host ON events(host, at);",
+    // 2: the IM deployment on each host (one per host, as PortSIP runs it).
+    "CREATE TABLE deployments (
+        host          TEXT PRIMARY KEY REFERENCES hosts(name) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        private_ip    TEXT NOT NULL,
+        public_ip     TEXT NOT NULL,
+        pbx           TEXT NOT NULL,
+        data_path     TEXT NOT NULL,
+        storage_dir   TEXT,
+        image         TEXT NOT NULL,
+        db_image      TEXT NOT NULL,
+        image_ids     TEXT NOT NULL,
+        config_hash   TEXT NOT NULL,
+        users         INTEGER NOT NULL,
+        overridden    TEXT NOT NULL,
+        deployed_at   INTEGER NOT NULL
+    );",
 ];
+
+/// The IM deployment recorded for a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeploymentRecord {
+    pub host: String,
+    pub name: String,
+    pub private_ip: String,
+    pub public_ip: String,
+    pub pbx: String,
+    pub data_path: String,
+    pub storage_dir: Option<String>,
+    pub image: String,
+    pub db_image: String,
+    /// Container name -> image id (sha256 digest) actually running.
+    pub image_ids: std::collections::BTreeMap<String, String>,
+    pub config_hash: String,
+    pub users: u32,
+    /// Preflight checks that `--force` overrode.
+    pub overridden: Vec<String>,
+    /// Unix seconds.
+    pub deployed_at: i64,
+}
 
 /// A bootstrapped host as the controller remembers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -181,6 +220,76 @@ impl Store {
         Ok(())
     }
 
+    pub fn upsert_deployment(&self, d: &DeploymentRecord) -> Result<(), StoreError> {
+        let image_ids = serde_json::to_string(&d.image_ids).unwrap_or_default();
+        let overridden = serde_json::to_string(&d.overridden).unwrap_or_default();
+        self.conn.execute(
+            "INSERT INTO deployments (host, name, private_ip, public_ip, pbx, data_path, storage_dir,
+                image, db_image, image_ids, config_hash, users, overridden, deployed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT(host) DO UPDATE SET name = excluded.name, private_ip = excluded.private_ip,
+                public_ip = excluded.public_ip, pbx = excluded.pbx, data_path = excluded.data_path,
+                storage_dir = excluded.storage_dir, image = excluded.image, db_image = excluded.db_image,
+                image_ids = excluded.image_ids, config_hash = excluded.config_hash, users = excluded.users,
+                overridden = excluded.overridden, deployed_at = excluded.deployed_at",
+            params![
+                d.host,
+                d.name,
+                d.private_ip,
+                d.public_ip,
+                d.pbx,
+                d.data_path,
+                d.storage_dir,
+                d.image,
+                d.db_image,
+                image_ids,
+                d.config_hash,
+                d.users,
+                overridden,
+                d.deployed_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn deployment(&self, host: &str) -> Result<Option<DeploymentRecord>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT host, name, private_ip, public_ip, pbx, data_path, storage_dir, image, db_image,
+                    image_ids, config_hash, users, overridden, deployed_at
+                 FROM deployments WHERE host = ?1",
+                [host],
+                |r| {
+                    let image_ids: String = r.get(9)?;
+                    let overridden: String = r.get(12)?;
+                    Ok(DeploymentRecord {
+                        host: r.get(0)?,
+                        name: r.get(1)?,
+                        private_ip: r.get(2)?,
+                        public_ip: r.get(3)?,
+                        pbx: r.get(4)?,
+                        data_path: r.get(5)?,
+                        storage_dir: r.get(6)?,
+                        image: r.get(7)?,
+                        db_image: r.get(8)?,
+                        image_ids: serde_json::from_str(&image_ids).unwrap_or_default(),
+                        config_hash: r.get(10)?,
+                        users: r.get(11)?,
+                        overridden: serde_json::from_str(&overridden).unwrap_or_default(),
+                        deployed_at: r.get(13)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn remove_deployment(&self, host: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM deployments WHERE host = ?1", [host])?;
+        Ok(())
+    }
+
     pub fn record_event(
         &self,
         host: Option<&str>,
@@ -280,6 +389,41 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn deployments_round_trip_and_go_with_their_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        store.upsert_host(&sample("im1", "10.0.0.5")).unwrap();
+        let d = DeploymentRecord {
+            host: "im1".into(),
+            name: "portsip-im".into(),
+            private_ip: "10.0.0.5".into(),
+            public_ip: "203.0.113.5".into(),
+            pbx: "10.0.0.2".into(),
+            data_path: "/var/lib/portsip".into(),
+            storage_dir: Some("/srv/im".into()),
+            image: "portsip/pbx:22".into(),
+            db_image: "portsip/postgresql:14.12".into(),
+            image_ids: [("portsip.instantmessage".to_owned(), "sha256:ab".to_owned())].into(),
+            config_hash: "h1".into(),
+            users: 50_000,
+            overridden: vec!["os.release".into()],
+            deployed_at: 1_700_000_000,
+        };
+        store.upsert_deployment(&d).unwrap();
+        assert_eq!(store.deployment("im1").unwrap().unwrap(), d);
+        let mut again = d.clone();
+        again.config_hash = "h2".into();
+        store.upsert_deployment(&again).unwrap();
+        assert_eq!(store.deployment("im1").unwrap().unwrap().config_hash, "h2");
+        store.remove_deployment("im1").unwrap();
+        assert!(store.deployment("im1").unwrap().is_none());
+        // A deployment cannot exist for an unknown host.
+        let mut stray = d;
+        stray.host = "ghost".into();
+        assert!(store.upsert_deployment(&stray).is_err());
     }
 
     #[test]

@@ -173,3 +173,57 @@ pub fn bootstrapped_host() -> (TestHost, Controller) {
     );
     (host, controller)
 }
+
+/// The PortSIP container names (global on the one Docker Engine tests share).
+pub const IM_CONTAINERS: [&str; 4] = [
+    "portsip.database",
+    "portsip.initdt",
+    "portsip.instantmessage",
+    "portsip.webserver",
+];
+
+/// Holds the IM ports and Docker names for a test; removes every IM container
+/// (and leftovers of earlier runs) when taken and when dropped.
+pub struct ImSlot {
+    _lock: std::fs::File,
+}
+
+impl ImSlot {
+    pub fn take() -> ImSlot {
+        let slot = ImSlot {
+            _lock: im_ports_lock(),
+        };
+        remove_im_containers();
+        slot
+    }
+}
+
+impl Drop for ImSlot {
+    fn drop(&mut self) {
+        remove_im_containers();
+    }
+}
+
+fn remove_im_containers() {
+    let mut names: Vec<String> = IM_CONTAINERS.iter().map(|s| s.to_string()).collect();
+    names.extend(IM_CONTAINERS.iter().map(|s| format!("{s}.previous")));
+    let _ = Command::new("docker")
+        .args(["rm", "-f"])
+        .args(&names)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Names of existing containers among the IM ones (docker CLI: test tooling).
+pub fn existing_im_containers() -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}} {{.State}}"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("portsip."))
+        .map(str::to_owned)
+        .collect()
+}

@@ -3,7 +3,9 @@
 
 mod agents;
 mod bootstrap;
+mod deploy;
 mod init;
+mod lifecycle;
 mod output;
 mod preflight;
 
@@ -13,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use imfleet_controller::state::{ControllerState, InitReport, default_state_dir};
+use imfleet_proto::agent::v1::control_request::Action;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +50,20 @@ pub enum Command {
     Inventory(preflight::InventoryArgs),
     /// Check a host against PortSIP's requirements before installing.
     Preflight(preflight::PreflightArgs),
+    /// Install the IM service on a host (bootstrapping it first if needed).
+    Deploy(Box<deploy::DeployArgs>),
+    /// State and health of the IM service per host.
+    Status(lifecycle::StatusArgs),
+    /// Start the IM service.
+    Start(lifecycle::ControlArgs),
+    /// Stop the IM service (grace period, then kill).
+    Stop(lifecycle::ControlArgs),
+    /// Stop, then start the IM service.
+    Restart(lifecycle::ControlArgs),
+    /// Remove the IM service's containers (data is kept unless --purge).
+    Rm(lifecycle::RemoveArgs),
+    /// Show the IM service's logs.
+    Logs(lifecycle::LogsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -61,6 +78,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hosts(args) => agents::hosts(&dir, args).await,
         Command::Inventory(args) => preflight::inventory(&dir, args).await,
         Command::Preflight(args) => preflight::preflight(&dir, args).await,
+        Command::Deploy(args) => deploy::run(&dir, *args).await,
+        Command::Status(args) => lifecycle::status(&dir, args).await,
+        Command::Start(args) => lifecycle::control(&dir, args, Action::Start).await,
+        Command::Stop(args) => lifecycle::control(&dir, args, Action::Stop).await,
+        Command::Restart(args) => lifecycle::control(&dir, args, Action::Restart).await,
+        Command::Rm(args) => lifecycle::remove(&dir, args).await,
+        Command::Logs(args) => lifecycle::logs(&dir, args).await,
     }
 }
 

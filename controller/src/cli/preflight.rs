@@ -86,6 +86,7 @@ impl TargetArgs {
             storage_dir: self.storage_dir.clone(),
             data_path: self.data_path.clone(),
             sizing: sizing::profile(self.users).context("sizing profile")?,
+            redeploy: false,
         })
     }
 }
@@ -124,27 +125,12 @@ pub async fn inventory(dir: &Path, args: InventoryArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs preflight: the agent measures, the controller judges.
-pub async fn run_preflight(
-    state: &imfleet_controller::state::ControllerState,
-    host: &imfleet_controller::store::HostRecord,
-    params: &PreflightParams,
-) -> anyhow::Result<Vec<Check>> {
-    let agent = super::connect(state, host).await?;
-    let inv = agent
-        .inventory(params.paths(), SERVICE_UID, SERVICE_GID)
-        .await?;
-    let pbx = imfleet_agent::facts::os::read_os_release();
-    let mut checks = preflight::judge(&inv, params, &pbx);
-    preflight::failures_first(&mut checks);
-    Ok(checks)
-}
-
 pub async fn preflight(dir: &Path, args: PreflightArgs) -> anyhow::Result<ExitCode> {
     let params = args.target.params()?;
     let (state, _) = super::open_state(dir)?;
     let host = super::known_host(&state, &args.host)?;
-    let checks = run_preflight(&state, &host, &params).await?;
+    let agent = super::connect(&state, &host).await?;
+    let checks = preflight::assess(&agent, &params).await?;
     let summary = Summary::of(&checks);
     if args.json {
         output::print_json(&PreflightReport {

@@ -31,6 +31,9 @@ pub struct PreflightParams {
     pub storage_dir: Option<String>,
     pub data_path: String,
     pub sizing: Sizing,
+    /// The IM deployment already runs on the host: its own listeners on the
+    /// IM ports are expected (deploy replaces them), not conflicts.
+    pub redeploy: bool,
 }
 
 impl PreflightParams {
@@ -139,7 +142,7 @@ pub fn judge(
     hardware_checks(inv, params, &mut out);
     address_checks(inv, params, &mut out);
     host_state_checks(inv, &mut out);
-    conflict_checks(inv, &mut out);
+    conflict_checks(inv, params.redeploy, &mut out);
     platform_checks(inv, &mut out);
     out
 }
@@ -567,7 +570,7 @@ fn absent_check(id: &'static str, found: Vec<String>, what: &str, remedy: &str) 
     }
 }
 
-fn conflict_checks(inv: &HostInventory, out: &mut Vec<Check>) {
+fn conflict_checks(inv: &HostInventory, redeploy: bool, out: &mut Vec<Check>) {
     let pg = installed(inv, &["postgresql*"]);
     out.push(absent_check(
         "postgresql.absent",
@@ -586,6 +589,14 @@ fn conflict_checks(inv: &HostInventory, out: &mut Vec<Check>) {
                 id,
                 Verdict::Pass,
                 "free",
+                format!("TCP {port} free for {what}"),
+                "",
+            )
+        } else if redeploy {
+            check(
+                id,
+                Verdict::Pass,
+                format!("held by the running IM deployment ({})", users.join(", ")),
                 format!("TCP {port} free for {what}"),
                 "",
             )
@@ -743,3 +754,18 @@ fn platform_checks(inv: &HostInventory, out: &mut Vec<Check>) {
 
 #[cfg(test)]
 mod tests;
+
+/// Runs preflight on a connected agent: the agent measures, the controller
+/// judges against pbx01's own OS. Failures first.
+pub async fn assess(
+    agent: &crate::agent_client::Agent,
+    params: &PreflightParams,
+) -> Result<Vec<Check>, crate::agent_client::AgentError> {
+    let inv = agent
+        .inventory(params.paths(), SERVICE_UID, SERVICE_GID)
+        .await?;
+    let pbx = imfleet_agent::facts::os::read_os_release();
+    let mut checks = judge(&inv, params, &pbx);
+    failures_first(&mut checks);
+    Ok(checks)
+}

@@ -30,6 +30,7 @@ fn params() -> PreflightParams {
         storage_dir: Some("/srv/im".into()),
         data_path: DEFAULT_DATA_PATH.into(),
         sizing: sizing::profile(50_000).unwrap(),
+        redeploy: false,
     }
 }
 
@@ -387,6 +388,14 @@ fn conflicting_software_and_ports() {
     let port = get("port.8887");
     assert_eq!(port.verdict, Verdict::Fail);
     assert!(port.observed.contains("nginx"), "{port:?}");
+    // Our own running deployment holding the port is not a conflict.
+    let mut redeploy = params();
+    redeploy.redeploy = true;
+    let checks = judge(&host, &redeploy, &pbx01());
+    assert_eq!(
+        checks.iter().find(|c| c.id == "port.8887").unwrap().verdict,
+        Verdict::Pass
+    );
     // systemd-resolved's stub on 127.0.0.53 is not a DNS server.
     assert_eq!(
         verdict_of(&good_host(), &p, "dns.not-server"),

@@ -18,7 +18,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// As PID 1 of a container a process gets no default signal handling, so
+/// exit on SIGTERM/SIGINT explicitly, as the real programs do.
+fn exit_on_termination() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                std::process::exit(0);
+            }
+        });
+    }
+}
+
 fn main() -> ExitCode {
+    exit_on_termination();
     let args: Vec<String> = std::env::args().collect();
     let name = Path::new(&args[0])
         .file_name()

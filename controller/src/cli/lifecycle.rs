@@ -1,0 +1,333 @@
+//! `status`, `start`, `stop`, `restart`, `rm` and `logs` of the IM service.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Args;
+use imfleet_controller::deployment::DEPLOYMENT_NAME;
+use imfleet_controller::state::ControllerState;
+use imfleet_controller::store::{DeploymentRecord, HostRecord};
+use imfleet_proto::agent::v1::{
+    ControlRequest, DeploymentStatus, LogsRequest, control_request::Action,
+};
+use serde::Serialize;
+
+use super::output;
+
+/// Which hosts a command acts on.
+#[derive(Args, Clone, Debug)]
+pub struct HostSelection {
+    /// Hosts by name or agent address.
+    #[arg(required_unless_present = "all")]
+    hosts: Vec<String>,
+    /// Every bootstrapped host.
+    #[arg(long, conflicts_with = "hosts")]
+    all: bool,
+}
+
+impl HostSelection {
+    fn resolve(&self, state: &ControllerState) -> anyhow::Result<Vec<HostRecord>> {
+        if self.all {
+            return Ok(state.store.hosts()?);
+        }
+        self.hosts
+            .iter()
+            .map(|h| super::known_host(state, h))
+            .collect()
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    select: HostSelection,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    select: HostSelection,
+    /// Seconds the service gets to stop before it is killed.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    grace: u32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    select: HostSelection,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Also delete the IM data directories (im-data, im-postgresql, secrets).
+    /// The -f storage directory is the operator's and is kept.
+    #[arg(long)]
+    purge: bool,
+    /// Seconds the service gets to stop before it is killed.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    grace: u32,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// Bootstrapped host.
+    host: String,
+    /// One container (default: all of the IM service).
+    #[arg(long, short = 'c', value_name = "NAME")]
+    container: Option<String>,
+    /// Lines of history per container.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    tail: u32,
+    /// Keep following new lines.
+    #[arg(long, short = 'f')]
+    follow: bool,
+}
+
+#[derive(Serialize)]
+struct HostServiceStatus {
+    host: String,
+    agent_reachable: bool,
+    healthy: bool,
+    deployment: Option<DeploymentRecord>,
+    status: Option<DeploymentStatus>,
+    error: Option<String>,
+}
+
+async fn host_status(state: &ControllerState, host: &HostRecord) -> HostServiceStatus {
+    let deployment = state.store.deployment(&host.name).ok().flatten();
+    let result = async {
+        let agent = super::connect(state, host).await?;
+        Ok::<_, anyhow::Error>(agent.status(DEPLOYMENT_NAME).await?)
+    }
+    .await;
+    match result {
+        Ok(status) => HostServiceStatus {
+            host: host.name.clone(),
+            agent_reachable: true,
+            healthy: status.healthy,
+            deployment,
+            status: Some(status),
+            error: None,
+        },
+        Err(e) => HostServiceStatus {
+            host: host.name.clone(),
+            agent_reachable: false,
+            healthy: false,
+            deployment,
+            status: None,
+            error: Some(format!("{e:#}")),
+        },
+    }
+}
+
+pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
+    let mut table = output::table(&[
+        "HOST",
+        "CONTAINER",
+        "STATE",
+        "HEALTH",
+        "IMAGE",
+        "VERSION",
+        "UPTIME",
+    ]);
+    for (host, status) in rows {
+        match status {
+            None => {
+                table.add_row(vec![host.clone(), "-".into(), "AGENT UNREACHABLE".into()]);
+            }
+            Some(s) if s.containers.is_empty() => {
+                table.add_row(vec![host.clone(), "-".into(), "not deployed".into()]);
+            }
+            Some(s) => {
+                for c in &s.containers {
+                    let uptime = if c.started_at > 0 {
+                        output::uptime((imfleet_controller::now_unix() - c.started_at).max(0) as u64)
+                    } else {
+                        "-".into()
+                    };
+                    table.add_row(vec![
+                        host.clone(),
+                        c.name.clone(),
+                        c.state.clone(),
+                        c.health.clone(),
+                        c.image.clone(),
+                        if c.image_version.is_empty() {
+                            "-".into()
+                        } else {
+                            c.image_version.clone()
+                        },
+                        uptime,
+                    ]);
+                }
+            }
+        }
+    }
+    println!("{table}");
+}
+
+pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let hosts = args.select.resolve(&state)?;
+    let statuses = futures::future::join_all(hosts.iter().map(|h| host_status(&state, h))).await;
+    if args.json {
+        output::print_json(&statuses)?;
+    } else {
+        let rows: Vec<_> = statuses
+            .iter()
+            .map(|s| (s.host.clone(), s.status.clone()))
+            .collect();
+        print_status_table(&rows);
+        for s in statuses.iter().filter(|s| s.error.is_some()) {
+            eprintln!("{}: {}", s.host, s.error.as_deref().unwrap_or_default());
+        }
+    }
+    Ok(if statuses.iter().all(|s| s.healthy) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn control_all(
+    state: &ControllerState,
+    hosts: &[HostRecord],
+    action: Action,
+    grace: u32,
+    purge: bool,
+) -> Vec<(String, anyhow::Result<DeploymentStatus>)> {
+    let jobs = hosts.iter().map(|host| async move {
+        let result = async {
+            let agent = super::connect(state, host).await?;
+            let purge_paths = match (purge, state.store.deployment(&host.name)?) {
+                (true, Some(d)) => ["im-data", "im-postgresql", "secrets"]
+                    .iter()
+                    .map(|leaf| format!("{}/{leaf}", d.data_path.trim_end_matches('/')))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let status = agent
+                .control(ControlRequest {
+                    deployment: DEPLOYMENT_NAME.into(),
+                    action: action as i32,
+                    stop_grace_seconds: grace,
+                    purge_paths,
+                })
+                .await?;
+            let verb = format!("{action:?}").to_lowercase();
+            state
+                .store
+                .record_event(Some(&host.name), &verb, DEPLOYMENT_NAME)?;
+            if action == Action::Remove {
+                state.store.remove_deployment(&host.name)?;
+            }
+            Ok(status)
+        }
+        .await;
+        (host.name.clone(), result)
+    });
+    futures::future::join_all(jobs).await
+}
+
+pub async fn control(dir: &Path, args: ControlArgs, action: Action) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let hosts = args.select.resolve(&state)?;
+    let progress = output::spinner(!args.json);
+    progress.set_message(format!(
+        "{} on {} host(s)",
+        format!("{action:?}").to_lowercase(),
+        hosts.len()
+    ));
+    let results = control_all(&state, &hosts, action, args.grace, false).await;
+    progress.finish_and_clear();
+    report(results, args.json)
+}
+
+fn report(
+    results: Vec<(String, anyhow::Result<DeploymentStatus>)>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(host, r)| match r {
+                Ok(s) => serde_json::json!({"host": host, "ok": true, "status": s}),
+                Err(e) => serde_json::json!({"host": host, "ok": false, "error": format!("{e:#}")}),
+            })
+            .collect();
+        output::print_json(&rows)?;
+    } else {
+        let rows: Vec<_> = results
+            .iter()
+            .map(|(h, r)| (h.clone(), r.as_ref().ok().cloned()))
+            .collect();
+        print_status_table(&rows);
+        for (host, r) in &results {
+            if let Err(e) = r {
+                eprintln!("{host}: {e:#}");
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub async fn remove(dir: &Path, args: RemoveArgs) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let hosts = args.select.resolve(&state)?;
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("rm stops messaging and deletes the IM installation: confirm with --yes");
+        }
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        eprint!(
+            "Remove the IM service from {}{}? This stops messaging. Type 'yes' to continue: ",
+            names.join(", "),
+            if args.purge {
+                " AND DELETE ITS DATA"
+            } else {
+                ""
+            }
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            bail!("not confirmed; nothing was changed");
+        }
+    }
+    let results = control_all(&state, &hosts, Action::Remove, args.grace, args.purge).await;
+    report(results, false)
+}
+
+pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let host = super::known_host(&state, &args.host)?;
+    let agent = super::connect(&state, &host).await?;
+    let mut stream = agent
+        .logs(LogsRequest {
+            deployment: DEPLOYMENT_NAME.into(),
+            container: args.container.clone().unwrap_or_default(),
+            tail: args.tail,
+            follow: args.follow,
+        })
+        .await?;
+    while let Some(line) = stream.message().await.map_err(|s| agent.stream_error(s))? {
+        if line.stderr {
+            eprintln!("{}: {}", line.container, line.line);
+        } else {
+            println!("{}: {}", line.container, line.line);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,254 @@
+//! `controller deploy` after bootstrap: preflight gate, apply the PortSIP spec
+//! over mTLS with progress, record what runs.
+
+use std::time::{Duration, Instant};
+
+use imfleet_proto::agent::v1::{ApplyRequest, DeploymentStatus};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use super::portsip::{self, DEPLOYMENT_NAME, PortsipParams, SECRET_IM_TOKEN};
+use crate::agent_client::{Agent, AgentError};
+use crate::preflight::{self, Check, PreflightParams, Verdict};
+use crate::state::ControllerState;
+use crate::store::{DeploymentRecord, StoreError};
+
+/// The IM server token from the PBX. Never printed: `Debug` is redacted.
+#[derive(Clone)]
+pub struct ImToken(String);
+
+impl std::fmt::Debug for ImToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImToken([redacted])")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error(
+        "the IM token is empty; generate one on the PBX (Servers > IM Servers > Generate Token)"
+    )]
+    Empty,
+    #[error(
+        "the IM token contains spaces or control characters; copy it again from the PBX portal"
+    )]
+    Malformed,
+    #[error("the IM token is longer than 4096 characters; is that the right file?")]
+    TooLong,
+}
+
+impl ImToken {
+    /// Accepts the token as read from a file, stdin or the environment
+    /// (surrounding white space, such as a final newline, is dropped).
+    pub fn parse(text: &str) -> Result<ImToken, TokenError> {
+        let token = text.trim();
+        if token.is_empty() {
+            Err(TokenError::Empty)
+        } else if token.len() > 4096 {
+            Err(TokenError::TooLong)
+        } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Err(TokenError::Malformed)
+        } else {
+            Ok(ImToken(token.to_owned()))
+        }
+    }
+
+    pub fn fingerprint(&self) -> String {
+        portsip::token_fingerprint(&self.0)
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct DeployRequest {
+    pub host: String,
+    pub params: PortsipParams,
+    pub preflight: PreflightParams,
+    pub token: ImToken,
+    /// Deploy despite failed preflight checks (they are recorded).
+    pub force: bool,
+    pub health_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(
+        "preflight failed on {host}: {}. Nothing was changed. Fix the host, or pass --force to deploy anyway",
+        failed_ids(.checks)
+    )]
+    PreflightFailed { host: String, checks: Vec<Check> },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(
+        "deploy on {host} failed: {error}. {}",
+        if *.rolled_back { "The previous deployment was restored and is running again." } else { "No new containers were left behind." }
+    )]
+    Apply {
+        host: String,
+        error: String,
+        diagnostics: Vec<String>,
+        rolled_back: bool,
+    },
+    #[error(
+        "the agent on {0} ended the deploy without reporting an outcome; run `controller status {0}`"
+    )]
+    NoOutcome(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn failed_ids(checks: &[Check]) -> String {
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.id)
+        .collect();
+    format!("{} check(s) failed ({})", failed.len(), failed.join(", "))
+}
+
+/// What a successful deploy did.
+#[derive(Debug, Serialize)]
+pub struct DeployReport {
+    pub deployment: DeploymentRecord,
+    pub status: DeploymentStatus,
+    /// Failed checks that --force overrode.
+    pub overridden: Vec<Check>,
+    pub warnings: Vec<Check>,
+    pub elapsed_ms: u64,
+}
+
+pub async fn deploy(
+    state: &ControllerState,
+    agent: &Agent,
+    request: DeployRequest,
+    progress: &ProgressBar,
+) -> Result<DeployReport, DeployError> {
+    let started = Instant::now();
+    progress.set_message("preflight");
+    let current = agent.status(DEPLOYMENT_NAME).await?;
+    let mut preflight_params = request.preflight.clone();
+    preflight_params.redeploy = current.containers.iter().any(|c| c.state == "running");
+    let checks = preflight::assess(agent, &preflight_params).await?;
+    let failed: Vec<Check> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .cloned()
+        .collect();
+    let warnings: Vec<Check> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Warn)
+        .cloned()
+        .collect();
+    if !failed.is_empty() && !request.force {
+        return Err(DeployError::PreflightFailed {
+            host: request.host.clone(),
+            checks,
+        });
+    }
+    for c in &failed {
+        tracing::warn!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
+    }
+
+    let spec = portsip::portsip_spec(&request.params, &request.token.fingerprint());
+    let config_hash = spec.config_hash.clone();
+    let apply = ApplyRequest {
+        spec: Some(spec),
+        provided_secrets: [(
+            SECRET_IM_TOKEN.to_owned(),
+            request.token.expose().to_owned(),
+        )]
+        .into(),
+        health_timeout_seconds: request.health_timeout.as_secs().min(u64::from(u32::MAX)) as u32,
+    };
+    let mut events = agent.apply(apply).await?;
+    let mut outcome = None;
+    loop {
+        match events.message().await {
+            Ok(Some(event)) => {
+                if let Some(o) = event.outcome {
+                    outcome = Some(o);
+                    break;
+                }
+                progress.set_message(format!("{}: {}", event.phase, event.message));
+                tracing::info!(phase = %event.phase, "{}", event.message);
+            }
+            Ok(None) => break,
+            Err(status) => return Err(agent.stream_error(status).into()),
+        }
+    }
+    let outcome = outcome.ok_or_else(|| DeployError::NoOutcome(request.host.clone()))?;
+    if !outcome.success {
+        return Err(DeployError::Apply {
+            host: request.host.clone(),
+            error: outcome.error,
+            diagnostics: outcome.diagnostics,
+            rolled_back: outcome.rolled_back,
+        });
+    }
+    let status = outcome.status.unwrap_or_default();
+    let record = DeploymentRecord {
+        host: request.host.clone(),
+        name: DEPLOYMENT_NAME.into(),
+        private_ip: request.params.private_ip.to_string(),
+        public_ip: request.params.public_ip.to_string(),
+        pbx: request.params.pbx.to_string(),
+        data_path: request.params.data_path.clone(),
+        storage_dir: request.params.storage_dir.clone(),
+        image: request.params.image.clone(),
+        db_image: request.params.db_image.clone(),
+        image_ids: status
+            .containers
+            .iter()
+            .map(|c| (c.name.clone(), c.image_id.clone()))
+            .collect(),
+        config_hash,
+        users: request.preflight.sizing.users,
+        overridden: failed.iter().map(|c| c.id.to_owned()).collect(),
+        deployed_at: crate::now_unix(),
+    };
+    state.store.upsert_deployment(&record)?;
+    state.store.record_event(
+        Some(&request.host),
+        "deploy",
+        &format!(
+            "{} with {}; config {}; overridden: [{}]",
+            DEPLOYMENT_NAME,
+            record.image,
+            record.config_hash,
+            record.overridden.join(", ")
+        ),
+    )?;
+    Ok(DeployReport {
+        deployment: record,
+        status,
+        overridden: failed,
+        warnings,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_and_never_shown() {
+        assert_eq!(ImToken::parse("").unwrap_err(), TokenError::Empty);
+        assert_eq!(ImToken::parse(" \n").unwrap_err(), TokenError::Empty);
+        assert_eq!(
+            ImToken::parse("abc def").unwrap_err(),
+            TokenError::Malformed
+        );
+        assert_eq!(
+            ImToken::parse(&"x".repeat(5000)).unwrap_err(),
+            TokenError::TooLong
+        );
+        let token = ImToken::parse("s3cr3t-token-value\n").unwrap();
+        assert_eq!(token.expose(), "s3cr3t-token-value");
+        assert!(!format!("{token:?}").contains("s3cr3t"));
+        assert_eq!(token.fingerprint().len(), 64);
+    }
+}

@@ -1,0 +1,250 @@
+//! `controller deploy` and the lifecycle commands against the real Docker
+//! Engine, with the project's stand-ins for PortSIP's images.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use imfleet_tests::{Controller, ImSlot, TestHost, bootstrapped_host, existing_im_containers};
+
+const IMAGE: &str = "imfleet-test/pbx:22";
+const DB_IMAGE: &str = "imfleet-test/postgresql:14.12";
+const TOKEN: &str = "imtok-0123456789abcdef0123456789";
+
+struct Setup {
+    host: TestHost,
+    controller: Controller,
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let (host, controller) = bootstrapped_host();
+        let work = tempfile::tempdir().unwrap();
+        let s = Setup {
+            host,
+            controller,
+            work,
+        };
+        s.write_token(TOKEN);
+        s
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.work.path().join("portsip")
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.work.path().join("im.token")
+    }
+
+    fn write_token(&self, token: &str) {
+        std::fs::write(self.token_file(), format!("{token}\n")).unwrap();
+        std::fs::set_permissions(self.token_file(), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+    }
+
+    fn address(&self) -> String {
+        self.host.address().to_string()
+    }
+
+    /// `controller deploy` with the test images; `extra` overrides/extends.
+    fn deploy(&self, extra: &[&str]) -> imfleet_tests::Run {
+        let address = self.address();
+        let data = self.data_path().display().to_string();
+        let token = self.token_file().display().to_string();
+        let mut args = vec![
+            "deploy",
+            &address,
+            "-a",
+            &address,
+            "-A",
+            &address,
+            "--pbx",
+            "127.0.0.1",
+            "--token-file",
+            &token,
+            "--db-image",
+            DB_IMAGE,
+            "--data-path",
+            &data,
+            "--users",
+            "5000",
+            "--force",
+            "--stop-grace",
+            "5",
+            "--health-timeout",
+            "60",
+        ];
+        if !extra.contains(&"--image") {
+            args.extend(["--image", IMAGE]);
+        }
+        args.extend_from_slice(extra);
+        self.controller.run(&args)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let run = self.controller.run(&["status", "--json", &self.address()]);
+        serde_json::from_str(&run.stdout).unwrap_or_else(|_| panic!("{run:#?}"))
+    }
+}
+
+fn owner(path: &Path) -> (u32, u32, u32) {
+    let m = std::fs::metadata(path).unwrap();
+    (m.uid(), m.gid(), m.permissions().mode() & 0o777)
+}
+
+fn http_status(url_path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 8902)).ok()?;
+    write!(
+        s,
+        "GET {url_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_until_healthy(setup: &Setup) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let status = setup.status();
+        if status[0]["healthy"] == true {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never healthy: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+    let run = s.deploy(&["--json"]);
+    assert!(run.success(), "{run:#?}");
+    // The token never shows up in what the controller prints.
+    assert!(!run.stdout.contains(TOKEN) && !run.stderr.contains(TOKEN));
+    let report = run.json();
+    assert_eq!(report["status"]["healthy"], true, "{report}");
+    let names: Vec<&str> = report["status"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    // The one-shot init container ran and is gone.
+    assert_eq!(
+        names,
+        [
+            "portsip.database",
+            "portsip.instantmessage",
+            "portsip.webserver"
+        ]
+    );
+    // --force overrode exactly the failed checks; this test host is not Ubuntu 24.04.
+    let overridden = report["overridden"].as_array().unwrap();
+    assert!(
+        overridden.iter().all(|c| c["verdict"] == "fail"),
+        "{report}"
+    );
+    let release = imfleet_agent::facts::os::read_os_release();
+    if (release.id.as_str(), release.version_id.as_str()) != ("ubuntu", "24.04") {
+        assert!(
+            overridden.iter().any(|c| c["id"] == "os.release"),
+            "{report}"
+        );
+    }
+    assert_eq!(report["deployment"]["image"], IMAGE);
+
+    // Data layout with PortSIP's ownership, and a private generated password.
+    let data = s.data_path();
+    assert_eq!(owner(&data.join("im-data")).0, 888);
+    assert_eq!(owner(&data.join("im-postgresql")), (999, 999, 0o700));
+    assert_eq!(owner(&data.join("im-data/system.ini")), (888, 888, 0o600));
+    let ini = std::fs::read_to_string(data.join("im-data/system.ini")).unwrap();
+    let password = ini
+        .lines()
+        .find_map(|l| l.strip_prefix("superuser_password = "))
+        .unwrap();
+    assert_eq!(password.len(), 20);
+    assert!(!run.stdout.contains(password) && !run.stderr.contains(password));
+    assert!(data.join("im-data/VERSION").exists(), "initdt ran");
+    assert!(
+        data.join("im-data/im/fake-im.state").exists(),
+        "the IM wrote its data dir"
+    );
+    assert_eq!(http_status("/svr_stats"), Some(200));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 8887)).is_ok());
+
+    // stop: everything stopped, idempotent.
+    for _ in 0..2 {
+        let stop = s
+            .controller
+            .run(&["stop", "--grace", "5", "--json", &s.address()]);
+        assert!(stop.success(), "{stop:#?}");
+        let status = s.status();
+        assert_eq!(status[0]["healthy"], false);
+        assert!(
+            status[0]["status"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["state"] == "exited")
+        );
+    }
+    assert_eq!(http_status("/svr_stats"), None);
+    // start, restart: healthy again.
+    assert!(s.controller.run(&["start", &s.address()]).success());
+    wait_until_healthy(&s);
+    let before = s.status()[0]["status"]["containers"][1]["started_at"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        s.controller
+            .run(&["restart", "--grace", "5", &s.address()])
+            .success()
+    );
+    let after = wait_until_healthy(&s)[0]["status"]["containers"][1]["started_at"]
+        .as_i64()
+        .unwrap();
+    assert!(after >= before);
+
+    // rm keeps data and needs confirmation; rm again is harmless.
+    let refused = s.controller.run(&["rm", &s.address()]);
+    assert_eq!(refused.status, Some(1));
+    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    assert!(!existing_im_containers().is_empty());
+    for _ in 0..2 {
+        assert!(
+            s.controller
+                .run(&["rm", "--yes", "--grace", "5", &s.address()])
+                .success()
+        );
+        assert!(
+            existing_im_containers().is_empty(),
+            "{:?}",
+            existing_im_containers()
+        );
+    }
+    assert!(data.join("im-data/system.ini").exists());
+    assert_eq!(s.status()[0]["deployment"], serde_json::Value::Null);
+
+    // A redeploy reuses the kept data (same database password); --purge deletes it.
+    assert!(s.deploy(&[]).success());
+    let ini_again = std::fs::read_to_string(data.join("im-data/system.ini")).unwrap();
+    assert!(
+        ini_again.contains(password),
+        "the database password was kept"
+    );
+    assert!(
+        s.controller
+            .run(&["rm", "--yes", "--purge", "--grace", "5", &s.address()])
+            .success()
+    );
+    assert!(!data.join("im-data").exists() && !data.join("im-postgresql").exists());
+}

@@ -72,11 +72,11 @@ impl Setup {
             "--force",
             "--stop-grace",
             "5",
-            "--health-timeout",
-            "60",
         ];
-        if !extra.contains(&"--image") {
-            args.extend(["--image", IMAGE]);
+        for (flag, default) in [("--image", IMAGE), ("--health-timeout", "60")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, default]);
+            }
         }
         args.extend_from_slice(extra);
         self.controller.run(&args)
@@ -247,4 +247,240 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
             .success()
     );
     assert!(!data.join("im-data").exists() && !data.join("im-postgresql").exists());
+}
+
+fn containers(status: &serde_json::Value) -> Vec<(String, String, String)> {
+    status[0]["status"]["containers"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap().to_owned(),
+                        c["image"].as_str().unwrap().to_owned(),
+                        c["health"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_im_that_never_gets_healthy_fails_with_its_logs_and_the_previous_deployment_returns() {
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+
+    // On a fresh host: the failure leaves nothing running from it.
+    let run = s.deploy(&[
+        "--image",
+        "imfleet-test/pbx:22-never-healthy",
+        "--health-timeout",
+        "8",
+    ]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("portsip.instantmessage did not become ready within 8 s"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("im: serving clients on 8887"),
+        "the IM's own log lines are shown: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("No new containers were left behind"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains(TOKEN),
+        "the token must be redacted: {}",
+        run.stderr
+    );
+    assert!(
+        existing_im_containers().is_empty(),
+        "{:?}",
+        existing_im_containers()
+    );
+    assert_eq!(s.status()[0]["deployment"], serde_json::Value::Null);
+
+    // Over a healthy deployment: it fails the same way and the old one is back.
+    assert!(s.deploy(&[]).success());
+    let good = s.status();
+    let run = s.deploy(&[
+        "--image",
+        "imfleet-test/pbx:22-never-healthy",
+        "--health-timeout",
+        "8",
+    ]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("previous deployment was restored"),
+        "{}",
+        run.stderr
+    );
+    let restored = wait_until_healthy(&s);
+    assert_eq!(containers(&restored), containers(&good));
+    assert!(
+        containers(&restored)
+            .iter()
+            .all(|(_, image, _)| image != "imfleet-test/pbx:22-never-healthy")
+    );
+    assert_eq!(
+        restored[0]["deployment"]["image"], IMAGE,
+        "the record still names what runs"
+    );
+    assert!(
+        existing_im_containers()
+            .iter()
+            .all(|c| !c.contains(".previous"))
+    );
+}
+
+#[test]
+fn redeploy_replaces_the_running_deployment_with_the_new_configuration() {
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+    assert!(s.deploy(&[]).success());
+    let first = s.status();
+    let first_hash = first[0]["deployment"]["config_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A new token (as the HA upgrade guide asks for) is a new configuration.
+    s.write_token("imtok-fedcba9876543210fedcba98765");
+    let run = s.deploy(&["--json"]);
+    let report = run.json();
+    assert_eq!(report["status"]["healthy"], true);
+    let second = s.status();
+    assert_ne!(
+        second[0]["deployment"]["config_hash"].as_str().unwrap(),
+        first_hash
+    );
+    assert_eq!(
+        second[0]["status"]["config_hash"],
+        second[0]["deployment"]["config_hash"]
+    );
+    assert!(
+        existing_im_containers()
+            .iter()
+            .all(|c| !c.contains(".previous"))
+    );
+    assert_eq!(http_status("/svr_stats"), Some(200));
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_changes_on_the_host() {
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+    let untouched = |what: &str| {
+        assert!(
+            existing_im_containers().is_empty(),
+            "{what}: {:?}",
+            existing_im_containers()
+        );
+        assert!(!s.data_path().exists(), "{what}: data path created");
+    };
+
+    let bad_ip = s.controller.run(&[
+        "deploy",
+        &s.address(),
+        "-a",
+        "10.0.0.256",
+        "-A",
+        &s.address(),
+        "--pbx",
+        "127.0.0.1",
+    ]);
+    assert_eq!(bad_ip.status, Some(2));
+    assert!(
+        bad_ip.stderr.contains("invalid value '10.0.0.256'"),
+        "{}",
+        bad_ip.stderr
+    );
+    untouched("bad ip");
+
+    s.write_token("");
+    let empty = s.deploy(&[]);
+    assert_eq!(empty.status, Some(1));
+    assert!(
+        empty.stderr.contains("IM token is empty"),
+        "{}",
+        empty.stderr
+    );
+    untouched("empty token");
+    s.write_token(TOKEN);
+
+    // A missing -f directory: preflight fails and nothing is done...
+    let missing = "/srv/imfleet-test-missing-storage";
+    let mut args = vec!["deploy".to_owned()];
+    let run = {
+        let address = s.address();
+        let data = s.data_path().display().to_string();
+        let token = s.token_file().display().to_string();
+        args.extend(
+            [
+                &address[..],
+                "-a",
+                &address,
+                "-A",
+                &address,
+                "--pbx",
+                "127.0.0.1",
+                "--token-file",
+                &token,
+                "--image",
+                IMAGE,
+                "--db-image",
+                DB_IMAGE,
+                "--data-path",
+                &data,
+                "-f",
+                missing,
+                "--users",
+                "5000",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        s.controller.run(&refs)
+    };
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("preflight failed") && run.stderr.contains("storage.dir"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains(&format!("mkdir -p {missing}")),
+        "{}",
+        run.stdout
+    );
+    untouched("missing -f");
+    // ...and --force does not get past it either: the agent refuses it first.
+    let forced = s.deploy(&["-f", missing]);
+    assert_eq!(forced.status, Some(1), "{forced:#?}");
+    assert!(
+        forced.stderr.contains(&format!("{missing} does not exist")),
+        "{}",
+        forced.stderr
+    );
+    untouched("missing -f with --force");
+
+    // An image the host does not have and cannot pull.
+    let absent = s.deploy(&["--image", "imfleet-test/absent:1"]);
+    assert_eq!(absent.status, Some(1));
+    assert!(
+        absent
+            .stderr
+            .contains("imfleet-test/absent:1 is not on the host"),
+        "{}",
+        absent.stderr
+    );
+    untouched("absent image");
 }

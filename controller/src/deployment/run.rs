@@ -149,7 +149,7 @@ pub async fn deploy(
         });
     }
     for c in &failed {
-        tracing::warn!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
+        tracing::info!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
     }
 
     let spec = portsip::portsip_spec(&request.params, &request.token.fingerprint());

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, InventoryRequest,
-    LogLine, LogsRequest, PingReply, PingRequest, StatusRequest, control_request::Action,
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, ImageChunk,
+    InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
+    control_request::Action,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -148,6 +149,20 @@ impl Agent for AgentService {
             .await
             .map(Response::new)
             .map_err(deploy_status)
+    }
+
+    async fn load_image(
+        &self,
+        request: Request<tonic::Streaming<ImageChunk>>,
+    ) -> Result<Response<LoadedImage>, Status> {
+        use crate::deploy::images::{LoadError, load};
+        match load(self.deployer.docker(), request.into_inner()).await {
+            Ok(loaded) => Ok(Response::new(LoadedImage { loaded })),
+            Err(e @ (LoadError::Io(_) | LoadError::Docker(_))) => {
+                Err(Status::internal(e.to_string()))
+            }
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
     }
 
     type LogsStream = EventStream<LogLine>;

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, InventoryRequest,
-    LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, ImageChunk,
+    InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -204,6 +204,21 @@ impl Agent {
         request.set_timeout(Duration::from_secs(24 * 3600));
         Ok(client
             .logs(request)
+            .await
+            .map_err(|s| self.status_error(s))?
+            .into_inner())
+    }
+
+    /// Streams an image archive to the agent, which verifies and loads it.
+    pub async fn load_image(
+        &self,
+        chunks: impl tonic::codegen::tokio_stream::Stream<Item = ImageChunk> + Send + 'static,
+    ) -> Result<LoadedImage, AgentError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(chunks);
+        request.set_timeout(Duration::from_secs(6 * 3600));
+        Ok(client
+            .load_image(request)
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner())

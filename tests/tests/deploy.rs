@@ -484,3 +484,70 @@ fn bad_input_is_refused_before_anything_changes_on_the_host() {
     );
     untouched("absent image");
 }
+
+fn docker(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker")
+}
+
+#[test]
+fn an_image_archive_is_streamed_verified_and_loaded() {
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+    // An image the engine does not have, available only as an archive.
+    let tag = "imfleet-test/pbx:22-archive";
+    let archive = s.work.path().join("pbx.tar");
+    assert!(docker(&["tag", IMAGE, tag]).status.success());
+    assert!(
+        docker(&["save", "-o", archive.to_str().unwrap(), tag])
+            .status
+            .success()
+    );
+    assert!(docker(&["rmi", tag]).status.success());
+
+    // A corrupt archive is refused and changes nothing.
+    let corrupt = s.work.path().join("corrupt.tar");
+    std::fs::write(&corrupt, b"this is not a tar archive at all").unwrap();
+    let run = s.deploy(&["--image", tag, "--image-file", corrupt.to_str().unwrap()]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("corrupt.tar is not a valid image archive"),
+        "{}",
+        run.stderr
+    );
+    assert!(existing_im_containers().is_empty());
+    assert!(!s.data_path().exists());
+    // Without the archive the image cannot be had.
+    let run = s.deploy(&["--image", tag]);
+    assert!(
+        run.stderr.contains("load it with --image-file"),
+        "{}",
+        run.stderr
+    );
+
+    let run = s.deploy(&[
+        "--image",
+        tag,
+        "--image-file",
+        archive.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = run.json();
+    assert_eq!(report["status"]["healthy"], true);
+    assert!(
+        docker(&["image", "inspect", tag]).status.success(),
+        "the archive was loaded"
+    );
+    let _ = docker(&["rmi", "-f", tag]);
+
+    let missing = s.deploy(&["--image-file", "/nonexistent/pbx.tar"]);
+    assert_eq!(missing.status, Some(1));
+    assert!(
+        missing.stderr.contains("--image-file /nonexistent/pbx.tar"),
+        "{}",
+        missing.stderr
+    );
+}

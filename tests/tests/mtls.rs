@@ -197,3 +197,34 @@ async fn the_controller_refuses_an_agent_from_a_foreign_ca() {
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("unknownissuer"), "{err}");
 }
+
+#[tokio::test]
+async fn an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
+    use imfleet_proto::agent::v1::{ImageChunk, ImageUploadHeader};
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let agent = start_agent(&ca, &["127.0.0.1"]).await;
+    let me = client(
+        &ca,
+        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
+    );
+    let connected = Agent::connect(&me, &address(&agent, "127.0.0.1"))
+        .await
+        .unwrap();
+    let data = b"pretend image bytes".to_vec();
+    let lying = ImageChunk {
+        header: Some(ImageUploadHeader {
+            name: "pbx.tar".into(),
+            size: data.len() as u64,
+            sha256: "00".repeat(32),
+            expected_images: vec![],
+        }),
+        data,
+    };
+    let err = connected
+        .load_image(tokio_stream::iter(vec![lying]))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("upload of pbx.tar is corrupt"), "{text}");
+    assert!(text.contains("nothing was loaded"), "{text}");
+}

@@ -3,6 +3,8 @@
 //! about PortSIP beyond what the spec says.
 
 pub mod docker;
+pub mod firewall;
+pub mod images;
 pub mod secrets;
 
 use std::collections::HashMap;
@@ -151,6 +153,26 @@ impl Deployer {
                 break;
             }
             emit(&format!("container {}", container.name), "ready".into()).await;
+        }
+        if result.is_ok() {
+            for port in &spec.open_tcp_ports {
+                let port = *port;
+                let opened = tokio::task::spawn_blocking(move || firewall::open(port))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                match opened {
+                    Ok(done) if done.is_empty() => {}
+                    Ok(done) => emit("firewall", done.join("; ")).await,
+                    Err(e) => {
+                        result = Err(DeployError::Failed {
+                            message: format!("opening {port}/tcp in the host firewall: {e}"),
+                            diagnostics: Vec::new(),
+                        });
+                        break;
+                    }
+                }
+            }
         }
         if result.is_ok()
             && let Some(gate) = &spec.gate

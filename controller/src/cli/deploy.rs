@@ -35,6 +35,10 @@ pub struct DeployArgs {
     /// Database image.
     #[arg(long, default_value = DEFAULT_DB_IMAGE, value_name = "REF")]
     db_image: String,
+    /// `docker save` archive to stream to the host and load (for hosts without
+    /// registry access); repeat for several archives.
+    #[arg(long, value_name = "FILE")]
+    image_file: Vec<PathBuf>,
     /// Deploy even if preflight checks fail (the overridden checks are recorded).
     #[arg(long)]
     force: bool,
@@ -79,6 +83,16 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be checked here is checked before the host is touched.
     let preflight = args.target.params()?;
     let token = read_token(args.token_file.as_deref())?;
+    for file in &args.image_file {
+        let meta =
+            std::fs::metadata(file).with_context(|| format!("--image-file {}", file.display()))?;
+        if !meta.is_file() || meta.len() == 0 {
+            bail!(
+                "--image-file {}: not a docker save archive (empty or not a file)",
+                file.display()
+            );
+        }
+    }
     let (state, _) = super::open_state(dir)?;
     let progress = output::spinner(!args.json);
 
@@ -124,6 +138,7 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         preflight,
         token,
         force: args.force,
+        image_files: args.image_file.clone(),
         health_timeout: Duration::from_secs(args.health_timeout.max(1)),
     };
     let result = deploy(&state, &agent, request, &progress).await;

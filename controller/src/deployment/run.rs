@@ -71,6 +71,8 @@ pub struct DeployRequest {
     /// Deploy despite failed preflight checks (they are recorded).
     pub force: bool,
     pub health_timeout: Duration,
+    /// `docker save` archives to stream to the host before installing.
+    pub image_files: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,11 @@ pub enum DeployError {
     NoOutcome(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("image archive {path}: {source}")]
+    ImageFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn failed_ids(checks: &[Check]) -> String {
@@ -150,6 +157,11 @@ pub async fn deploy(
     }
     for c in &failed {
         tracing::info!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
+    }
+
+    // Images the archives do not provide are pulled, or refused, by apply.
+    for path in &request.image_files {
+        upload_image(agent, path, progress).await?;
     }
 
     let spec = portsip::portsip_spec(&request.params, &request.token.fingerprint());
@@ -228,6 +240,85 @@ pub async fn deploy(
         warnings,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Bytes per streamed chunk (well under gRPC's 4 MiB message limit).
+const CHUNK: usize = 1024 * 1024;
+
+/// Hashes the archive, then streams it; the agent loads it only if size and
+/// sha256 match.
+async fn upload_image(
+    agent: &Agent,
+    path: &std::path::Path,
+    progress: &ProgressBar,
+) -> Result<(), DeployError> {
+    use imfleet_proto::agent::v1::{ImageChunk, ImageUploadHeader};
+    use sha2::{Digest, Sha256};
+    use tokio::io::AsyncReadExt;
+
+    let io_err = |source| DeployError::ImageFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    progress.set_message(format!("hashing {name}"));
+    let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
+    let size = file.metadata().await.map_err(io_err)?.len();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = file.read(&mut buf).await.map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let header = ImageUploadHeader {
+        name: name.clone(),
+        size,
+        sha256: hex::encode(hasher.finalize()),
+        expected_images: Vec::new(),
+    };
+    let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<ImageChunk>(4);
+    let bar = progress.clone();
+    let reader = tokio::spawn(async move {
+        let mut header = Some(header);
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 && header.is_none() {
+                return Ok::<_, std::io::Error>(());
+            }
+            sent += n as u64;
+            bar.set_message(format!(
+                "uploading {name}: {} of {} MB",
+                sent / 1_000_000,
+                size / 1_000_000
+            ));
+            let chunk = ImageChunk {
+                header: header.take(),
+                data: buf[..n].to_vec(),
+            };
+            if tx.send(chunk).await.is_err() || n == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let loaded = agent
+        .load_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e)))?
+        .map_err(io_err)?;
+    let loaded = loaded?;
+    tracing::info!(archive = %path.display(), loaded = ?loaded.loaded, "image archive loaded");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -32,14 +32,20 @@ fn main() -> ExitCode {
     let _slot = ImSlot::take();
     println!("Creating a throwaway IM host: sshd on a loopback address, private /opt/imfleet ...");
     let host = TestHost::start();
-    let work = tempfile::Builder::new().prefix("imfleet-demo-").tempdir().expect("tempdir");
+    let work = tempfile::Builder::new()
+        .prefix("imfleet-demo-")
+        .tempdir()
+        .expect("tempdir");
     let state = work.path().join("state");
     let token = work.path().join("im.token");
     std::fs::write(&token, "demo-im-token-0123456789abcdef\n").expect("token");
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let data = work.path().join("portsip").display().to_string();
     let a = host.address().to_string();
-    println!("Target host: root@{a}:2222 (ssh_config {})", host.ssh_config().display());
+    println!(
+        "Target host: root@{a}:2222 (ssh_config {})",
+        host.ssh_config().display()
+    );
 
     let mut bootstrap = vec!["bootstrap".to_owned()];
     bootstrap.extend(host.ssh_args(SshUser::Root));
@@ -74,7 +80,10 @@ fn main() -> ExitCode {
     for (step, must_pass) in &steps {
         let code = show(&state, step);
         if code != 0 && *must_pass {
-            eprintln!("\ndemo failed at `controller {}` (exit {code})", step.join(" "));
+            eprintln!(
+                "\ndemo failed at `controller {}` (exit {code})",
+                step.join(" ")
+            );
             eprintln!("agent log:\n{}", host.agent_log());
             return ExitCode::from(1);
         }

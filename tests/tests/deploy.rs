@@ -181,6 +181,13 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
     assert_eq!(http_status("/svr_stats"), Some(200));
     assert!(std::net::TcpStream::connect(("127.0.0.1", 8887)).is_ok());
 
+    // logs of one container, and status of every host.
+    let logs = s.controller.run(&["logs", &s.address(), "-c", "portsip.instantmessage", "-n", "5"]);
+    assert!(logs.success(), "{logs:#?}");
+    assert!(logs.stderr.contains("portsip.instantmessage: im: serving clients on 8887"), "{logs:#?}");
+    let all = s.controller.run(&["status", "--all"]);
+    assert!(all.success() && all.stdout.contains("portsip.webserver"), "{all:#?}");
+
     // stop: everything stopped, idempotent.
     for _ in 0..2 {
         let stop = s

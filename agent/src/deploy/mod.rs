@@ -3,6 +3,7 @@
 //! about PortSIP beyond what the spec says.
 
 pub mod docker;
+pub mod engine;
 pub mod firewall;
 pub mod images;
 pub mod secrets;
@@ -97,7 +98,12 @@ impl Deployer {
             s => Duration::from_secs(u64::from(s)),
         };
 
-        // Nothing on the host changes until validation and images succeed.
+        match engine::ensure(&self.docker).await {
+            Ok(done) if done.is_empty() => {}
+            Ok(done) => emit("engine", done.join("; ")).await,
+            Err(e) => return failure(DeployError::Invalid(e), &secret_values, false, None),
+        }
+        // Nothing else on the host changes until validation and images succeed.
         if let Err(e) = self.validate(&spec).await {
             return failure(e, &secret_values, false, None);
         }

@@ -257,29 +257,23 @@ mod tests {
         for secret in [files::CA_KEY, files::CONTROLLER_KEY, files::DATABASE] {
             assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
         }
-        let before: Vec<_> = [
-            files::CA_CERT,
-            files::CA_KEY,
-            files::CONTROLLER_CERT,
-            files::CONTROLLER_KEY,
-        ]
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap())
-        .collect();
+        let identity_files = || -> Vec<Vec<u8>> {
+            [
+                files::CA_CERT,
+                files::CA_KEY,
+                files::CONTROLLER_CERT,
+                files::CONTROLLER_KEY,
+            ]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect()
+        };
+        let before = identity_files();
 
         let (_, second) = ControllerState::open_or_init(&dir).unwrap();
         assert!(second.created.is_empty(), "{:?}", second.created);
         assert_eq!(second.ca_fingerprint, first.ca_fingerprint);
-        let after: Vec<_> = [
-            files::CA_CERT,
-            files::CA_KEY,
-            files::CONTROLLER_CERT,
-            files::CONTROLLER_KEY,
-        ]
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap())
-        .collect();
-        assert_eq!(before, after);
+        assert_eq!(before, identity_files());
     }
 
     #[test]

@@ -47,8 +47,13 @@ impl Setup {
         self.host.address().to_string()
     }
 
-    /// `controller deploy` with the test images; `extra` overrides/extends.
+    /// `controller deploy` with the test images and `--force` (the test host
+    /// is not Ubuntu 24.04); `extra` overrides/extends.
     fn deploy(&self, extra: &[&str]) -> imfleet_tests::Run {
+        self.deploy_with(extra, true)
+    }
+
+    fn deploy_with(&self, extra: &[&str], force: bool) -> imfleet_tests::Run {
         let address = self.address();
         let data = self.data_path().display().to_string();
         let token = self.token_file().display().to_string();
@@ -69,10 +74,12 @@ impl Setup {
             &data,
             "--users",
             "5000",
-            "--force",
             "--stop-grace",
             "5",
         ];
+        if force {
+            args.push("--force");
+        }
         for (flag, default) in [("--image", IMAGE), ("--health-timeout", "60")] {
             if !extra.contains(&flag) {
                 args.extend([flag, default]);
@@ -182,11 +189,25 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", 8887)).is_ok());
 
     // logs of one container, and status of every host.
-    let logs = s.controller.run(&["logs", &s.address(), "-c", "portsip.instantmessage", "-n", "5"]);
+    let logs = s.controller.run(&[
+        "logs",
+        &s.address(),
+        "-c",
+        "portsip.instantmessage",
+        "-n",
+        "5",
+    ]);
     assert!(logs.success(), "{logs:#?}");
-    assert!(logs.stderr.contains("portsip.instantmessage: im: serving clients on 8887"), "{logs:#?}");
+    assert!(
+        logs.stderr
+            .contains("portsip.instantmessage: im: serving clients on 8887"),
+        "{logs:#?}"
+    );
     let all = s.controller.run(&["status", "--all"]);
-    assert!(all.success() && all.stdout.contains("portsip.webserver"), "{all:#?}");
+    assert!(
+        all.success() && all.stdout.contains("portsip.webserver"),
+        "{all:#?}"
+    );
 
     // stop: everything stopped, idempotent.
     for _ in 0..2 {
@@ -424,39 +445,7 @@ fn bad_input_is_refused_before_anything_changes_on_the_host() {
 
     // A missing -f directory: preflight fails and nothing is done...
     let missing = "/srv/imfleet-test-missing-storage";
-    let mut args = vec!["deploy".to_owned()];
-    let run = {
-        let address = s.address();
-        let data = s.data_path().display().to_string();
-        let token = s.token_file().display().to_string();
-        args.extend(
-            [
-                &address[..],
-                "-a",
-                &address,
-                "-A",
-                &address,
-                "--pbx",
-                "127.0.0.1",
-                "--token-file",
-                &token,
-                "--image",
-                IMAGE,
-                "--db-image",
-                DB_IMAGE,
-                "--data-path",
-                &data,
-                "-f",
-                missing,
-                "--users",
-                "5000",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        );
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        s.controller.run(&refs)
-    };
+    let run = s.deploy_with(&["-f", missing], false);
     assert_eq!(run.status, Some(1), "{run:#?}");
     assert!(
         run.stderr.contains("preflight failed") && run.stderr.contains("storage.dir"),

@@ -3,32 +3,31 @@
 
 use imfleet_proto::agent::v1::{Package, PendingUpdates};
 
-/// Package names (or prefixes ending in `*`) that preflight asks about.
-pub const PACKAGES_OF_INTEREST: &[&str] = &[
-    // must be absent: PostgreSQL (port 5432), remote access, VPN, DNS/DHCP servers
-    "postgresql*",
+/// Package names (or prefixes ending in `*`), grouped by why preflight asks.
+pub const POSTGRESQL: &[&str] = &["postgresql*"];
+pub const REMOTE_ACCESS: &[&str] = &[
     "teamviewer*",
     "anydesk",
     "rustdesk",
+    "xrdp",
+    "x11vnc",
+    "tightvncserver",
+    "tailscale",
+    "zerotier-one",
+];
+pub const VPN: &[&str] = &[
     "openvpn",
     "wireguard",
     "wireguard-tools",
     "strongswan*",
     "libreswan",
     "openconnect",
-    "tailscale",
-    "zerotier-one",
-    "xrdp",
-    "x11vnc",
-    "tightvncserver",
-    "bind9",
-    "dnsmasq",
-    "dnsmasq-base",
-    "unbound",
-    "pdns-server",
-    "isc-dhcp-server",
-    "kea*",
-    // context: container engine, firewalls, time sync, power, updates
+];
+/// dnsmasq-base is a library for NetworkManager and libvirt, not a server.
+pub const DNS_SERVERS: &[&str] = &["bind9", "dnsmasq", "unbound", "pdns-server"];
+pub const DHCP_SERVERS: &[&str] = &["isc-dhcp-server", "kea*"];
+/// Context for the inventory: container engine, firewalls, time sync, power.
+pub const CONTEXT: &[&str] = &[
     "docker-ce",
     "docker.io",
     "containerd",
@@ -49,13 +48,29 @@ pub const PACKAGES_OF_INTEREST: &[&str] = &[
     "tlp",
 ];
 
+/// Every group the agent reports on.
+pub const PACKAGES_OF_INTEREST: &[&[&str]] = &[
+    POSTGRESQL,
+    REMOTE_ACCESS,
+    VPN,
+    DNS_SERVERS,
+    DHCP_SERVERS,
+    CONTEXT,
+];
+
+/// Whether `name` matches `pattern` (exact, or a prefix ending in `*`).
+pub fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
 fn interesting(name: &str) -> bool {
     PACKAGES_OF_INTEREST
         .iter()
-        .any(|p| match p.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => *p == name,
-        })
+        .flat_map(|group| group.iter())
+        .any(|p| matches(p, name))
 }
 
 /// Installed (status `install ok installed`) packages of interest.

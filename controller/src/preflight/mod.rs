@@ -7,6 +7,7 @@ pub mod sizing;
 use std::net::IpAddr;
 
 use imfleet_agent::facts::os::OsRelease;
+use imfleet_agent::facts::packages;
 use imfleet_proto::agent::v1::{AddressOrigin, HostInventory, PathInfo};
 use serde::Serialize;
 
@@ -529,14 +530,13 @@ fn host_state_checks(inv: &HostInventory, out: &mut Vec<Check>) {
     ));
 }
 
-fn installed<'a>(inv: &'a HostInventory, names: &[&str]) -> Vec<&'a str> {
+fn installed<'a>(inv: &'a HostInventory, group: &[&str]) -> Vec<&'a str> {
     inv.packages
         .iter()
         .filter(|p| {
-            names.iter().any(|n| match n.strip_suffix('*') {
-                Some(prefix) => p.name.starts_with(prefix),
-                None => p.name == *n,
-            })
+            group
+                .iter()
+                .any(|pattern| packages::matches(pattern, &p.name))
         })
         .map(|p| p.name.as_str())
         .collect()
@@ -571,7 +571,7 @@ fn absent_check(id: &'static str, found: Vec<String>, what: &str, remedy: &str) 
 }
 
 fn conflict_checks(inv: &HostInventory, redeploy: bool, out: &mut Vec<Check>) {
-    let pg = installed(inv, &["postgresql*"]);
+    let pg = installed(inv, packages::POSTGRESQL);
     out.push(absent_check(
         "postgresql.absent",
         pg.iter().map(|s| s.to_string()).collect(),
@@ -610,43 +610,21 @@ fn conflict_checks(inv: &HostInventory, redeploy: bool, out: &mut Vec<Check>) {
             )
         });
     }
-    let remote = installed(
-        inv,
-        &[
-            "teamviewer*",
-            "anydesk",
-            "rustdesk",
-            "xrdp",
-            "x11vnc",
-            "tightvncserver",
-            "tailscale",
-            "zerotier-one",
-        ],
-    );
+    let remote = installed(inv, packages::REMOTE_ACCESS);
     out.push(absent_check(
         "remote-access.absent",
         remote.iter().map(|s| s.to_string()).collect(),
         "remote-access tools",
         "uninstall remote-access tools (TeamViewer, AnyDesk, VNC, ...) from the IM host",
     ));
-    let vpn = installed(
-        inv,
-        &[
-            "openvpn",
-            "wireguard",
-            "wireguard-tools",
-            "strongswan*",
-            "libreswan",
-            "openconnect",
-        ],
-    );
+    let vpn = installed(inv, packages::VPN);
     out.push(absent_check(
         "vpn.absent",
         vpn.iter().map(|s| s.to_string()).collect(),
         "VPN software",
         "uninstall VPN software (OpenVPN, WireGuard, strongSwan, ...) from the IM host",
     ));
-    let mut dns: Vec<String> = installed(inv, &["bind9", "dnsmasq", "unbound", "pdns-server"])
+    let mut dns: Vec<String> = installed(inv, packages::DNS_SERVERS)
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -674,7 +652,7 @@ fn conflict_checks(inv: &HostInventory, redeploy: bool, out: &mut Vec<Check>) {
         "DNS server",
         "the IM host must not be a DNS server: remove bind9/dnsmasq/unbound",
     ));
-    let mut dhcp: Vec<String> = installed(inv, &["isc-dhcp-server", "kea*"])
+    let mut dhcp: Vec<String> = installed(inv, packages::DHCP_SERVERS)
         .iter()
         .map(|s| s.to_string())
         .collect();

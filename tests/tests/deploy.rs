@@ -547,3 +547,59 @@ fn an_image_archive_is_streamed_verified_and_loaded() {
         missing.stderr
     );
 }
+
+#[test]
+fn deploy_bootstraps_a_host_that_has_no_agent_yet() {
+    let _slot = ImSlot::take();
+    let host = TestHost::start();
+    let controller = Controller::new();
+    let work = tempfile::tempdir().unwrap();
+    let token = work.path().join("im.token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let address = host.address().to_string();
+    let data = work.path().join("portsip").display().to_string();
+    let mut args: Vec<String> = [
+        "deploy",
+        "-a",
+        &address,
+        "-A",
+        &address,
+        "--pbx",
+        "127.0.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(host.ssh_args(imfleet_tests::SshUser::Sudoer));
+    args.extend(host.agent_args());
+    for a in [
+        "--token-file",
+        token.to_str().unwrap(),
+        "--image",
+        IMAGE,
+        "--db-image",
+        DB_IMAGE,
+        "--data-path",
+        &data,
+        "--users",
+        "5000",
+        "--force",
+        "--stop-grace",
+        "5",
+        "--json",
+        &address,
+    ] {
+        args.push(a.to_owned());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = controller.run(&refs).json();
+    assert_eq!(report["status"]["healthy"], true, "{report}");
+    let hosts = controller.run(&["hosts", "--json"]).json();
+    assert_eq!(hosts[0]["host"], address.as_str());
+    assert_eq!(hosts[0]["reachable"], true);
+    assert!(
+        controller
+            .run(&["rm", "--yes", "--grace", "5", &address])
+            .success()
+    );
+}

@@ -58,6 +58,24 @@ pub struct AgentArgs {
     pub agent_bind: IpAddr,
 }
 
+impl AgentArgs {
+    /// The bootstrap of `target` these options (and `ssh`) describe.
+    pub fn bootstrap_request(
+        &self,
+        target: &str,
+        ssh: &SshArgs,
+    ) -> anyhow::Result<BootstrapRequest> {
+        Ok(BootstrapRequest {
+            target: target.to_owned(),
+            ssh: ssh.options(),
+            agent_binary: locate_agent_binary(self.agent_binary.as_deref())?,
+            agent_address: self.agent_address.clone(),
+            agent_port: self.agent_port,
+            agent_bind: self.agent_bind,
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct BootstrapArgs {
     /// SSH destination: a name from ~/.ssh/config, a host name or an IP.
@@ -73,14 +91,7 @@ pub struct BootstrapArgs {
 
 pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
     let (state, _) = super::open_state(dir)?;
-    let request = BootstrapRequest {
-        target: args.host.clone(),
-        ssh: args.ssh.options(),
-        agent_binary: locate_agent_binary(args.agent.agent_binary.as_deref())?,
-        agent_address: args.agent.agent_address.clone(),
-        agent_port: args.agent.agent_port,
-        agent_bind: args.agent.agent_bind,
-    };
+    let request = args.agent.bootstrap_request(&args.host, &args.ssh)?;
     let progress = output::spinner(!args.json);
     let result = bootstrap(&state, &request, &progress).await;
     progress.finish_and_clear();

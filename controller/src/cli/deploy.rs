@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use imfleet_controller::bootstrap::{BootstrapRequest, bootstrap, locate_agent_binary};
+use imfleet_controller::bootstrap::bootstrap;
 use imfleet_controller::deployment::portsip::{DEFAULT_DB_IMAGE, DEFAULT_IMAGE};
 use imfleet_controller::deployment::{DeployError, DeployRequest, ImToken, PortsipParams, deploy};
 
@@ -100,14 +100,7 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         Some(host) => host,
         None => {
             progress.set_message(format!("bootstrapping {}", args.host));
-            let request = BootstrapRequest {
-                target: args.host.clone(),
-                ssh: args.ssh.options(),
-                agent_binary: locate_agent_binary(args.agent.agent_binary.as_deref())?,
-                agent_address: args.agent.agent_address.clone(),
-                agent_port: args.agent.agent_port,
-                agent_bind: args.agent.agent_bind,
-            };
+            let request = args.agent.bootstrap_request(&args.host, &args.ssh)?;
             let report = bootstrap(&state, &request, &progress).await;
             if !args.json {
                 progress.suspend(|| {

@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod bootstrap;
 pub mod deployment;
+pub mod pbx;
 pub mod preflight;
 pub mod ssh;
 pub mod state;

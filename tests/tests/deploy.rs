@@ -48,7 +48,8 @@ impl Setup {
     }
 
     /// `controller deploy` with the test images and `--force` (the test host
-    /// is not Ubuntu 24.04); `extra` overrides/extends.
+    /// is not Ubuntu 24.04); `extra` overrides/extends. `--token-file` is
+    /// passed while the token file exists.
     fn deploy(&self, extra: &[&str]) -> imfleet_tests::Run {
         self.deploy_with(extra, true)
     }
@@ -66,8 +67,6 @@ impl Setup {
             &address,
             "--pbx",
             "127.0.0.1",
-            "--token-file",
-            &token,
             "--db-image",
             DB_IMAGE,
             "--data-path",
@@ -79,6 +78,9 @@ impl Setup {
         ];
         if force {
             args.push("--force");
+        }
+        if self.token_file().exists() {
+            args.extend(["--token-file", &token]);
         }
         for (flag, default) in [("--image", IMAGE), ("--health-timeout", "60")] {
             if !extra.contains(&flag) {
@@ -602,4 +604,100 @@ fn deploy_bootstraps_a_host_that_has_no_agent_yet() {
             .run(&["rm", "--yes", "--grace", "5", &address])
             .success()
     );
+}
+
+/// Runs the blocking `f` off the async runtime that serves the fake PBX.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_whitelists_fetches_the_token_and_registers_on_the_pbx() {
+    use imfleet_tests::fake_pbx::FakePbx;
+    let pbx = FakePbx::start("pbx-admin-password").await;
+    let s = std::sync::Arc::new(blocking(|| (ImSlot::take(), Setup::new())).await);
+    let password = s.1.work.path().join("pbx.password");
+    std::fs::write(&password, "pbx-admin-password\n").unwrap();
+    // No token file this time: the token comes from the PBX.
+    std::fs::remove_file(s.1.token_file()).unwrap();
+    let args: Vec<String> = [
+        "--pbx-api",
+        &pbx.url(),
+        "--pbx-password-file",
+        password.to_str().unwrap(),
+        "--pbx-fingerprint",
+        &pbx.fingerprint,
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let run_deploy = |s: std::sync::Arc<(ImSlot, Setup)>, args: Vec<String>| async move {
+        blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            s.1.deploy(&args)
+        })
+        .await
+    };
+    let run = run_deploy(s.clone(), args.clone()).await;
+    assert!(run.success(), "{run:#?}");
+    assert!(
+        !run.stdout.contains("pbx-admin-password") && !run.stderr.contains("pbx-admin-password")
+    );
+    assert!(
+        !run.stdout.contains("pbx-im-token-0123456789abcdef"),
+        "the token is never printed"
+    );
+    let report = run.json();
+    assert_eq!(report["status"]["healthy"], true);
+    assert_eq!(report["pbx"]["token_from_pbx"], true);
+    let address = s.1.address();
+    assert_eq!(
+        report["pbx"]["whitelisted"][0]["cidr"],
+        format!("{address}/32")
+    );
+    {
+        let state = pbx.state.lock().unwrap();
+        assert_eq!(
+            state.filters_created, 1,
+            "private and public are the same address here"
+        );
+        assert!(state.filters[0].description.contains("imfleet"));
+        assert_eq!(state.im["private_ipv4"], address.as_str());
+        assert_eq!(state.im["public_ipv4"], address.as_str());
+        assert_eq!(
+            (state.logins, state.revoked),
+            (1, 1),
+            "one session, revoked at the end"
+        );
+    }
+    // The IM got the PBX's token (the stand-in refuses a bad one).
+    let run = run_deploy(s.clone(), args.clone()).await;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(
+        pbx.state.lock().unwrap().filters_created,
+        1,
+        "the entry is reused, not duplicated"
+    );
+
+    // A wrong PBX password fails before the host is touched.
+    std::fs::write(&password, "wrong\n").unwrap();
+    let run = run_deploy(s.clone(), args).await;
+    assert_eq!(run.status, Some(1));
+    assert!(
+        run.stderr.contains("refused the login of `admin`"),
+        "{}",
+        run.stderr
+    );
+
+    // Without PBX access or a token, a non-interactive deploy prints the portal steps.
+    let s2 = s.clone();
+    let run = blocking(move || s2.1.deploy(&[])).await;
+    assert_eq!(run.status, Some(1));
+    assert!(
+        run.stderr.contains(&format!("whitelist {address}")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("Generate Token"), "{}", run.stderr);
 }

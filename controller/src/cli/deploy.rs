@@ -1,6 +1,6 @@
 //! `controller deploy`: bootstrap if needed, preflight, install, verify.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +10,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use imfleet_controller::bootstrap::bootstrap;
 use imfleet_controller::deployment::portsip::{DEFAULT_DB_IMAGE, DEFAULT_IMAGE};
-use imfleet_controller::deployment::{DeployError, DeployRequest, ImToken, PortsipParams, deploy};
+use imfleet_controller::deployment::{
+    DeployError, DeployRequest, ImToken, PortsipParams, TokenSource, deploy,
+};
+use imfleet_controller::pbx::{PbxOptions, PbxTrust, Secret, parse_fingerprint};
 
 use super::bootstrap::{AgentArgs, SshArgs};
 use super::output;
@@ -23,12 +26,16 @@ pub struct DeployArgs {
     #[command(flatten)]
     target: TargetArgs,
     /// The PBX (or the HA cluster's virtual IP) the IM server connects to.
+    /// Default: the host of --pbx-api.
     #[arg(long, value_name = "IP")]
-    pbx: IpAddr,
+    pbx: Option<IpAddr>,
     /// File holding the IM token from the PBX portal (`-` for stdin). Default:
-    /// the IMFLEET_IM_TOKEN environment variable. Never give it as an argument.
+    /// IMFLEET_IM_TOKEN, else fetched through --pbx-api, else asked for.
+    /// Never give it as an argument.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pbx_api: PbxArgs,
     /// IM server image.
     #[arg(long, default_value = DEFAULT_IMAGE, value_name = "REF")]
     image: String,
@@ -57,8 +64,120 @@ pub struct DeployArgs {
     json: bool,
 }
 
-/// Reads the token from the file, stdin or the environment.
-fn read_token(file: Option<&Path>) -> anyhow::Result<ImToken> {
+/// PBX REST API access (whitelist, IM token, registration check).
+#[derive(Args, Clone, Debug)]
+pub struct PbxArgs {
+    /// PBX API base URL, e.g. https://10.0.0.2:8887. Without it, deploy
+    /// prints the portal steps to do by hand.
+    #[arg(long, value_name = "URL")]
+    pbx_api: Option<String>,
+    /// PBX administrator user.
+    #[arg(long, default_value = "admin", value_name = "USER")]
+    pbx_user: String,
+    /// File holding the PBX password. Default: IMFLEET_PBX_PASSWORD, else a prompt.
+    #[arg(long, value_name = "FILE")]
+    pbx_password_file: Option<PathBuf>,
+    /// CA (or the portal's own) certificate to verify the PBX with.
+    #[arg(long, value_name = "FILE", group = "pbx_trust")]
+    pbx_ca: Option<PathBuf>,
+    /// SHA-256 fingerprint of the portal's certificate, pinned.
+    #[arg(long, value_name = "SHA256", group = "pbx_trust")]
+    pbx_fingerprint: Option<String>,
+    /// Do not verify the PBX certificate (labs only: the password can be intercepted).
+    #[arg(long, group = "pbx_trust")]
+    pbx_insecure: bool,
+}
+
+impl PbxArgs {
+    /// The API options, reading the password; `None` without --pbx-api.
+    fn options(&self) -> anyhow::Result<Option<PbxOptions>> {
+        let Some(url) = &self.pbx_api else {
+            return Ok(None);
+        };
+        let trust = if let Some(ca) = &self.pbx_ca {
+            PbxTrust::CaPem(
+                std::fs::read_to_string(ca)
+                    .with_context(|| format!("--pbx-ca {}", ca.display()))?,
+            )
+        } else if let Some(fp) = &self.pbx_fingerprint {
+            PbxTrust::Fingerprint(
+                parse_fingerprint(fp).map_err(|e| anyhow::anyhow!("--pbx-fingerprint: {e}"))?,
+            )
+        } else if self.pbx_insecure {
+            eprintln!(
+                "WARNING: --pbx-insecure: the PBX certificate is not verified; anyone on the path can read the PBX password."
+            );
+            PbxTrust::Insecure
+        } else {
+            PbxTrust::System
+        };
+        let password = match &self.pbx_password_file {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("--pbx-password-file {}", file.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            None => match std::env::var("IMFLEET_PBX_PASSWORD") {
+                Ok(p) => p,
+                Err(_) if std::io::stdin().is_terminal() => {
+                    rpassword::prompt_password(format!("PBX password for {}: ", self.pbx_user))?
+                }
+                Err(_) => bail!(
+                    "no PBX password: pass --pbx-password-file FILE or set IMFLEET_PBX_PASSWORD"
+                ),
+            },
+        };
+        if password.is_empty() {
+            bail!("the PBX password is empty");
+        }
+        Ok(Some(PbxOptions {
+            base_url: url.trim_end_matches('/').to_owned(),
+            user: self.pbx_user.clone(),
+            password: Secret::new(password),
+            trust,
+            max_retries: 5,
+            first_backoff: Duration::from_millis(500),
+        }))
+    }
+
+    /// The PBX address in the API URL, if it is an IP.
+    fn api_ip(&self) -> Option<IpAddr> {
+        let rest = self.pbx_api.as_deref()?.strip_prefix("https://")?;
+        let host = rest.split('/').next()?;
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host,
+        };
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    }
+}
+
+/// The portal steps an operator does by hand when imfleet has no PBX access.
+fn manual_checklist(private: IpAddr, public: IpAddr) -> String {
+    let ips = if private == public {
+        format!("{private}")
+    } else {
+        format!("{private} and {public}")
+    };
+    format!(
+        "No PBX API access given (--pbx-api). In the PBX portal, before deploying:\n\
+         \x20 1. IP Blacklist > Add: whitelist {ips} (target: allow, expiry far in the future).\n\
+         \x20    Without it the PBX rate-limits the IM server.\n\
+         \x20 2. Servers > IM Servers > default > Generate Token, and copy the token.\n\
+         \x20 3. After deploy: Servers > IM Servers must list {private} / {public}; TCP 8887 must be open on external firewalls.\n"
+    )
+}
+
+/// Reads the token from the file, stdin or the environment; else, with PBX
+/// API access, it comes from the PBX; else the operator is asked for it.
+fn token_source(
+    file: Option<&Path>,
+    have_pbx: bool,
+    private: IpAddr,
+    public: IpAddr,
+) -> anyhow::Result<TokenSource> {
     let text = match file {
         Some(p) if p == Path::new("-") => {
             let mut text = String::new();
@@ -71,18 +190,37 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<ImToken> {
             .with_context(|| format!("read the IM token from {}", p.display()))?,
         None => match std::env::var("IMFLEET_IM_TOKEN") {
             Ok(t) => t,
-            Err(_) => bail!(
-                "no IM token: pass --token-file FILE (or --token-file - to read stdin), or set IMFLEET_IM_TOKEN"
-            ),
+            Err(_) if have_pbx => return Ok(TokenSource::FromPbx),
+            Err(_) => {
+                eprint!("{}", manual_checklist(private, public));
+                if !std::io::stdin().is_terminal() {
+                    bail!(
+                        "no IM token: do the portal steps above, then pass the token with --token-file FILE (or -), or set IMFLEET_IM_TOKEN"
+                    );
+                }
+                rpassword::prompt_password("Paste the IM token (input hidden): ")?
+            }
         },
     };
-    Ok(ImToken::parse(&text)?)
+    Ok(TokenSource::Given(ImToken::parse(&text)?))
 }
 
 pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be checked here is checked before the host is touched.
     let preflight = args.target.params()?;
-    let token = read_token(args.token_file.as_deref())?;
+    let pbx_options = args.pbx_api.options()?;
+    let pbx = match (args.pbx, args.pbx_api.api_ip()) {
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => {
+            bail!("--pbx IP is required (the PBX or HA virtual IP the IM server connects to)")
+        }
+    };
+    let token = token_source(
+        args.token_file.as_deref(),
+        pbx_options.is_some(),
+        preflight.private_ip,
+        preflight.public_ip,
+    )?;
     for file in &args.image_file {
         let meta =
             std::fs::metadata(file).with_context(|| format!("--image-file {}", file.display()))?;
@@ -121,7 +259,7 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         params: PortsipParams {
             private_ip: preflight.private_ip,
             public_ip: preflight.public_ip,
-            pbx: args.pbx,
+            pbx,
             data_path: preflight.data_path.clone(),
             storage_dir: preflight.storage_dir.clone(),
             image: args.image.clone(),
@@ -130,6 +268,7 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         },
         preflight,
         token,
+        pbx: pbx_options,
         force: args.force,
         image_files: args.image_file.clone(),
         health_timeout: Duration::from_secs(args.health_timeout.max(1)),
@@ -175,6 +314,37 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         println!(
             "--force overrode failed preflight checks: {}",
             ids.join(", ")
+        );
+    }
+    if let Some(pbx) = &report.pbx {
+        for w in &pbx.whitelisted {
+            println!(
+                "PBX whitelist: {} ({})",
+                w.cidr,
+                if w.created {
+                    "added"
+                } else {
+                    "already present"
+                }
+            );
+        }
+        println!(
+            "PBX lists the IM server at {} / {}{}",
+            if pbx.registered.private_ipv4.is_empty() {
+                &pbx.registered.private_ipv6
+            } else {
+                &pbx.registered.private_ipv4
+            },
+            if pbx.registered.public_ipv4.is_empty() {
+                &pbx.registered.public_ipv6
+            } else {
+                &pbx.registered.public_ipv4
+            },
+            if pbx.token_from_pbx {
+                " (IM token taken from the PBX)"
+            } else {
+                ""
+            }
         );
     }
     if !report.warnings.is_empty() {

@@ -5,4 +5,4 @@ pub mod portsip;
 pub mod run;
 
 pub use portsip::{DEPLOYMENT_NAME, PortsipParams, portsip_spec};
-pub use run::{DeployError, DeployReport, DeployRequest, ImToken, deploy};
+pub use run::{DeployError, DeployReport, DeployRequest, ImToken, TokenSource, deploy};

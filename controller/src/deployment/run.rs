@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::portsip::{self, DEPLOYMENT_NAME, PortsipParams, SECRET_IM_TOKEN};
 use crate::agent_client::{Agent, AgentError};
+use crate::pbx::{ImAddresses, PbxClient, PbxError, PbxOptions, Whitelisted};
 use crate::preflight::{self, Check, PreflightParams, Verdict};
 use crate::state::ControllerState;
 use crate::store::{DeploymentRecord, StoreError};
@@ -62,12 +63,23 @@ impl ImToken {
     }
 }
 
+/// Where the IM token comes from.
+#[derive(Debug)]
+pub enum TokenSource {
+    /// From the operator (file, stdin, environment or prompt).
+    Given(ImToken),
+    /// The PBX's current token, through its API.
+    FromPbx,
+}
+
 #[derive(Debug)]
 pub struct DeployRequest {
     pub host: String,
     pub params: PortsipParams,
     pub preflight: PreflightParams,
-    pub token: ImToken,
+    pub token: TokenSource,
+    /// PBX API access: whitelist, token, registration check.
+    pub pbx: Option<PbxOptions>,
     /// Deploy despite failed preflight checks (they are recorded).
     pub force: bool,
     pub health_timeout: Duration,
@@ -100,6 +112,18 @@ pub enum DeployError {
     NoOutcome(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Pbx(#[from] PbxError),
+    #[error("the PBX's IM token is unusable: {0}")]
+    PbxToken(TokenError),
+    #[error(
+        "the IM service on {host} is healthy, but the PBX shows IM addresses {shown:?} instead of {wanted:?}; check Servers > IM Servers in the portal"
+    )]
+    NotRegistered {
+        host: String,
+        wanted: ImAddresses,
+        shown: ImAddresses,
+    },
     #[error("image archive {path}: {source}")]
     ImageFile {
         path: String,
@@ -124,7 +148,16 @@ pub struct DeployReport {
     /// Failed checks that --force overrode.
     pub overridden: Vec<Check>,
     pub warnings: Vec<Check>,
+    /// What was done on the PBX, when its API was used.
+    pub pbx: Option<PbxReport>,
     pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PbxReport {
+    pub whitelisted: Vec<Whitelisted>,
+    pub registered: ImAddresses,
+    pub token_from_pbx: bool,
 }
 
 pub async fn deploy(
@@ -133,7 +166,45 @@ pub async fn deploy(
     request: DeployRequest,
     progress: &ProgressBar,
 ) -> Result<DeployReport, DeployError> {
+    // Log in before anything touches the host: bad credentials fail fast.
+    let pbx = match &request.pbx {
+        Some(options) => {
+            progress.set_message("logging in to the PBX API");
+            Some(PbxClient::login(options.clone()).await?)
+        }
+        None => None,
+    };
+    let result = deploy_with(state, agent, &request, pbx.as_ref(), progress).await;
+    if let Some(pbx) = pbx {
+        pbx.logout().await;
+    }
+    result
+}
+
+async fn deploy_with(
+    state: &ControllerState,
+    agent: &Agent,
+    request: &DeployRequest,
+    pbx: Option<&PbxClient>,
+    progress: &ProgressBar,
+) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
+    let (token, token_from_pbx) = match (&request.token, pbx) {
+        (TokenSource::Given(token), _) => (token.clone(), false),
+        (TokenSource::FromPbx, Some(pbx)) => {
+            progress.set_message("fetching the IM token from the PBX");
+            let secret = pbx.im_token().await?;
+            (
+                ImToken::parse(secret.expose()).map_err(DeployError::PbxToken)?,
+                true,
+            )
+        }
+        (TokenSource::FromPbx, None) => {
+            return Err(DeployError::Pbx(PbxError::Config(
+                "the token is to come from the PBX, but no PBX API access was given".into(),
+            )));
+        }
+    };
     progress.set_message("preflight");
     let current = agent.status(DEPLOYMENT_NAME).await?;
     let mut preflight_params = request.preflight.clone();
@@ -159,20 +230,30 @@ pub async fn deploy(
         tracing::info!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
     }
 
+    // The PBX rate-limits (and so starves) an IM server it has not whitelisted.
+    let mut whitelisted = Vec::new();
+    if let Some(pbx) = pbx {
+        progress.set_message("whitelisting the IM host on the PBX");
+        let description = format!("imfleet: PortSIP IM server {}", request.host);
+        let mut ips = vec![request.params.private_ip];
+        if request.params.public_ip != request.params.private_ip {
+            ips.push(request.params.public_ip);
+        }
+        for ip in ips {
+            whitelisted.push(pbx.ensure_whitelisted(ip, &description).await?);
+        }
+    }
+
     // Images the archives do not provide are pulled, or refused, by apply.
     for path in &request.image_files {
         upload_image(agent, path, progress).await?;
     }
 
-    let spec = portsip::portsip_spec(&request.params, &request.token.fingerprint());
+    let spec = portsip::portsip_spec(&request.params, &token.fingerprint());
     let config_hash = spec.config_hash.clone();
     let apply = ApplyRequest {
         spec: Some(spec),
-        provided_secrets: [(
-            SECRET_IM_TOKEN.to_owned(),
-            request.token.expose().to_owned(),
-        )]
-        .into(),
+        provided_secrets: [(SECRET_IM_TOKEN.to_owned(), token.expose().to_owned())].into(),
         health_timeout_seconds: request.health_timeout.as_secs().min(u64::from(u32::MAX)) as u32,
     };
     let mut events = agent.apply(apply).await?;
@@ -201,6 +282,29 @@ pub async fn deploy(
         });
     }
     let status = outcome.status.unwrap_or_default();
+
+    // The PBX must list the IM server's addresses before deploy calls it done.
+    let pbx_report = match pbx {
+        Some(pbx) => {
+            progress.set_message("registering the IM server on the PBX");
+            let wanted = ImAddresses::from_ips(request.params.private_ip, request.params.public_ip);
+            pbx.set_im_addresses(&wanted).await?;
+            let shown = pbx.im_addresses().await?;
+            if shown != wanted {
+                return Err(DeployError::NotRegistered {
+                    host: request.host.clone(),
+                    wanted,
+                    shown,
+                });
+            }
+            Some(PbxReport {
+                whitelisted,
+                registered: wanted,
+                token_from_pbx,
+            })
+        }
+        None => None,
+    };
     let record = DeploymentRecord {
         host: request.host.clone(),
         name: DEPLOYMENT_NAME.into(),
@@ -238,6 +342,7 @@ pub async fn deploy(
         status,
         overridden: failed,
         warnings,
+        pbx: pbx_report,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
 }

@@ -680,6 +680,19 @@ async fn deploy_whitelists_fetches_the_token_and_registers_on_the_pbx() {
         "the entry is reused, not duplicated"
     );
 
+    // An upgrade-style redeploy with a new token: the PBX generates it, the
+    // IM runs with it (a new configuration).
+    let hash_before = s.1.status()[0]["deployment"]["config_hash"].clone();
+    let mut with_new = args.clone();
+    with_new.push("--new-im-token".into());
+    let run = run_deploy(s.clone(), with_new).await;
+    assert!(run.success(), "{run:#?}");
+    assert_ne!(
+        pbx.state.lock().unwrap().im_token,
+        "pbx-im-token-0123456789abcdef"
+    );
+    assert_ne!(s.1.status()[0]["deployment"]["config_hash"], hash_before);
+
     // A wrong PBX password fails before the host is touched.
     std::fs::write(&password, "wrong\n").unwrap();
     let run = run_deploy(s.clone(), args).await;

@@ -34,6 +34,10 @@ pub struct DeployArgs {
     /// Never give it as an argument.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Generate a new IM token on the PBX (needs --pbx-api), as the HA guide
+    /// asks for upgrades; the old token stops working.
+    #[arg(long, requires = "pbx_api", conflicts_with = "token_file")]
+    new_im_token: bool,
     #[command(flatten)]
     pbx_api: PbxArgs,
     /// IM server image.
@@ -215,12 +219,16 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
             bail!("--pbx IP is required (the PBX or HA virtual IP the IM server connects to)")
         }
     };
-    let token = token_source(
-        args.token_file.as_deref(),
-        pbx_options.is_some(),
-        preflight.private_ip,
-        preflight.public_ip,
-    )?;
+    let token = if args.new_im_token {
+        TokenSource::NewFromPbx
+    } else {
+        token_source(
+            args.token_file.as_deref(),
+            pbx_options.is_some(),
+            preflight.private_ip,
+            preflight.public_ip,
+        )?
+    };
     for file in &args.image_file {
         let meta =
             std::fs::metadata(file).with_context(|| format!("--image-file {}", file.display()))?;

@@ -70,6 +70,8 @@ pub enum TokenSource {
     Given(ImToken),
     /// The PBX's current token, through its API.
     FromPbx,
+    /// A newly generated token (the HA upgrade guide asks for one per upgrade).
+    NewFromPbx,
 }
 
 #[derive(Debug)]
@@ -191,15 +193,20 @@ async fn deploy_with(
     let started = Instant::now();
     let (token, token_from_pbx) = match (&request.token, pbx) {
         (TokenSource::Given(token), _) => (token.clone(), false),
-        (TokenSource::FromPbx, Some(pbx)) => {
-            progress.set_message("fetching the IM token from the PBX");
-            let secret = pbx.im_token().await?;
+        (source @ (TokenSource::FromPbx | TokenSource::NewFromPbx), Some(pbx)) => {
+            let secret = if matches!(source, TokenSource::NewFromPbx) {
+                progress.set_message("generating a new IM token on the PBX");
+                pbx.generate_im_token().await?
+            } else {
+                progress.set_message("fetching the IM token from the PBX");
+                pbx.im_token().await?
+            };
             (
                 ImToken::parse(secret.expose()).map_err(DeployError::PbxToken)?,
                 true,
             )
         }
-        (TokenSource::FromPbx, None) => {
+        (TokenSource::FromPbx | TokenSource::NewFromPbx, None) => {
             return Err(DeployError::Pbx(PbxError::Config(
                 "the token is to come from the PBX, but no PBX API access was given".into(),
             )));

@@ -44,6 +44,8 @@ pub struct PbxState {
     pub retry_after_secs: Option<u64>,
     /// The next N API requests answer 503.
     pub fail_next: u32,
+    /// Accept `POST /api/im` but keep the old addresses (a misbehaving PBX).
+    pub ignore_im_updates: bool,
     pub logins: u32,
     pub refreshes: u32,
     pub revoked: u32,
@@ -66,6 +68,7 @@ impl PbxState {
             throttle_next: 0,
             retry_after_secs: None,
             fail_next: 0,
+            ignore_im_updates: false,
             logins: 0,
             refreshes: 0,
             revoked: 0,
@@ -411,6 +414,9 @@ async fn set_im(
         return r;
     }
     let mut s = state.lock().unwrap();
+    if s.ignore_im_updates {
+        return Json(s.im.clone()).into_response();
+    }
     for key in ["private_ipv4", "private_ipv6", "public_ipv4", "public_ipv6"] {
         if let Some(v) = body[key].as_str() {
             if !v.is_empty() && v.parse::<std::net::IpAddr>().is_err() {

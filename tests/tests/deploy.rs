@@ -693,6 +693,21 @@ async fn deploy_whitelists_fetches_the_token_and_registers_on_the_pbx() {
     );
     assert_ne!(s.1.status()[0]["deployment"]["config_hash"], hash_before);
 
+    // A PBX that does not take the addresses: deploy does not claim success.
+    {
+        let mut state = pbx.state.lock().unwrap();
+        state.ignore_im_updates = true;
+        state.im["private_ipv4"] = serde_json::json!("192.0.2.99");
+    }
+    let run = run_deploy(s.clone(), args.clone()).await;
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("the PBX shows IM addresses"),
+        "{}",
+        run.stderr
+    );
+    pbx.state.lock().unwrap().ignore_im_updates = false;
+
     // A wrong PBX password fails before the host is touched.
     std::fs::write(&password, "wrong\n").unwrap();
     let run = run_deploy(s.clone(), args).await;

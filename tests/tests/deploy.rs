@@ -470,6 +470,30 @@ fn bad_input_is_refused_before_anything_changes_on_the_host() {
     );
     untouched("missing -f with --force");
 
+    // A container of that name that imfleet does not manage is left alone.
+    let foreign = docker(&[
+        "create",
+        "--name",
+        "portsip.webserver",
+        IMAGE,
+        "run_im_websrv.sh",
+    ]);
+    assert!(foreign.status.success(), "{foreign:?}");
+    let run = s.deploy(&[]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("`portsip.webserver` exists and is not part of deployment"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        existing_im_containers(),
+        vec!["portsip.webserver created".to_owned()]
+    );
+    assert!(!s.data_path().exists());
+    assert!(docker(&["rm", "portsip.webserver"]).status.success());
+
     // An image the host does not have and cannot pull.
     let absent = s.deploy(&["--image", "imfleet-test/absent:1"]);
     assert_eq!(absent.status, Some(1));

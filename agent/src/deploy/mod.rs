@@ -242,10 +242,9 @@ impl Deployer {
                     c.name
                 )));
             }
-            if let Some(Some(owner)) = docker::owner_of(&self.docker, &c.name)
-                .await?
-                .map(|o| o.filter(|d| d == &spec.name).or(Some(String::new())))
-                && owner.is_empty()
+            // A same-named container that is not ours must not be replaced.
+            if let Some(owner) = docker::owner_of(&self.docker, &c.name).await?
+                && owner.as_deref() != Some(spec.name.as_str())
             {
                 return Err(DeployError::Invalid(format!(
                     "a container named `{}` exists and is not part of deployment `{}`; remove or rename it first",

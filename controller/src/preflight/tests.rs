@@ -212,20 +212,12 @@ fn sizing_rows_decide_cpu_memory_and_disk() {
     host.memory.as_mut().unwrap().total_bytes = 15_700_000_000;
     assert_eq!(verdict_of(&host, &p50, "memory.total"), Verdict::Pass);
 
-    let storage = |host: &mut HostInventory| {
-        host.paths
-            .iter_mut()
-            .find(|p| p.path == "/srv/im")
-            .unwrap()
-            .clone()
-    };
     let set_total = |host: &mut HostInventory, total: u64, free: u64| {
         for p in host.paths.iter_mut().filter(|p| p.path == "/srv/im") {
             p.total_bytes = total;
             p.available_bytes = free;
         }
     };
-    let _ = storage(&mut host);
     set_total(&mut host, 200 * GB, 150 * GB);
     assert_eq!(verdict_of(&host, &p50, "disk.size"), Verdict::Warn);
     set_total(&mut host, 100 * GB, 90 * GB);

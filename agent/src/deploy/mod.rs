@@ -135,7 +135,10 @@ impl Deployer {
 
         let previous = match self.set_aside_previous(&spec).await {
             Ok(previous) => previous,
-            Err(e) => return failure(e, &secret_values, false, None),
+            Err((touched, e)) => {
+                let rolled_back = self.restore_previous(&touched).await;
+                return failure(e, &secret_values, rolled_back, None);
+            }
         };
         if !previous.is_empty() {
             emit(
@@ -279,32 +282,42 @@ impl Deployer {
         Ok(())
     }
 
-    /// Stops the deployment's current containers and renames them aside.
-    async fn set_aside_previous(&self, spec: &DeploymentSpec) -> Result<Vec<String>, DeployError> {
-        let current = docker::managed(&self.docker, &spec.name).await?;
+    /// Stops the deployment's current containers and renames them aside. On
+    /// failure, returns the ones already touched so they can be restored.
+    async fn set_aside_previous(
+        &self,
+        spec: &DeploymentSpec,
+    ) -> Result<Vec<String>, (Vec<String>, DeployError)> {
+        let current = docker::managed(&self.docker, &spec.name)
+            .await
+            .map_err(|e| (Vec::new(), e.into()))?;
         let mut previous = Vec::new();
         for m in current.iter().rev() {
-            if m.name.ends_with(PREVIOUS_SUFFIX) {
-                // Left over from an interrupted apply: the live copy wins.
-                docker::remove(&self.docker, &m.name).await?;
-                continue;
+            let step = async {
+                if m.name.ends_with(PREVIOUS_SUFFIX) {
+                    // Left over from an interrupted apply: the live copy wins.
+                    docker::remove(&self.docker, &m.name).await?;
+                    return Ok(false);
+                }
+                let grace = spec
+                    .containers
+                    .iter()
+                    .find(|c| c.name == m.name)
+                    .map(|c| c.stop_grace_seconds)
+                    .unwrap_or(30);
+                docker::stop(&self.docker, &m.name, Duration::from_secs(u64::from(grace))).await?;
+                Ok::<_, DockerError>(true)
+            };
+            match step.await {
+                Ok(false) => continue,
+                Ok(true) => previous.insert(0, m.name.clone()),
+                Err(e) => return Err((previous, e.into())),
             }
-            let grace = spec
-                .containers
-                .iter()
-                .find(|c| c.name == m.name)
-                .map(|c| c.stop_grace_seconds)
-                .unwrap_or(30);
-            docker::stop(&self.docker, &m.name, Duration::from_secs(u64::from(grace))).await?;
-            docker::rename(
-                &self.docker,
-                &m.name,
-                &format!("{}{PREVIOUS_SUFFIX}", m.name),
-            )
-            .await?;
-            previous.push(m.name.clone());
+            let aside = format!("{}{PREVIOUS_SUFFIX}", m.name);
+            if let Err(e) = docker::rename(&self.docker, &m.name, &aside).await {
+                return Err((previous, e.into()));
+            }
         }
-        previous.reverse();
         Ok(previous)
     }
 
@@ -320,7 +333,8 @@ impl Deployer {
             }
         }
         for name in previous {
-            let _ = docker::start(&self.docker, name).await;
+            // A container stopped but not yet renamed only needs starting.
+            restored |= docker::start(&self.docker, name).await.is_ok();
         }
         restored
     }

@@ -145,6 +145,14 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
+
 /// Checks throttling, failures and the bearer token of an API call. The
 /// rejection is the response itself, so a large `Err` is intended.
 #[allow(clippy::result_large_err)]
@@ -172,12 +180,7 @@ fn guard(state: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             "service restarting",
         ));
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    match s.access.get(token) {
+    match s.access.get(bearer(headers)) {
         Some((expiry, admin)) if *expiry > Instant::now() => {
             if *admin {
                 Ok(())
@@ -261,17 +264,8 @@ async fn token(State(state): State<Shared>, Form(form): Form<TokenForm>) -> Resp
 }
 
 async fn revoke(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
     let mut s = state.lock().unwrap();
-    s.access.remove(&token);
+    s.access.remove(bearer(&headers));
     s.revoked += 1;
     StatusCode::NO_CONTENT.into_response()
 }
@@ -290,14 +284,7 @@ fn filter_json(f: &Filter) -> Value {
     json!({"id": f.id, "cidr": f.cidr, "target": f.target, "expire_at": f.expire_at, "description": f.description})
 }
 
-async fn list_filters(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn list_filters(State(state): State<Shared>, Query(q): Query<ListQuery>) -> Response {
     let top = q.top.unwrap_or(20);
     if top > 100 {
         return error(
@@ -323,14 +310,7 @@ async fn list_filters(
     Json(json!({"count": matching.len(), "items": items})).into_response()
 }
 
-async fn create_filter(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn create_filter(State(state): State<Shared>, Json(body): Json<Value>) -> Response {
     let text = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
     let (cidr, target, expire_at, description) = (
         text("cidr"),
@@ -370,14 +350,7 @@ async fn create_filter(
     Json(json!({"id": id})).into_response()
 }
 
-async fn get_filter(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn get_filter(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     let s = state.lock().unwrap();
     match s.filters.iter().find(|f| f.id == id) {
         Some(f) => Json(filter_json(f)).into_response(),
@@ -385,34 +358,17 @@ async fn get_filter(
     }
 }
 
-async fn destroy_filter(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn destroy_filter(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     let mut s = state.lock().unwrap();
     s.filters.retain(|f| f.id != id);
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn get_im(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn get_im(State(state): State<Shared>) -> Response {
     Json(state.lock().unwrap().im.clone()).into_response()
 }
 
-async fn set_im(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn set_im(State(state): State<Shared>, Json(body): Json<Value>) -> Response {
     let mut s = state.lock().unwrap();
     if s.ignore_im_updates {
         return Json(s.im.clone()).into_response();
@@ -432,29 +388,32 @@ async fn set_im(
     Json(s.im.clone()).into_response()
 }
 
-async fn get_token(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn get_token(State(state): State<Shared>) -> Response {
     Json(json!({"token": state.lock().unwrap().im_token})).into_response()
 }
 
-async fn new_token(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn new_token(State(state): State<Shared>) -> Response {
     let mut s = state.lock().unwrap();
     let id = s.new_id();
     s.im_token = format!("pbx-im-token-{id}");
     Json(json!({"token": s.im_token})).into_response()
 }
 
-async fn destroy_token(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = guard(&state, &headers) {
-        return r;
-    }
+async fn destroy_token(State(state): State<Shared>) -> Response {
     state.lock().unwrap().im_token.clear();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Runs [`guard`] in front of every authenticated endpoint.
+async fn authenticate(
+    State(state): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Err(rejection) = guard(&state, request.headers()) {
+        return rejection;
+    }
+    next.run(request).await
 }
 
 /// A running fake PBX. Dropping it stops the server.
@@ -491,8 +450,7 @@ impl FakePbx {
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let state: Shared = Arc::new(Mutex::new(PbxState::new(admin_password)));
-        let app = Router::new()
-            .route("/api/login/oauth/token", post(token))
+        let authenticated = Router::new()
             .route("/api/login/oauth/revoke", post(revoke))
             .route("/api/ip_filters", get(list_filters).post(create_filter))
             .route("/api/ip_filters/{id}", get(get_filter))
@@ -500,6 +458,13 @@ impl FakePbx {
             .route("/api/im", get(get_im).post(set_im))
             .route("/api/im/token", get(get_token).post(new_token))
             .route("/api/im/token/destroy", post(destroy_token))
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authenticate,
+            ));
+        let app = Router::new()
+            .route("/api/login/oauth/token", post(token))
+            .merge(authenticated)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -205,6 +205,16 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
             .contains("portsip.instantmessage: im: serving clients on 8887"),
         "{logs:#?}"
     );
+    let json_logs = s
+        .controller
+        .run(&["logs", &s.address(), "--json", "-n", "5"]);
+    let first: serde_json::Value =
+        serde_json::from_str(json_logs.stdout.lines().next().unwrap_or("null")).unwrap();
+    assert!(
+        first["container"].as_str().unwrap().starts_with("portsip."),
+        "{json_logs:#?}"
+    );
+    assert!(first["line"].is_string() && first["stream"].is_string());
     let all = s.controller.run(&["status", "--all"]);
     assert!(
         all.success() && all.stdout.contains("portsip.webserver"),

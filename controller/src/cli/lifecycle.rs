@@ -89,6 +89,9 @@ pub struct LogsArgs {
     /// Keep following new lines.
     #[arg(long, short = 'f')]
     follow: bool,
+    /// One JSON object per line: {"container", "stream", "line"}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Serialize)]
@@ -323,7 +326,14 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
         })
         .await?;
     while let Some(line) = stream.message().await.map_err(|s| agent.stream_error(s))? {
-        if line.stderr {
+        if args.json {
+            let record = serde_json::json!({
+                "container": line.container,
+                "stream": if line.stderr { "stderr" } else { "stdout" },
+                "line": line.line,
+            });
+            println!("{record}");
+        } else if line.stderr {
             eprintln!("{}: {}", line.container, line.line);
         } else {
             println!("{}: {}", line.container, line.line);

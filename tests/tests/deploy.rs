@@ -8,6 +8,13 @@ use imfleet_tests::{Controller, ImSlot, TestHost, bootstrapped_host, existing_im
 
 const IMAGE: &str = "imfleet-test/pbx:22";
 const DB_IMAGE: &str = "imfleet-test/postgresql:14.12";
+/// Deploy arguments for an IM that never becomes healthy, failing fast.
+const NEVER_HEALTHY_DEPLOY: &[&str] = &[
+    "--image",
+    "imfleet-test/pbx:22-never-healthy",
+    "--health-timeout",
+    "8",
+];
 const TOKEN: &str = "imtok-0123456789abcdef0123456789";
 
 struct Setup {
@@ -312,12 +319,7 @@ fn an_im_that_never_gets_healthy_fails_with_its_logs_and_the_previous_deployment
     let s = Setup::new();
 
     // On a fresh host: the failure leaves nothing running from it.
-    let run = s.deploy(&[
-        "--image",
-        "imfleet-test/pbx:22-never-healthy",
-        "--health-timeout",
-        "8",
-    ]);
+    let run = s.deploy(NEVER_HEALTHY_DEPLOY);
     assert_eq!(run.status, Some(1), "{run:#?}");
     assert!(
         run.stderr
@@ -350,12 +352,7 @@ fn an_im_that_never_gets_healthy_fails_with_its_logs_and_the_previous_deployment
     // Over a healthy deployment: it fails the same way and the old one is back.
     assert!(s.deploy(&[]).success());
     let good = s.status();
-    let run = s.deploy(&[
-        "--image",
-        "imfleet-test/pbx:22-never-healthy",
-        "--health-timeout",
-        "8",
-    ]);
+    let run = s.deploy(NEVER_HEALTHY_DEPLOY);
     assert_eq!(run.status, Some(1), "{run:#?}");
     assert!(
         run.stderr.contains("previous deployment was restored"),

@@ -67,12 +67,8 @@ pub fn clock() -> ClockInfo {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     match answer.as_deref() {
-        Some("yes") => ClockInfo {
-            synchronized: Some(true),
-            source: "timedatectl".into(),
-        },
-        Some("no") => ClockInfo {
-            synchronized: Some(false),
+        Some(v @ ("yes" | "no")) => ClockInfo {
+            synchronized: Some(v == "yes"),
             source: "timedatectl".into(),
         },
         _ => ClockInfo {

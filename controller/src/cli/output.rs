@@ -49,10 +49,22 @@ pub fn millis(d: f64) -> String {
     format!("{d:.1} ms")
 }
 
-/// A spinner on an interactive terminal; hidden for pipes, CI logs and --json.
+/// Progress: a spinner on an interactive terminal; on a pipe or log, each
+/// new phase as one plain line on stderr; nothing with --json.
 pub fn spinner(enabled: bool) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
+    if !enabled {
         return ProgressBar::hidden();
+    }
+    if !std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(PhaseLines::default()), 4),
+        );
+        bar.set_style(
+            ProgressStyle::with_template("{msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        return bar;
     }
     let bar = ProgressBar::new_spinner();
     bar.set_style(
@@ -61,4 +73,46 @@ pub fn spinner(enabled: bool) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
+}
+
+/// A "terminal" that prints each distinct progress line once, for logs.
+#[derive(Debug, Default)]
+struct PhaseLines {
+    last: std::sync::Mutex<String>,
+}
+
+impl indicatif::TermLike for PhaseLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        self.write_str(line)
+    }
+    fn write_str(&self, text: &str) -> std::io::Result<()> {
+        let text = text.trim();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if !text.is_empty() && *last != text {
+            eprintln!("... {text}");
+            *last = text.to_owned();
+        }
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -679,6 +679,13 @@ async fn deploy_whitelists_fetches_the_token_and_registers_on_the_pbx() {
         !run.stdout.contains("pbx-im-token-0123456789abcdef"),
         "the token is never printed"
     );
+    // The password file was written 0644: the operator is told to fix that.
+    assert!(
+        run.stderr
+            .contains("readable by others (mode 644); chmod 600 it"),
+        "{}",
+        run.stderr
+    );
     let report = run.json();
     assert_eq!(report["status"]["healthy"], true);
     assert_eq!(report["pbx"]["token_from_pbx"], true);

@@ -68,6 +68,23 @@ pub struct DeployArgs {
     json: bool,
 }
 
+/// Reads a file holding a secret, warning when others may read it too.
+fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read the {what} from {}", path.display()))?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: {} holds the {what} but is readable by others (mode {mode:o}); chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    Ok(text)
+}
+
 /// PBX REST API access (whitelist, IM token, registration check).
 #[derive(Args, Clone, Debug)]
 pub struct PbxArgs {
@@ -116,8 +133,7 @@ impl PbxArgs {
             PbxTrust::System
         };
         let password = match &self.pbx_password_file {
-            Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("--pbx-password-file {}", file.display()))?
+            Some(file) => read_secret_file(file, "PBX password")?
                 .trim_end_matches(['\r', '\n'])
                 .to_owned(),
             None => match std::env::var("IMFLEET_PBX_PASSWORD") {
@@ -190,8 +206,7 @@ fn token_source(
                 .context("read the IM token from stdin")?;
             text
         }
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("read the IM token from {}", p.display()))?,
+        Some(p) => read_secret_file(p, "IM token")?,
         None => match std::env::var("IMFLEET_IM_TOKEN") {
             Ok(t) => t,
             Err(_) if have_pbx => return Ok(TokenSource::FromPbx),

@@ -216,7 +216,6 @@ async fn an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
             name: "pbx.tar".into(),
             size: data.len() as u64,
             sha256: "00".repeat(32),
-            expected_images: vec![],
         }),
         data,
     };

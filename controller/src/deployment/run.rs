@@ -392,7 +392,6 @@ async fn upload_image(
         name: name.clone(),
         size,
         sha256: hex::encode(hasher.finalize()),
-        expected_images: Vec::new(),
     };
     let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<ImageChunk>(4);

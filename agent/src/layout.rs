@@ -62,6 +62,10 @@ impl Layout {
     pub fn supervisor_pid(&self) -> PathBuf {
         self.run_dir().join("supervisor.pid")
     }
+    /// Image archives being received (root only, emptied at start).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
+    }
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")
     }

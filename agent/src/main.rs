@@ -158,6 +158,6 @@ async fn serve(layout: &Layout) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    server::serve(&identity, facts, listener, shutdown).await?;
+    server::serve(layout, &identity, facts, listener, shutdown).await?;
     Ok(())
 }

@@ -22,6 +22,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::identity::ServingIdentity;
+use crate::layout::Layout;
 
 /// How long a client gets to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,11 +56,11 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(facts: AgentFacts) -> Result<Self, crate::deploy::DeployError> {
+    pub fn new(facts: AgentFacts, layout: &Layout) -> Result<Self, crate::deploy::DeployError> {
         Ok(AgentService {
             started: Instant::now(),
             facts,
-            deployer: Arc::new(crate::deploy::Deployer::new()?),
+            deployer: Arc::new(crate::deploy::Deployer::new(&layout.spool_dir())?),
         })
     }
 }
@@ -155,12 +156,14 @@ impl Agent for AgentService {
         &self,
         request: Request<tonic::Streaming<ImageChunk>>,
     ) -> Result<Response<LoadedImage>, Status> {
-        use crate::deploy::images::{LoadError, load};
-        match load(self.deployer.docker(), request.into_inner()).await {
+        use crate::deploy::images::LoadError;
+        match self.deployer.load_image(request.into_inner()).await {
             Ok(loaded) => Ok(Response::new(LoadedImage { loaded })),
             Err(e @ (LoadError::Io(_) | LoadError::Docker(_))) => {
                 Err(Status::internal(e.to_string()))
             }
+            Err(e @ LoadError::Busy) => Err(Status::unavailable(e.to_string())),
+            Err(e @ LoadError::NoSpace { .. }) => Err(Status::resource_exhausted(e.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),
         }
     }
@@ -261,6 +264,7 @@ pub enum ServeError {
 
 /// Serves the agent API on `listener` until `shutdown` completes.
 pub async fn serve(
+    layout: &Layout,
     identity: &ServingIdentity,
     facts: AgentFacts,
     listener: TcpListener,
@@ -271,7 +275,8 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(&identity.ca_pem))
         .client_auth_optional(false)
         .timeout(HANDSHAKE_TIMEOUT);
-    let service = AgentServer::with_interceptor(AgentService::new(facts)?, require_controller);
+    let service =
+        AgentServer::with_interceptor(AgentService::new(facts, layout)?, require_controller);
     Server::builder()
         .tls_config(tls)?
         .add_service(service)

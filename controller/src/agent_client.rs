@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, ImageChunk,
-    InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentSpec, DeploymentStatus, HostInventory,
+    ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
+    StatusRequest,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -16,6 +17,30 @@ use crate::state::ClientIdentity;
 
 /// Bound on TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Slack on top of what a long call is computed to wait for.
+const CALL_MARGIN: Duration = Duration::from_secs(600);
+/// Most containers one Control call stops in turn (a deployment plus a
+/// previous set left by an interrupted apply).
+const MAX_CONTAINERS_STOPPED: u64 = 16;
+
+/// Deadline of a Control call: every container may use its whole grace
+/// period before the Engine kills it, one after the other.
+pub fn control_deadline(grace_seconds: u32) -> Duration {
+    CALL_MARGIN + Duration::from_secs(MAX_CONTAINERS_STOPPED * u64::from(grace_seconds))
+}
+
+/// Deadline of an Apply call: stopping the running set, each container's
+/// readiness wait plus the gate and the final check, and an hour for
+/// pulling images (their size is unknown here).
+pub fn apply_deadline(spec: &DeploymentSpec, health_timeout_seconds: u32) -> Duration {
+    let stops: u64 = spec
+        .containers
+        .iter()
+        .map(|c| u64::from(c.stop_grace_seconds))
+        .sum();
+    let waits = (spec.containers.len() as u64 + 2) * u64::from(health_timeout_seconds);
+    CALL_MARGIN + Duration::from_secs(3600 + 2 * stops + waits)
+}
 
 /// Where an agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,9 +187,12 @@ impl Agent {
         request: ApplyRequest,
     ) -> Result<tonic::Streaming<ApplyEvent>, AgentError> {
         let mut client = self.client.clone();
-        // An apply waits for health checks: no per-call deadline.
+        let deadline = apply_deadline(
+            request.spec.as_ref().unwrap_or(&DeploymentSpec::default()),
+            request.health_timeout_seconds,
+        );
         let mut request = tonic::Request::new(request);
-        request.set_timeout(Duration::from_secs(3600));
+        request.set_timeout(deadline);
         Ok(client
             .apply(request)
             .await
@@ -174,9 +202,9 @@ impl Agent {
 
     pub async fn control(&self, request: ControlRequest) -> Result<DeploymentStatus, AgentError> {
         let mut client = self.client.clone();
+        let deadline = control_deadline(request.stop_grace_seconds);
         let mut request = tonic::Request::new(request);
-        // Stopping waits out the grace period.
-        request.set_timeout(Duration::from_secs(3600));
+        request.set_timeout(deadline);
         Ok(client
             .control(request)
             .await
@@ -314,5 +342,31 @@ fn classify_transport(address: &AgentAddress, err: &tonic::transport::Error) -> 
             address: address.to_string(),
             detail,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imfleet_proto::agent::v1::ContainerSpec;
+
+    #[test]
+    fn long_calls_outlast_what_they_wait_for() {
+        // Four containers that each take all of im.sh's 300 s to stop.
+        assert!(control_deadline(300) >= Duration::from_secs(4 * 300 + 60));
+        assert!(control_deadline(3600) > Duration::from_secs(4 * 3600));
+        let spec = DeploymentSpec {
+            containers: vec![
+                ContainerSpec {
+                    stop_grace_seconds: 300,
+                    ..Default::default()
+                };
+                4
+            ],
+            ..Default::default()
+        };
+        // Previous set stopped, then four readiness waits, gate and final check.
+        assert!(apply_deadline(&spec, 180) >= Duration::from_secs(4 * 300 + 6 * 180));
+        assert!(apply_deadline(&spec, 3600) > Duration::from_secs(6 * 3600));
     }
 }

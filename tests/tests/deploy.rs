@@ -1,141 +1,11 @@
 //! `controller deploy` and the lifecycle commands against the real Docker
 //! Engine, with the project's stand-ins for PortSIP's images.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-
-use imfleet_tests::{Controller, ImSlot, TestHost, bootstrapped_host, existing_im_containers};
-
-const IMAGE: &str = "imfleet-test/pbx:22";
-const DB_IMAGE: &str = "imfleet-test/postgresql:14.12";
-/// Deploy arguments for an IM that never becomes healthy, failing fast.
-const NEVER_HEALTHY_DEPLOY: &[&str] = &[
-    "--image",
-    "imfleet-test/pbx:22-never-healthy",
-    "--health-timeout",
-    "8",
-];
-const TOKEN: &str = "imtok-0123456789abcdef0123456789";
-
-struct Setup {
-    host: TestHost,
-    controller: Controller,
-    work: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let (host, controller) = bootstrapped_host();
-        let work = tempfile::tempdir().unwrap();
-        let s = Setup {
-            host,
-            controller,
-            work,
-        };
-        s.write_token(TOKEN);
-        s
-    }
-
-    fn data_path(&self) -> PathBuf {
-        self.work.path().join("portsip")
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self.work.path().join("im.token")
-    }
-
-    fn write_token(&self, token: &str) {
-        std::fs::write(self.token_file(), format!("{token}\n")).unwrap();
-        std::fs::set_permissions(self.token_file(), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
-    }
-
-    fn address(&self) -> String {
-        self.host.address().to_string()
-    }
-
-    /// `controller deploy` with the test images and `--force` (the test host
-    /// is not Ubuntu 24.04); `extra` overrides/extends. `--token-file` is
-    /// passed while the token file exists.
-    fn deploy(&self, extra: &[&str]) -> imfleet_tests::Run {
-        self.deploy_with(extra, true)
-    }
-
-    fn deploy_with(&self, extra: &[&str], force: bool) -> imfleet_tests::Run {
-        let address = self.address();
-        let data = self.data_path().display().to_string();
-        let token = self.token_file().display().to_string();
-        let mut args = vec![
-            "deploy",
-            &address,
-            "-a",
-            &address,
-            "-A",
-            &address,
-            "--pbx",
-            "127.0.0.1",
-            "--db-image",
-            DB_IMAGE,
-            "--data-path",
-            &data,
-            "--users",
-            "5000",
-            "--stop-grace",
-            "5",
-        ];
-        if force {
-            args.push("--force");
-        }
-        if self.token_file().exists() {
-            args.extend(["--token-file", &token]);
-        }
-        for (flag, default) in [("--image", IMAGE), ("--health-timeout", "60")] {
-            if !extra.contains(&flag) {
-                args.extend([flag, default]);
-            }
-        }
-        args.extend_from_slice(extra);
-        self.controller.run(&args)
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let run = self.controller.run(&["status", "--json", &self.address()]);
-        serde_json::from_str(&run.stdout).unwrap_or_else(|_| panic!("{run:#?}"))
-    }
-}
-
-fn owner(path: &Path) -> (u32, u32, u32) {
-    let m = std::fs::metadata(path).unwrap();
-    (m.uid(), m.gid(), m.permissions().mode() & 0o777)
-}
-
-fn http_status(url_path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 8902)).ok()?;
-    write!(
-        s,
-        "GET {url_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn wait_until_healthy(setup: &Setup) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    loop {
-        let status = setup.status();
-        if status[0]["healthy"] == true {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never healthy: {status}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
-}
+use imfleet_tests::deploy::{
+    DB_IMAGE, IMAGE, NEVER_HEALTHY_DEPLOY, Setup, TOKEN, containers, docker, http_status, owner,
+    wait_until_healthy,
+};
+use imfleet_tests::{Controller, ImSlot, TestHost, existing_im_containers};
 
 #[test]
 fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
@@ -294,23 +164,6 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
             .success()
     );
     assert!(!data.join("im-data").exists() && !data.join("im-postgresql").exists());
-}
-
-fn containers(status: &serde_json::Value) -> Vec<(String, String, String)> {
-    status[0]["status"]["containers"]
-        .as_array()
-        .map(|cs| {
-            cs.iter()
-                .map(|c| {
-                    (
-                        c["name"].as_str().unwrap().to_owned(),
-                        c["image"].as_str().unwrap().to_owned(),
-                        c["health"].as_str().unwrap().to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -512,13 +365,6 @@ fn bad_input_is_refused_before_anything_changes_on_the_host() {
         absent.stderr
     );
     untouched("absent image");
-}
-
-fn docker(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker")
 }
 
 #[test]

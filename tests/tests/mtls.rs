@@ -32,8 +32,10 @@ async fn start_agent(ca: &CertificateAuthority, sans: &[&str]) -> RunningAgent {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let facts = AgentFacts::detect(&identity);
+    let root = tempfile::tempdir().unwrap();
     tokio::spawn(async move {
-        serve(&identity, facts, listener, async {
+        let layout = imfleet_agent::layout::Layout::new(root.path());
+        serve(&layout, &identity, facts, listener, async {
             let _ = stopped.await;
         })
         .await

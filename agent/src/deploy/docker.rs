@@ -22,6 +22,16 @@ pub const LABEL_CONFIG_HASH: &str = "io.imfleet.config-hash";
 
 pub type DockerError = bollard::errors::Error;
 
+/// Time the Engine gets beyond a stop's grace period to kill the container
+/// and answer (a busy host may take a while to reap a large process).
+const STOP_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long the client waits for the Engine to answer a stop: never less
+/// than the grace period the Engine itself waits before killing.
+pub fn stop_timeout(grace: Duration) -> Duration {
+    grace + STOP_MARGIN
+}
+
 pub fn is_not_found(err: &DockerError) -> bool {
     matches!(
         err,
@@ -91,7 +101,12 @@ pub async fn image_present(docker: &Docker, image: &str) -> Result<bool, DockerE
     }
 }
 
-pub async fn pull(docker: &Docker, image: &str) -> Result<(), DockerError> {
+/// Pulls `image`, reporting "downloaded of total" bytes as the Engine tells them.
+pub async fn pull(
+    docker: &Docker,
+    image: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), DockerError> {
     let (name, tag) = match image.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n.to_owned(), t.to_owned()),
         _ => (image.to_owned(), "latest".to_owned()),
@@ -105,8 +120,21 @@ pub async fn pull(docker: &Docker, image: &str) -> Result<(), DockerError> {
         None,
         None,
     );
+    // Per layer: the latest (current, total) the Engine reported.
+    let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(item) = stream.next().await {
-        item?;
+        let info = item?;
+        if let (Some(id), Some(detail)) = (info.id, info.progress_detail) {
+            let current = detail.current.unwrap_or(0).max(0) as u64;
+            let total = detail.total.unwrap_or(0).max(0) as u64;
+            if total > 0 {
+                layers.insert(id, (current, total));
+                let (done, all) = layers
+                    .values()
+                    .fold((0, 0), |(d, a), (c, t)| (d + c, a + t));
+                progress(done, all);
+            }
+        }
     }
     Ok(())
 }
@@ -204,8 +232,12 @@ pub async fn start(docker: &Docker, name: &str) -> Result<(), DockerError> {
 }
 
 /// Stops with a grace period; a container that is already stopped is fine.
+/// The Engine answers only once the container is gone, so the request may
+/// take the whole grace period and then some.
 pub async fn stop(docker: &Docker, name: &str, grace: Duration) -> Result<(), DockerError> {
     match docker
+        .clone()
+        .with_timeout(stop_timeout(grace))
         .stop_container(
             name,
             Some(StopContainerOptions {
@@ -342,7 +374,24 @@ pub async fn status(
             health: health_status.into(),
             started_at,
             exit_code: state.exit_code.unwrap_or(0) as i32,
+            restart_count: c.restart_count.unwrap_or(0).max(0) as u32,
+            oom_killed: state.oom_killed.unwrap_or(false),
         },
         health_output,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_request_outlasts_its_grace_period() {
+        // The IM may take all of im.sh's 300 s to stop, or ignore SIGTERM
+        // until killed: the request must not give up first.
+        for grace in [0, 5, 120, 300, 3600] {
+            let grace = Duration::from_secs(grace);
+            assert!(stop_timeout(grace) >= grace + Duration::from_secs(30));
+        }
+    }
 }

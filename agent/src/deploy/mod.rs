@@ -5,25 +5,30 @@
 pub mod docker;
 pub mod engine;
 pub mod firewall;
+pub mod gate;
+pub mod hostfs;
 pub mod images;
+pub mod prepare;
+pub mod readiness;
 pub mod secrets;
+pub mod validate;
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::{
     ApplyEvent, ApplyOutcome, ApplyRequest, ContainerSpec, DeploymentSpec, DeploymentStatus,
-    GeneratedSecret, HealthGate, control_request::Action, secret_file::Format,
+    control_request::Action,
 };
 use tokio::sync::{Mutex, mpsc};
 
 use self::docker::{DockerError, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_ORDER};
+use self::readiness::Readiness;
 use self::secrets::UnknownSecret;
 
 /// Suffix of a previous deployment's containers while a new one is tried.
-const PREVIOUS_SUFFIX: &str = ".previous";
+pub const PREVIOUS_SUFFIX: &str = ".previous";
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
 pub struct Deployer {
     docker: bollard::Docker,
     changes: Mutex<()>,
+    spool: images::Spool,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -64,11 +70,15 @@ impl std::fmt::Debug for Deployer {
 }
 
 impl Deployer {
-    /// Connects lazily to the local Engine socket.
-    pub fn new() -> Result<Self, DeployError> {
+    /// Connects lazily to the local Engine socket; uploads spool in `spool_dir`.
+    pub fn new(spool_dir: &Path) -> Result<Self, DeployError> {
         Ok(Deployer {
             docker: bollard::Docker::connect_with_unix_defaults()?,
             changes: Mutex::new(()),
+            spool: images::Spool::open(spool_dir).map_err(io(format!(
+                "prepare the upload spool {}",
+                spool_dir.display()
+            )))?,
         })
     }
 
@@ -108,7 +118,7 @@ impl Deployer {
             return failure(e, &secret_values, false, None);
         }
         emit("images", "checking images".into()).await;
-        if let Err(e) = self.ensure_images(&spec).await {
+        if let Err(e) = self.ensure_images(&spec, &events).await {
             return failure(e, &secret_values, false, None);
         }
         emit(
@@ -116,8 +126,16 @@ impl Deployer {
             format!("{} directories", spec.directories.len()),
         )
         .await;
-        if let Err(e) = prepare_directories(&spec) {
-            return failure(e, &secret_values, false, None);
+        match prepare::directories(&spec.directories) {
+            Ok(0) => {}
+            Ok(n) => {
+                emit(
+                    "directories",
+                    format!("repaired the owner of {n} entries in the data directories"),
+                )
+                .await
+            }
+            Err(e) => return failure(e, &secret_values, false, None),
         }
         emit(
             "secrets",
@@ -125,7 +143,7 @@ impl Deployer {
         )
         .await;
         for secret in &spec.secrets {
-            match ensure_secret(secret) {
+            match prepare::secret(secret) {
                 Ok(value) => {
                     secret_values.insert(secret.id.clone(), value);
                 }
@@ -187,7 +205,14 @@ impl Deployer {
             && let Some(gate) = &spec.gate
         {
             emit("gate", "waiting for the service to answer".into()).await;
-            result = wait_for_gate(gate, timeout).await;
+            result = gate::wait(gate, timeout).await;
+        }
+        if result.is_ok() {
+            // Success means every container is healthy now, not only each
+            // one when it was started.
+            let long_running: Vec<&ContainerSpec> =
+                spec.containers.iter().filter(|c| !c.one_shot).collect();
+            result = self.wait_ready(&long_running, timeout).await;
         }
         match result {
             Ok(()) => {
@@ -232,19 +257,8 @@ impl Deployer {
     }
 
     async fn validate(&self, spec: &DeploymentSpec) -> Result<(), DeployError> {
-        if spec.name.is_empty() || spec.containers.is_empty() {
-            return Err(DeployError::Invalid(
-                "the spec names no deployment or no containers".into(),
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
+        validate::check(spec, |p| p.is_dir()).map_err(DeployError::Invalid)?;
         for c in &spec.containers {
-            if c.name.is_empty() || c.image.is_empty() || !names.insert(&c.name) {
-                return Err(DeployError::Invalid(format!(
-                    "container `{}`: empty or duplicate name, or no image",
-                    c.name
-                )));
-            }
             // A same-named container that is not ours must not be replaced.
             if let Some(owner) = docker::owner_of(&self.docker, &c.name).await?
                 && owner.as_deref() != Some(spec.name.as_str())
@@ -267,12 +281,31 @@ impl Deployer {
         Ok(())
     }
 
-    async fn ensure_images(&self, spec: &DeploymentSpec) -> Result<(), DeployError> {
+    async fn ensure_images(
+        &self,
+        spec: &DeploymentSpec,
+        events: &mpsc::Sender<ApplyEvent>,
+    ) -> Result<(), DeployError> {
         let mut images: Vec<&str> = spec.containers.iter().map(|c| c.image.as_str()).collect();
         images.dedup();
         for image in images {
             if !docker::image_present(&self.docker, image).await? {
-                docker::pull(&self.docker, image).await.map_err(|e| {
+                let mut shown = u64::MAX;
+                let progress = |done: u64, total: u64| {
+                    // One event per 10 MB is plenty; never block the pull on it.
+                    if done / 10_000_000 != shown {
+                        shown = done / 10_000_000;
+                        let _ = events.try_send(ApplyEvent {
+                            phase: "images".into(),
+                            message: format!(
+                                "pulling {image}: {}",
+                                imfleet_proto::megabytes(done, total)
+                            ),
+                            outcome: None,
+                        });
+                    }
+                };
+                docker::pull(&self.docker, image, progress).await.map_err(|e| {
                     DeployError::Invalid(format!(
                         "image {image} is not on the host and could not be pulled ({e}); load it with --image-file"
                     ))
@@ -358,58 +391,61 @@ impl Deployer {
         })
         .await?;
         docker::start(&self.docker, &container.name).await?;
+        self.wait_ready(&[container], timeout).await
+    }
+
+    /// Waits until every container is ready (one-shot ones finished and
+    /// removed); fails as soon as one will not be, with its last words.
+    async fn wait_ready(
+        &self,
+        containers: &[&ContainerSpec],
+        timeout: Duration,
+    ) -> Result<(), DeployError> {
         let deadline = Instant::now() + timeout;
+        let mut pending: Vec<&ContainerSpec> = containers.to_vec();
         loop {
-            let (status, health_output) = docker::status(&self.docker, &container.name).await?;
-            let fail = |why: String, health_output: Vec<String>| async move {
-                let mut diagnostics = health_output;
-                diagnostics.extend(docker::tail_logs(&self.docker, &container.name, 30).await);
-                Err(DeployError::Failed {
-                    message: format!("container {} {why}", container.name),
-                    diagnostics,
-                })
-            };
-            if container.one_shot {
-                if status.state == "exited" {
-                    if status.exit_code == 0 {
+            let mut still = Vec::new();
+            for container in pending {
+                let (observed, health_output) =
+                    docker::status(&self.docker, &container.name).await?;
+                match readiness::judge(&observed, container.one_shot) {
+                    Readiness::Ready if container.one_shot => {
                         docker::remove(&self.docker, &container.name).await?;
-                        return Ok(());
                     }
-                    return fail(
-                        format!("exited with status {}", status.exit_code),
-                        health_output,
-                    )
-                    .await;
-                }
-            } else {
-                let has_check = container
-                    .health
-                    .as_ref()
-                    .is_some_and(|h| !h.test.is_empty());
-                match (status.state.as_str(), status.health.as_str()) {
-                    ("running", "healthy") => return Ok(()),
-                    ("running", _) if !has_check => return Ok(()),
-                    ("running", "unhealthy") => {
-                        return fail("is unhealthy".into(), health_output).await;
+                    Readiness::Ready => {}
+                    Readiness::Waiting(why) => still.push((container, why, health_output)),
+                    Readiness::Failed(why) => {
+                        return Err(self.container_failed(container, why, health_output).await);
                     }
-                    ("exited" | "dead", _) => {
-                        return fail(
-                            format!("exited with status {}", status.exit_code),
-                            health_output,
-                        )
-                        .await;
-                    }
-                    _ => {}
                 }
             }
+            let Some((container, why, health_output)) = still.first().cloned() else {
+                return Ok(());
+            };
             if Instant::now() >= deadline {
-                return fail(
-                    format!("did not become ready within {} s", timeout.as_secs()),
-                    health_output,
-                )
-                .await;
+                let why = format!(
+                    "did not become ready within {} s ({why})",
+                    timeout.as_secs()
+                );
+                return Err(self.container_failed(container, why, health_output).await);
             }
+            pending = still.into_iter().map(|(c, _, _)| c).collect();
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The failure of one container, with its health output and last log lines.
+    async fn container_failed(
+        &self,
+        container: &ContainerSpec,
+        why: String,
+        health_output: Vec<String>,
+    ) -> DeployError {
+        let mut diagnostics = health_output;
+        diagnostics.extend(docker::tail_logs(&self.docker, &container.name, 30).await);
+        DeployError::Failed {
+            message: format!("container {} {why}", container.name),
+            diagnostics,
         }
     }
 
@@ -505,6 +541,15 @@ impl Deployer {
     pub fn docker(&self) -> &bollard::Docker {
         &self.docker
     }
+
+    /// Receives, verifies and loads an image archive (one upload at a time).
+    pub async fn load_image(
+        &self,
+        chunks: impl futures::Stream<Item = Result<imfleet_proto::agent::v1::ImageChunk, tonic::Status>>
+        + Unpin,
+    ) -> Result<Vec<String>, images::LoadError> {
+        self.spool.load(&self.docker, chunks).await
+    }
 }
 
 fn already_started(e: DockerError) -> Result<(), DockerError> {
@@ -539,144 +584,4 @@ fn failure(
         rolled_back,
         status,
     }
-}
-
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), DeployError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(io(format!("chown {}", path.display())))
-}
-
-fn prepare_directories(spec: &DeploymentSpec) -> Result<(), DeployError> {
-    for dir in &spec.directories {
-        let path = Path::new(&dir.path);
-        std::fs::create_dir_all(path).map_err(io(format!("create {}", dir.path)))?;
-        chown(path, dir.uid, dir.gid)?;
-        if dir.mode != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(dir.mode))
-                .map_err(io(format!("chmod {}", dir.path)))?;
-        }
-    }
-    Ok(())
-}
-
-/// Reuses the secret if any of its files holds it, else generates it; then
-/// writes every file (0600-style modes from creation, atomically).
-fn ensure_secret(secret: &GeneratedSecret) -> Result<String, DeployError> {
-    let read = |f: &imfleet_proto::agent::v1::SecretFile| -> Option<String> {
-        let text = std::fs::read_to_string(&f.path).ok()?;
-        match Format::try_from(f.format).unwrap_or(Format::Raw) {
-            Format::Raw => Some(text.trim().to_owned()).filter(|s| !s.is_empty()),
-            Format::Ini => secrets::ini_get(&text, &f.ini_section, &f.ini_key),
-        }
-    };
-    let value = match secret.files.iter().find_map(read) {
-        Some(v) => v,
-        None => {
-            secrets::generate(secret.length.max(16) as usize).map_err(io("generate a secret"))?
-        }
-    };
-    for f in &secret.files {
-        let contents = match Format::try_from(f.format).unwrap_or(Format::Raw) {
-            Format::Raw => format!("{value}\n"),
-            Format::Ini => {
-                let existing = std::fs::read_to_string(&f.path).unwrap_or_default();
-                secrets::ini_set(&existing, &f.ini_section, &f.ini_key, &value)
-            }
-        };
-        let path = Path::new(&f.path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
-        }
-        imfleet_certs::storage::write_atomically(
-            path,
-            contents.as_bytes(),
-            f.mode.max(0o400) & 0o777,
-        )
-        .map_err(io(format!("write {}", f.path)))?;
-        chown(path, f.uid, f.gid)?;
-    }
-    Ok(value)
-}
-
-/// Waits until the HTTP URL answers 200 and every TCP port accepts.
-async fn wait_for_gate(gate: &HealthGate, default_timeout: Duration) -> Result<(), DeployError> {
-    let timeout = match gate.timeout_seconds {
-        0 => default_timeout,
-        s => Duration::from_secs(u64::from(s)),
-    };
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("not checked yet");
-    loop {
-        let mut ok = true;
-        if !gate.http_url.is_empty() {
-            match http_get_status(&gate.http_url).await {
-                Ok(200) => {}
-                Ok(code) => {
-                    ok = false;
-                    last = format!("{} answered HTTP {code}", gate.http_url);
-                }
-                Err(e) => {
-                    ok = false;
-                    last = format!("{}: {e}", gate.http_url);
-                }
-            }
-        }
-        for port in &gate.tcp_ports {
-            if ok
-                && tokio::net::TcpStream::connect(("127.0.0.1", *port as u16))
-                    .await
-                    .is_err()
-            {
-                ok = false;
-                last = format!("nothing accepts connections on TCP {port}");
-            }
-        }
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(DeployError::Failed {
-                message: format!(
-                    "the service did not pass its health gate within {} s: {last}",
-                    timeout.as_secs()
-                ),
-                diagnostics: Vec::new(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Minimal HTTP/1.1 GET to a loopback `http://host:port/path`; the status code.
-pub async fn http_get_status(url: &str) -> std::io::Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| std::io::Error::other("only http:// URLs are supported"))?;
-    let (authority, path) = rest
-        .split_once('/')
-        .map(|(a, p)| (a.to_owned(), format!("/{p}")))
-        .unwrap_or((rest.to_owned(), "/".into()));
-    let connect = authority.replace("localhost", "127.0.0.1");
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio::net::TcpStream::connect(&connect),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("connect timed out"))??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut head = vec![0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut head))
-        .await
-        .map_err(|_| std::io::Error::other("no answer"))??;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
 }

@@ -17,6 +17,8 @@ pub const DEFAULT_IMAGE: &str = "portsip/pbx:22";
 pub const DEFAULT_DB_IMAGE: &str = "portsip/postgresql:14.12";
 /// Where the IM data directory is mounted inside the PortSIP containers.
 const IM_DATA_MOUNT: &str = "/var/lib/portsip/pbx";
+/// Where `-f` storage is mounted: inside the data mount.
+const IM_STORAGE_MOUNT: &str = "/var/lib/portsip/pbx/im/storage";
 const PORTSIP_UID: u32 = 888;
 const POSTGRES_UID: u32 = 999;
 /// Secret ids referenced as `${secret:ID}` in the spec.
@@ -60,57 +62,57 @@ pub fn portsip_spec(params: &PortsipParams, token_fingerprint: &str) -> Deployme
     let db_password_file = path(&secrets_dir, SECRET_DB_PASSWORD);
     let grace = params.stop_grace_seconds;
 
+    let dir = |path: &str, uid: u32, mode: u32, own_tree: bool| DirectorySpec {
+        path: path.to_owned(),
+        uid,
+        gid: uid,
+        mode,
+        must_exist: false,
+        own_tree,
+    };
+    // The IM writes everywhere under its data tree as 888, and PortSIP's
+    // restore guide warns that wrong ownership stops it: the trees are
+    // re-owned on every deploy.
     let mut directories = vec![
-        DirectorySpec {
-            path: params.data_path.clone(),
-            uid: 0,
-            gid: 0,
-            mode: 0o755,
-            must_exist: false,
-        },
-        DirectorySpec {
-            path: im_data.clone(),
-            uid: PORTSIP_UID,
-            gid: PORTSIP_UID,
-            mode: 0o755,
-            must_exist: false,
-        },
-        DirectorySpec {
-            path: pg_data.clone(),
-            uid: POSTGRES_UID,
-            gid: POSTGRES_UID,
-            mode: 0o700,
-            must_exist: false,
-        },
-        // Traversable but not listable: only the database's uid reads its file.
-        DirectorySpec {
-            path: secrets_dir,
-            uid: 0,
-            gid: 0,
-            mode: 0o711,
-            must_exist: false,
-        },
+        dir(&params.data_path, 0, 0o755, false),
+        dir(&im_data, PORTSIP_UID, 0o755, true),
+        dir(&pg_data, POSTGRES_UID, 0o700, true),
+        // The authoritative database password: root only.
+        dir(&secrets_dir, 0, 0o700, false),
     ];
     let mut im_mounts = vec![mount(im_data.clone(), IM_DATA_MOUNT, false)];
     if let Some(storage) = &params.storage_dir {
-        directories.push(DirectorySpec {
-            path: storage.clone(),
-            uid: PORTSIP_UID,
-            gid: PORTSIP_UID,
-            mode: 0,
-            must_exist: true,
-        });
-        im_mounts.push(mount(
-            storage.clone(),
-            "/var/lib/portsip/pbx/im/storage",
+        // The storage dir is mounted inside the im-data mount: the Engine
+        // would create the mount point (and `im/`) as root:root, which the
+        // IM cannot write. They exist with the IM's owner beforehand.
+        directories.push(dir(&path(&im_data, "im"), PORTSIP_UID, 0o755, false));
+        directories.push(dir(
+            &path(&im_data, "im/storage"),
+            PORTSIP_UID,
+            0o755,
             false,
         ));
+        directories.push(DirectorySpec {
+            must_exist: true,
+            ..dir(storage, PORTSIP_UID, 0, true)
+        });
+        im_mounts.push(mount(storage.clone(), IM_STORAGE_MOUNT, false));
     }
 
     let secrets = vec![GeneratedSecret {
         id: SECRET_DB_PASSWORD.into(),
         length: 20,
         files: vec![
+            // First: the copy the agent reads back.
+            SecretFile {
+                path: db_password_file,
+                format: Format::Raw as i32,
+                ini_section: String::new(),
+                ini_key: String::new(),
+                uid: 0,
+                gid: 0,
+                mode: 0o600,
+            },
             SecretFile {
                 path: path(&im_data, "system.ini"),
                 format: Format::Ini as i32,
@@ -119,15 +121,6 @@ pub fn portsip_spec(params: &PortsipParams, token_fingerprint: &str) -> Deployme
                 uid: PORTSIP_UID,
                 gid: PORTSIP_UID,
                 mode: 0o600,
-            },
-            SecretFile {
-                path: db_password_file.clone(),
-                format: Format::Raw as i32,
-                ini_section: String::new(),
-                ini_key: String::new(),
-                uid: POSTGRES_UID,
-                gid: POSTGRES_UID,
-                mode: 0o400,
             },
         ],
     }];
@@ -146,22 +139,18 @@ pub fn portsip_spec(params: &PortsipParams, token_fingerprint: &str) -> Deployme
         ContainerSpec {
             name: "portsip.database".into(),
             image: params.db_image.clone(),
+            // im_ctl.sh's interface. Whether portsip/postgresql reads the
+            // `_FILE` form is not known, so the vendor's variable is used; the
+            // value is generated on the host and never reaches the controller.
             env: [
                 (
-                    "POSTGRES_PASSWORD_FILE".to_owned(),
-                    format!("/run/secrets/{SECRET_DB_PASSWORD}"),
+                    "POSTGRES_PASSWORD".to_owned(),
+                    format!("${{secret:{SECRET_DB_PASSWORD}}}"),
                 ),
                 ("PGDATA".to_owned(), "/var/lib/postgresql/data".to_owned()),
             ]
             .into(),
-            mounts: vec![
-                mount(pg_data, "/var/lib/postgresql/data", false),
-                mount(
-                    db_password_file,
-                    &format!("/run/secrets/{SECRET_DB_PASSWORD}"),
-                    true,
-                ),
-            ],
+            mounts: vec![mount(pg_data, "/var/lib/postgresql/data", false)],
             host_network: true,
             health: health(&["CMD", "pg_isready", "-h", "127.0.0.1", "-p", "5432"]),
             stop_grace_seconds: grace,
@@ -334,25 +323,53 @@ mod tests {
         let spec = portsip_spec(&params(), "fp");
         let owner = |p: &str| {
             let d = spec.directories.iter().find(|d| d.path == p).unwrap();
-            (d.uid, d.gid, d.must_exist)
+            (d.uid, d.gid, d.must_exist, d.own_tree)
         };
-        assert_eq!(owner("/var/lib/portsip/im-data"), (888, 888, false));
-        assert_eq!(owner("/var/lib/portsip/im-postgresql"), (999, 999, false));
-        assert_eq!(owner("/srv/im"), (888, 888, true));
-        let ini = &spec.secrets[0].files[0];
+        assert_eq!(owner("/var/lib/portsip/im-data"), (888, 888, false, true));
+        assert_eq!(
+            owner("/var/lib/portsip/im-postgresql"),
+            (999, 999, false, true)
+        );
+        assert_eq!(owner("/srv/im"), (888, 888, true, true));
+        // The nested mount point of -f and the directory above it are the IM's.
+        assert_eq!(
+            owner("/var/lib/portsip/im-data/im"),
+            (888, 888, false, false)
+        );
+        assert_eq!(
+            owner("/var/lib/portsip/im-data/im/storage"),
+            (888, 888, false, false)
+        );
+        // The authoritative password copy is root's; the IM gets system.ini.
+        let authority = &spec.secrets[0].files[0];
+        assert_eq!(
+            authority.path,
+            "/var/lib/portsip/secrets/db_superuser_password"
+        );
+        assert_eq!((authority.uid, authority.mode), (0, 0o600));
+        assert_eq!(owner("/var/lib/portsip/secrets"), (0, 0, false, false));
+        let ini = &spec.secrets[0].files[1];
         assert_eq!(ini.path, "/var/lib/portsip/im-data/system.ini");
         assert_eq!(
             (ini.ini_section.as_str(), ini.ini_key.as_str(), ini.mode),
             ("database", "superuser_password", 0o600)
         );
-        // No secret value is in the spec: only references.
+        // No secret value is in the spec: only references. The database
+        // gets the password the way im_ctl.sh passes it.
         let text = format!("{spec:?}");
         assert!(text.contains("${secret:db_superuser_password}"));
+        let db = &spec.containers[0];
+        assert_eq!(
+            db.env.get("POSTGRES_PASSWORD").map(String::as_str),
+            Some("${secret:db_superuser_password}")
+        );
+        assert!(!db.env.contains_key("POSTGRES_PASSWORD_FILE"));
 
         let mut no_f = params();
         no_f.storage_dir = None;
         let spec = portsip_spec(&no_f, "fp");
         assert!(spec.directories.iter().all(|d| !d.must_exist));
+        assert!(!spec.directories.iter().any(|d| d.path.ends_with("/im")));
         assert_eq!(spec.containers[2].mounts.len(), 1);
     }
 

@@ -289,6 +289,20 @@ async fn deploy_with(
         });
     }
     let status = outcome.status.unwrap_or_default();
+    // The agent declares success only with everything healthy; an older agent
+    // might not, and the last word must agree with the exit status.
+    if !status.healthy {
+        return Err(DeployError::Apply {
+            host: request.host.clone(),
+            error: "the agent reported success but not every container is healthy".into(),
+            diagnostics: status
+                .containers
+                .iter()
+                .map(|c| format!("{}: {} ({})", c.name, c.state, c.health))
+                .collect(),
+            rolled_back: false,
+        });
+    }
 
     // The PBX must list the IM server's addresses before deploy calls it done.
     let pbx_report = match pbx {
@@ -406,11 +420,11 @@ async fn upload_image(
                 return Ok::<_, std::io::Error>(());
             }
             sent += n as u64;
-            bar.set_message(format!(
-                "uploading {name}: {} of {} MB",
-                sent / 1_000_000,
-                size / 1_000_000
-            ));
+            bar.set_message(if sent < size {
+                format!("uploading {name}: {}", imfleet_proto::megabytes(sent, size))
+            } else {
+                format!("{name}: verifying and loading into the Docker Engine")
+            });
             let chunk = ImageChunk {
                 header: header.take(),
                 data: buf[..n].to_vec(),

@@ -70,6 +70,11 @@ impl Setup {
     }
 
     pub fn deploy_with(&self, extra: &[&str], force: bool) -> Run {
+        crate::run_with_limit(self.deploy_command(extra, force), Duration::from_secs(120))
+    }
+
+    /// The `controller deploy` command [`Self::deploy_with`] runs.
+    pub fn deploy_command(&self, extra: &[&str], force: bool) -> std::process::Command {
         let address = self.address();
         let data = self.data_path().display().to_string();
         let token = self.token_file().display().to_string();
@@ -105,7 +110,7 @@ impl Setup {
             }
         }
         args.extend_from_slice(extra);
-        self.controller.run(&args)
+        self.controller.command(&args)
     }
 
     pub fn status(&self) -> serde_json::Value {

@@ -395,6 +395,9 @@ fn an_image_archive_is_streamed_verified_and_loaded() {
     );
     assert!(existing_im_containers().is_empty());
     assert!(!s.data_path().exists());
+    let spool = s.host.opt_imfleet().join("spool");
+    let spooled = || std::fs::read_dir(&spool).unwrap().count();
+    assert_eq!(spooled(), 0, "no spool file left after a failure");
     // Without the archive the image cannot be had.
     let run = s.deploy(&["--image", tag]);
     assert!(
@@ -416,6 +419,7 @@ fn an_image_archive_is_streamed_verified_and_loaded() {
         docker(&["image", "inspect", tag]).status.success(),
         "the archive was loaded"
     );
+    assert_eq!(spooled(), 0, "no spool file left after success");
     let _ = docker(&["rmi", "-f", tag]);
 
     let missing = s.deploy(&["--image-file", "/nonexistent/pbx.tar"]);

@@ -199,3 +199,64 @@ fn a_stop_longer_than_two_minutes_succeeds() {
     );
     assert_eq!(exit_code(IM), "137");
 }
+
+/// `bench/image-upload` runs this with a PortSIP-sized archive
+/// (`IMFLEET_BENCH_ARCHIVE_MB`, default 1536): streamed, verified and loaded
+/// with progress in MB, no timeout, no spool file left.
+#[test]
+#[ignore = "benchmark: needs several GB of disk; run by bench/image-upload"]
+fn a_pbx_sized_archive_loads_with_progress_and_leaves_no_spool_file() {
+    let megabytes: u64 = std::env::var("IMFLEET_BENCH_ARCHIVE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1536);
+    let _slot = ImSlot::take();
+    let s = Setup::new();
+    let tag = "imfleet-test/pbx:22-big";
+    let context = s.work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    // Random, so neither docker nor the transport can compress it away.
+    let blob = std::process::Command::new("head")
+        .args(["-c", &format!("{}M", megabytes), "/dev/urandom"])
+        .stdout(std::fs::File::create(context.join("blob")).unwrap())
+        .status()
+        .unwrap();
+    assert!(blob.success());
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM imfleet-test/pbx:22\nCOPY blob /blob\n",
+    )
+    .unwrap();
+    let built = docker(&["build", "-q", "-t", tag, context.to_str().unwrap()]);
+    assert!(built.status.success(), "{built:?}");
+    std::fs::remove_dir_all(&context).unwrap();
+    let archive = s.work.path().join("big.tar");
+    assert!(
+        docker(&["save", "-o", archive.to_str().unwrap(), tag])
+            .status
+            .success()
+    );
+    assert!(docker(&["rmi", tag]).status.success());
+    let size = std::fs::metadata(&archive).unwrap().len();
+
+    let cmd = s.deploy_command(
+        &["--image", tag, "--image-file", archive.to_str().unwrap()],
+        true,
+    );
+    let run = run_with_limit(cmd, Duration::from_secs(3600));
+    let _ = docker(&["rmi", "-f", tag]);
+    assert!(run.success(), "{run:#?}");
+    let total = format!(" of {:.1} MB", size as f64 / 1e6);
+    assert!(
+        run.stderr.contains("uploading big.tar: ") && run.stderr.contains(&total),
+        "progress in MB: {}",
+        run.stderr
+    );
+    let spool = s.host.opt_imfleet().join("spool");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    eprintln!(
+        "bench: archive {:.1} MB: deploy with upload, verify, load and start took {:.1} s",
+        size as f64 / 1e6,
+        run.elapsed.as_secs_f64()
+    );
+}

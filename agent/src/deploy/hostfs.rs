@@ -33,7 +33,7 @@ pub enum FsError {
         "{path}: refusing to follow the symlink {link}, which lies in a directory a non-root user can write"
     )]
     UnsafeSymlink { path: String, link: String },
-    #[error("{path}: too many levels of symbolic links")]
+    #[error("{path}: too many levels of symbolic links or directories")]
     TooManyLinks { path: String },
     #[error("{path}: {what} is not a directory")]
     NotADirectory { path: String, what: String },
@@ -195,48 +195,68 @@ pub fn set_owner_and_mode(
     Ok(())
 }
 
+/// Deepest directory level `own_tree` descends to.
+const MAX_TREE_DEPTH: usize = 64;
+
 /// Gives every entry below `dir` (not crossing into other filesystems) the
 /// owner `owner`; symlinks themselves are re-owned, never followed. Returns
-/// how many entries were changed.
+/// how many entries were changed. Depth-first, opening a subdirectory only
+/// when it is walked: at most one handle per level is open, however wide the
+/// tree (a service user could make it as wide as it likes).
 pub fn own_tree(dir: OwnedFd, owner: Ownership, path: &Path) -> Result<u64, FsError> {
     let device = fstat(&dir).map_err(sys("stat", path))?.st_dev;
+    own_below(&dir, owner, path, device, 0)
+}
+
+fn own_below(
+    fd: &OwnedFd,
+    owner: Ownership,
+    here: &Path,
+    device: u64,
+    depth: usize,
+) -> Result<u64, FsError> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(FsError::TooManyLinks {
+            path: here.display().to_string(),
+        });
+    }
+    let listing = openat(fd, ".", dir_flags(), Mode::empty()).map_err(sys("open", here))?;
+    let mut entries = nix::dir::Dir::from_fd(listing).map_err(sys("list", here))?;
+    let names: Vec<OsString> = entries
+        .iter()
+        .filter_map(Result::ok)
+        .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    drop(entries);
     let mut changed = 0;
-    let mut pending = vec![(dir, path.to_owned())];
-    while let Some((fd, here)) = pending.pop() {
-        let listing = openat(&fd, ".", dir_flags(), Mode::empty()).map_err(sys("open", &here))?;
-        let mut entries = nix::dir::Dir::from_fd(listing).map_err(sys("list", &here))?;
-        let names: Vec<OsString> = entries
-            .iter()
-            .filter_map(Result::ok)
-            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
-            .filter(|n| n != "." && n != "..")
-            .collect();
-        for name in names {
-            let child = here.join(&name);
-            let stat = match fstatat(&fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(stat) => stat,
-                // Removed meanwhile by the service: nothing to repair.
-                Err(Errno::ENOENT) => continue,
-                Err(e) => return Err(sys("stat", &child)(e)),
-            };
-            if (stat.st_uid, stat.st_gid) != (owner.uid, owner.gid) {
-                fchownat(
-                    &fd,
-                    name.as_os_str(),
-                    Some(Uid::from_raw(owner.uid)),
-                    Some(Gid::from_raw(owner.gid)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .map_err(sys("chown", &child))?;
-                changed += 1;
-            }
-            if is_kind(&stat, SFlag::S_IFDIR) && stat.st_dev == device {
-                match openat(&fd, name.as_os_str(), dir_flags(), Mode::empty()) {
-                    Ok(sub) => pending.push((sub, child)),
-                    // Replaced by a link or removed since the stat: not followed.
-                    Err(Errno::ELOOP | Errno::ENOTDIR | Errno::ENOENT) => {}
-                    Err(e) => return Err(sys("open", &child)(e)),
-                }
+    for name in names {
+        let child = here.join(&name);
+        let stat = match fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            // Removed meanwhile by the service: nothing to repair.
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(sys("stat", &child)(e)),
+        };
+        // A hard link to a file elsewhere (e.g. one of root's) is left alone.
+        let foreign_link = !is_kind(&stat, SFlag::S_IFDIR) && stat.st_nlink > 1;
+        if (stat.st_uid, stat.st_gid) != (owner.uid, owner.gid) && !foreign_link {
+            fchownat(
+                fd,
+                name.as_os_str(),
+                Some(Uid::from_raw(owner.uid)),
+                Some(Gid::from_raw(owner.gid)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(sys("chown", &child))?;
+            changed += 1;
+        }
+        if is_kind(&stat, SFlag::S_IFDIR) && stat.st_dev == device {
+            match openat(fd, name.as_os_str(), dir_flags(), Mode::empty()) {
+                Ok(sub) => changed += own_below(&sub, owner, &child, device, depth + 1)?,
+                // Replaced by a link or removed since the stat: not followed.
+                Err(Errno::ELOOP | Errno::ENOTDIR | Errno::ENOENT) => {}
+                Err(e) => return Err(sys("open", &child)(e)),
             }
         }
     }

@@ -408,7 +408,8 @@ impl Deployer {
             for container in pending {
                 let (observed, health_output) =
                     docker::status(&self.docker, &container.name).await?;
-                match readiness::judge(&observed, container.one_shot) {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                match readiness::judge(&observed, container.one_shot, now) {
                     Readiness::Ready if container.one_shot => {
                         docker::remove(&self.docker, &container.name).await?;
                     }

@@ -15,12 +15,19 @@ pub enum Readiness {
     Failed(String),
 }
 
-/// Judges one observation of a container this apply created. `health` is
-/// the Engine's: "none" only when neither the spec nor the image defines a
-/// check, so an image's own HEALTHCHECK is waited for too.
-pub fn judge(observed: &ContainerStatus, one_shot: bool) -> Readiness {
+/// How long a container without any health check must keep running before
+/// it counts as ready: long enough to see it fall over at start.
+pub const SETTLE_SECONDS: i64 = 5;
+
+/// Judges one observation of a container this apply created, at Unix time
+/// `now`. `health` is the Engine's: "none" only when neither the spec nor the
+/// image defines a check, so an image's own HEALTHCHECK is waited for too.
+pub fn judge(observed: &ContainerStatus, one_shot: bool, now: i64) -> Readiness {
     let state = observed.state.as_str();
-    if observed.oom_killed {
+    // A process inside killed for memory is fatal only if the container went
+    // down with it (PostgreSQL, say, survives losing one backend).
+    let stopped = state != "running" || observed.restart_count > 0;
+    if observed.oom_killed && stopped && !(one_shot && observed.exit_code == 0) {
         return Readiness::Failed(format!(
             "was killed for lack of memory (OOM, exit status {})",
             observed.exit_code
@@ -45,7 +52,9 @@ pub fn judge(observed: &ContainerStatus, one_shot: bool) -> Readiness {
         ));
     }
     match (state, observed.health.as_str()) {
-        ("running", "healthy" | "none") => Readiness::Ready,
+        ("running", "healthy") => Readiness::Ready,
+        ("running", "none") if now - observed.started_at >= SETTLE_SECONDS => Readiness::Ready,
+        ("running", "none") => Readiness::Waiting("has no health check; settling".into()),
         ("running", "unhealthy") => Readiness::Failed("is unhealthy".into()),
         ("running", health) => Readiness::Waiting(format!("health check is {health}")),
         ("exited" | "dead", _) => {
@@ -60,14 +69,21 @@ pub fn judge(observed: &ContainerStatus, one_shot: bool) -> Readiness {
 mod tests {
     use super::*;
 
+    const NOW: i64 = 1_000_000;
+
     fn seen(state: &str, health: &str, exit_code: i32, restarts: u32) -> ContainerStatus {
         ContainerStatus {
             state: state.into(),
             health: health.into(),
             exit_code,
             restart_count: restarts,
+            started_at: NOW - 60,
             ..Default::default()
         }
+    }
+
+    fn judge(observed: &ContainerStatus, one_shot: bool) -> Readiness {
+        super::judge(observed, one_shot, NOW)
     }
 
     fn failed(r: Readiness) -> String {
@@ -117,6 +133,19 @@ mod tests {
         let mut oom = seen("running", "starting", 137, 1);
         oom.oom_killed = true;
         assert!(failed(judge(&oom, false)).contains("OOM"));
+        // One process killed for memory while the container keeps running.
+        let mut survived = seen("running", "healthy", 0, 0);
+        survived.oom_killed = true;
+        assert_eq!(judge(&survived, false), Readiness::Ready);
+    }
+
+    #[test]
+    fn without_a_health_check_a_container_must_keep_running_a_while() {
+        let mut fresh = seen("running", "none", 0, 0);
+        fresh.started_at = NOW - 1;
+        assert!(matches!(judge(&fresh, false), Readiness::Waiting(_)));
+        fresh.started_at = NOW - SETTLE_SECONDS;
+        assert_eq!(judge(&fresh, false), Readiness::Ready);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub enum DeployError {
         rolled_back: bool,
     },
     #[error(
-        "the agent on {0} ended the deploy without reporting an outcome; run `controller status {0}`"
+        "the agent on {0} ended the deploy, or did not finish it in time, without reporting an outcome; run `controller status {0}`"
     )]
     NoOutcome(String),
     #[error(transparent)]
@@ -263,10 +263,20 @@ async fn deploy_with(
         provided_secrets: [(SECRET_IM_TOKEN.to_owned(), token.expose().to_owned())].into(),
         health_timeout_seconds: request.health_timeout.as_secs().min(u64::from(u32::MAX)) as u32,
     };
+    // The gRPC deadline only bounds the wait for the stream to open; the
+    // stream itself is bounded here.
+    let deadline = tokio::time::Instant::now()
+        + crate::agent_client::apply_deadline(
+            &apply.spec.clone().unwrap_or_default(),
+            apply.health_timeout_seconds,
+        );
     let mut events = agent.apply(apply).await?;
     let mut outcome = None;
     loop {
-        match events.message().await {
+        let Ok(next) = tokio::time::timeout_at(deadline, events.message()).await else {
+            return Err(DeployError::NoOutcome(request.host.clone()));
+        };
+        match next {
             Ok(Some(event)) => {
                 if let Some(o) = event.outcome {
                     outcome = Some(o);

@@ -56,7 +56,7 @@ fn sys(what: &'static str, path: &Path) -> impl FnOnce(Errno) -> FsError {
     move |errno| FsError::Sys { what, path, errno }
 }
 
-/// Who may own and what mode to give an entry.
+/// Owner and group of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ownership {
     pub uid: u32,
@@ -352,11 +352,12 @@ pub fn write_file(
 ) -> Result<(), FsError> {
     let (dir_path, name) = split(path)?;
     let dir = open_dir(dir_path, false)?;
-    let mut suffix = [0u8; 8];
-    getrandom(&mut suffix);
+    let suffix = super::secrets::generate(16).map_err(|e| {
+        sys("random name for", path)(Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+    })?;
     let mut temp = OsString::from(".");
     temp.push(name);
-    temp.push(format!(".imfleet-{}", hex::encode(suffix)));
+    temp.push(format!(".imfleet-{suffix}"));
     let temp = temp.as_os_str();
     let fd = openat(
         &dir,
@@ -378,13 +379,6 @@ pub fn write_file(
         let _ = unlinkat(&dir, temp, UnlinkatFlags::NoRemoveDir);
     }
     result
-}
-
-/// Random bytes from the kernel, for unguessable temporary names.
-fn getrandom(buf: &mut [u8]) {
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(buf);
-    }
 }
 
 #[cfg(test)]

@@ -103,6 +103,14 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 
+    /// A directory the service (888) owns, as `im-data` is.
+    fn service_dir(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+        let dir = tmp.path().join("im-data");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(888), Some(888)).unwrap();
+        dir
+    }
+
     fn file(path: &Path, format: Format, uid: u32, mode: u32) -> SecretFile {
         SecretFile {
             path: path.display().to_string(),
@@ -119,9 +127,7 @@ mod tests {
     fn the_secret_is_kept_by_root_and_copied_to_the_service_without_being_read_back() {
         let tmp = tempfile::tempdir().unwrap();
         let secrets_dir = tmp.path().join("secrets");
-        let im_data = tmp.path().join("im-data");
-        std::fs::create_dir_all(&im_data).unwrap();
-        std::os::unix::fs::chown(&im_data, Some(888), Some(888)).unwrap();
+        let im_data = service_dir(&tmp);
         let spec = GeneratedSecret {
             id: "db".into(),
             length: 20,
@@ -157,9 +163,7 @@ mod tests {
     #[test]
     fn an_authoritative_copy_in_a_service_writable_directory_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let im_data = tmp.path().join("im-data");
-        std::fs::create_dir_all(&im_data).unwrap();
-        std::os::unix::fs::chown(&im_data, Some(888), Some(888)).unwrap();
+        let im_data = service_dir(&tmp);
         let spec = GeneratedSecret {
             id: "db".into(),
             length: 20,

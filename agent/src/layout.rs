@@ -66,6 +66,14 @@ impl Layout {
     pub fn spool_dir(&self) -> PathBuf {
         self.root.join("spool")
     }
+    /// What the agent remembers of each deployment (root only).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// One JSON line per mutating request (root only, 0600).
+    pub fn audit_log(&self) -> PathBuf {
+        self.log_dir().join("audit.log")
+    }
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")
     }

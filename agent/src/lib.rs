@@ -6,14 +6,22 @@
 //! - [`config`]: `agent.toml`, written at bootstrap.
 //! - [`identity`]: key generation on the host, CSR out, certificate in.
 //! - [`server`]: the gRPC service and the mTLS role gate in front of it.
+//! - [`listener`]: accepting connections and TLS handshakes, bounded.
+//! - [`policy`]: what a spec may ask for (roots fixed at bootstrap).
+//! - [`audit`]: the log of every mutating request.
+//! - [`deploy`]: applying and operating deployments on the Docker Engine.
+//! - [`facts`]: measuring the host for inventory and preflight.
 //! - [`supervision`]: running under systemd or under the agent's own supervisor.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod deploy;
 pub mod facts;
 pub mod identity;
 pub mod layout;
+pub mod listener;
+pub mod policy;
 pub mod server;
 pub mod supervision;
 

@@ -57,6 +57,13 @@ enum ServiceCommand {
         /// Address and port to listen on.
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// The IM data path: deployments may only use directories under it
+        /// and under --storage-dir.
+        #[arg(long)]
+        data_path: String,
+        /// The operator's storage directory (`im.sh -f`), if any.
+        #[arg(long)]
+        storage_dir: Option<String>,
     },
     /// Stop the agent's own supervisor, if it runs one.
     Stop,
@@ -109,8 +116,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(pem) => print!("{pem}"),
             None => return Ok(ExitCode::from(3)),
         },
-        Command::Service(ServiceCommand::Install { listen }) => {
-            let how = supervision::install(&layout, &AgentConfig { listen })?;
+        Command::Service(ServiceCommand::Install {
+            listen,
+            data_path,
+            storage_dir,
+        }) => {
+            let config = AgentConfig {
+                listen,
+                data_path: Some(data_path),
+                storage_dir,
+            };
+            // Refuse here, while the operator watches, rather than at start.
+            config
+                .roots_on_host(layout.root())
+                .map_err(anyhow::Error::msg)?;
+            check_listen_address(listen)?;
+            let how = supervision::install(&layout, &config)?;
             println!("supervision={}", how.as_str());
         }
         Command::Service(ServiceCommand::Stop) => {
@@ -129,8 +150,34 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
+/// Whether this host has the address to listen on (a running agent may
+/// hold the port itself: only a foreign address is refused).
+fn check_listen_address(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(listen) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => Err(anyhow::anyhow!(
+            "cannot listen on {listen}: this host has no such address; pass the host's own address with --agent-bind"
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn serve(layout: &Layout) -> anyhow::Result<()> {
     let config = AgentConfig::load(&layout.config())?;
+    let roots = config.roots_on_host(layout.root()).map_err(|reason| {
+        imfleet_agent::config::ConfigError::Roots {
+            path: layout.config().display().to_string(),
+            reason,
+        }
+    })?;
+    if roots.is_none() {
+        tracing::warn!(
+            "no data directories are configured: deployments are refused until `controller bootstrap` is run again"
+        );
+    }
+    match supervision::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let identity = identity::load(layout)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -158,6 +205,6 @@ async fn serve(layout: &Layout) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    server::serve(layout, &identity, facts, listener, shutdown).await?;
+    server::serve(layout, &identity, facts, roots, listener, shutdown).await?;
     Ok(())
 }

@@ -17,15 +17,14 @@ use imfleet_proto::agent::v1::{
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{AuditLog, Caller, Entry};
+use crate::deploy::{DeployError, Deployer, DeployerConfig};
 use crate::identity::ServingIdentity;
 use crate::layout::Layout;
-
-/// How long a client gets to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::policy::Roots;
 
 /// Facts the agent reports about itself.
 #[derive(Debug, Clone)]
@@ -52,23 +51,60 @@ impl AgentFacts {
 pub struct AgentService {
     started: Instant,
     facts: AgentFacts,
-    deployer: Arc<crate::deploy::Deployer>,
+    deployer: Arc<Deployer>,
+    audit: Arc<AuditLog>,
 }
 
 impl AgentService {
-    pub fn new(facts: AgentFacts, layout: &Layout) -> Result<Self, crate::deploy::DeployError> {
+    pub fn new(
+        facts: AgentFacts,
+        layout: &Layout,
+        roots: Option<Roots>,
+    ) -> Result<Self, ServeError> {
+        let deployer = Deployer::new(&DeployerConfig {
+            spool_dir: layout.spool_dir(),
+            state_dir: layout.state_dir(),
+            roots,
+        })?;
+        let audit_path = layout.audit_log();
+        if let Some(dir) = audit_path.parent() {
+            std::fs::create_dir_all(dir).map_err(ServeError::Audit)?;
+        }
         Ok(AgentService {
             started: Instant::now(),
             facts,
-            deployer: Arc::new(crate::deploy::Deployer::new(&layout.spool_dir())?),
+            deployer: Arc::new(deployer),
+            audit: Arc::new(AuditLog::open(&audit_path).map_err(ServeError::Audit)?),
         })
+    }
+
+    fn audit(&self, caller: &Caller, rpc: &str, deployment: &str, detail: String, outcome: String) {
+        self.audit.record(&Entry {
+            at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            caller,
+            rpc,
+            deployment,
+            detail,
+            outcome,
+        });
     }
 }
 
-fn deploy_status(e: crate::deploy::DeployError) -> Status {
+fn deploy_status(e: DeployError) -> Status {
     match e {
-        crate::deploy::DeployError::Invalid(m) => Status::failed_precondition(m),
+        DeployError::Invalid(m) => Status::failed_precondition(m),
         other => Status::internal(other.to_string()),
+    }
+}
+
+/// An outcome as the audit log shows it.
+fn outcome_text<T>(result: &Result<T, Status>) -> String {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            format!("refused: {}", s.message())
+        }
+        Err(s) => format!("failed: {}", s.message()),
     }
 }
 
@@ -86,6 +122,11 @@ impl Agent for AgentService {
             certificate_not_after: self.facts.certificate_not_after,
             supervision: self.facts.supervision.clone(),
             platform: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            data_roots: self
+                .deployer
+                .roots()
+                .map(Roots::describe)
+                .unwrap_or_default(),
         }))
     }
 
@@ -106,13 +147,37 @@ impl Agent for AgentService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<Self::ApplyStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        let spec = request.spec.clone().unwrap_or_default();
+        let images: Vec<&str> = spec.containers.iter().map(|c| c.image.as_str()).collect();
+        let detail = format!("config {} images {}", spec.config_hash, images.join(","));
+        self.audit(
+            &caller,
+            "apply",
+            &spec.name,
+            detail.clone(),
+            "started".into(),
+        );
         let (tx, rx) = mpsc::channel(64);
         let deployer = self.deployer.clone();
+        let audit = self.audit.clone();
         // The apply runs to completion even if the controller goes away, so
         // the host never stays half-changed.
         tokio::spawn(async move {
             let outcome = deployer.apply(request, tx.clone()).await;
+            audit.record(&Entry {
+                at: time::OffsetDateTime::now_utc().unix_timestamp(),
+                caller: &caller,
+                rpc: "apply",
+                deployment: &spec.name,
+                detail,
+                outcome: if outcome.success {
+                    "ok".into()
+                } else {
+                    format!("failed: {}", outcome.error)
+                },
+            });
             let _ = tx
                 .send(ApplyEvent {
                     phase: "outcome".into(),
@@ -131,14 +196,28 @@ impl Agent for AgentService {
         &self,
         request: Request<ControlRequest>,
     ) -> Result<Response<DeploymentStatus>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let action = Action::try_from(r.action).unwrap_or(Action::Unspecified);
         let grace = Duration::from_secs(u64::from(r.stop_grace_seconds));
-        self.deployer
+        let result = self
+            .deployer
             .control(&r.deployment, action, grace, &r.purge_paths)
             .await
             .map(Response::new)
-            .map_err(deploy_status)
+            .map_err(deploy_status);
+        let mut detail = format!("{action:?} grace {}s", r.stop_grace_seconds).to_lowercase();
+        if !r.purge_paths.is_empty() {
+            detail.push_str(&format!(" purge {}", r.purge_paths.join(",")));
+        }
+        self.audit(
+            &caller,
+            "control",
+            &r.deployment,
+            detail,
+            outcome_text(&result),
+        );
+        result
     }
 
     async fn status(
@@ -157,15 +236,24 @@ impl Agent for AgentService {
         request: Request<tonic::Streaming<ImageChunk>>,
     ) -> Result<Response<LoadedImage>, Status> {
         use crate::deploy::images::LoadError;
-        match self.deployer.load_image(request.into_inner()).await {
-            Ok(loaded) => Ok(Response::new(LoadedImage { loaded })),
+        let caller = Caller::of(&request);
+        self.audit(&caller, "load_image", "", String::new(), "started".into());
+        let result = match self.deployer.load_image(request.into_inner()).await {
+            Ok(loaded) => Ok(loaded),
             Err(e @ (LoadError::Io(_) | LoadError::Docker(_))) => {
                 Err(Status::internal(e.to_string()))
             }
             Err(e @ LoadError::Busy) => Err(Status::unavailable(e.to_string())),
+            Err(e @ LoadError::Stalled(_)) => Err(Status::deadline_exceeded(e.to_string())),
             Err(e @ LoadError::NoSpace { .. }) => Err(Status::resource_exhausted(e.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),
-        }
+        };
+        let detail = match &result {
+            Ok(loaded) => format!("loaded {}", loaded.join(",")),
+            Err(_) => String::new(),
+        };
+        self.audit(&caller, "load_image", "", detail, outcome_text(&result));
+        result.map(|loaded| Response::new(LoadedImage { loaded }))
     }
 
     type LogsStream = EventStream<LogLine>;
@@ -174,67 +262,20 @@ impl Agent for AgentService {
         &self,
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let r = request.into_inner();
-        let deployer = self.deployer.clone();
-        let names: Vec<String> = if r.container.is_empty() {
-            deployer
-                .status(&r.deployment)
-                .await
-                .map_err(deploy_status)?
-                .containers
-                .into_iter()
-                .map(|c| c.name)
-                .collect()
-        } else {
-            vec![r.container.clone()]
-        };
-        let (tx, rx) = mpsc::channel(256);
-        for name in names {
-            let tx = tx.clone();
-            let docker = deployer.docker().clone();
-            let options = bollard::query_parameters::LogsOptions {
-                stdout: true,
-                stderr: true,
-                follow: r.follow,
-                tail: if r.tail == 0 {
-                    "100".into()
-                } else {
-                    r.tail.to_string()
-                },
-                ..Default::default()
-            };
-            tokio::spawn(async move {
-                let mut stream = docker.logs(&name, Some(options));
-                while let Some(item) = futures::StreamExt::next(&mut stream).await {
-                    let line = match item {
-                        Ok(bollard::container::LogOutput::StdErr { message }) => LogLine {
-                            container: name.clone(),
-                            line: String::from_utf8_lossy(&message).trim_end().to_owned(),
-                            stderr: true,
-                        },
-                        Ok(other) => LogLine {
-                            container: name.clone(),
-                            line: other.to_string().trim_end().to_owned(),
-                            stderr: false,
-                        },
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                            break;
-                        }
-                    };
-                    if tx.send(Ok(line)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let rx = self
+            .deployer
+            .logs(&request.into_inner())
+            .await
+            .map_err(deploy_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// Admits a request only if the TLS peer presented a certificate with the
-/// controller role. TLS has already checked the chain and clientAuth EKU;
-/// this is the one place the role is checked, for every RPC.
+/// Admits a request only if the TLS peer presented a certificate with
+/// exactly the controller role and a clientAuth EKU. TLS has already checked
+/// the chain (and the EKU where there is one: TLS stacks accept a
+/// certificate with none); this is the one place the role is checked, for
+/// every RPC.
 #[allow(clippy::result_large_err)]
 pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
     let certs = request
@@ -243,14 +284,9 @@ pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    match imfleet_certs::role_of_der(leaf) {
-        Some(Role::Controller) => Ok(request),
-        Some(other) => Err(Status::permission_denied(format!(
-            "certificate role `{other}` may not call the agent"
-        ))),
-        None => Err(Status::permission_denied(
-            "certificate carries no imfleet role",
-        )),
+    match imfleet_certs::check_peer(leaf, Role::Controller) {
+        Ok(_) => Ok(request),
+        Err(e) => Err(Status::permission_denied(e.to_string())),
     }
 }
 
@@ -258,8 +294,12 @@ pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
 pub enum ServeError {
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
-    #[error("cannot set up the Docker Engine client: {0}")]
-    Docker(#[from] crate::deploy::DeployError),
+    #[error("cannot set up deployments: {0}")]
+    Deploy(#[from] DeployError),
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
+    #[error(transparent)]
+    Listener(#[from] crate::listener::ListenerError),
 }
 
 /// Serves the agent API on `listener` until `shutdown` completes.
@@ -267,23 +307,17 @@ pub async fn serve(
     layout: &Layout,
     identity: &ServingIdentity,
     facts: AgentFacts,
+    roots: Option<Roots>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
-        .client_ca_root(Certificate::from_pem(&identity.ca_pem))
-        .client_auth_optional(false)
-        .timeout(HANDSHAKE_TIMEOUT);
+    let acceptor = crate::listener::tls_acceptor(identity)?;
     let service =
-        AgentServer::with_interceptor(AgentService::new(facts, layout)?, require_controller);
+        AgentServer::with_interceptor(AgentService::new(facts, layout, roots)?, require_controller);
+    let incoming = ReceiverStream::new(crate::listener::incoming(listener, acceptor));
     Server::builder()
-        .tls_config(tls)?
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -15,6 +15,10 @@ use imfleet_certs::storage::write_atomically as write_file_atomically;
 
 /// Set in the agent's environment to say who supervises it.
 pub const SUPERVISION_ENV: &str = "IMFLEET_SUPERVISION";
+/// The only PATH the agent runs with, whoever started it.
+pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Open files the agent may hold: connections, image uploads, tree walks.
+pub const NOFILE_LIMIT: u64 = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Supervision {
@@ -67,6 +71,9 @@ pub fn systemd_unit(layout: &Layout) -> String {
          [Service]\n\
          Type=simple\n\
          Environment={env}=systemd\n\
+         Environment=PATH={path}\n\
+         WorkingDirectory=/\n\
+         LimitNOFILE={nofile}\n\
          ExecStart={bin} --root {root} serve\n\
          Restart=always\n\
          RestartSec=2\n\
@@ -74,6 +81,8 @@ pub fn systemd_unit(layout: &Layout) -> String {
          [Install]\n\
          WantedBy=multi-user.target\n",
         env = SUPERVISION_ENV,
+        path = SAFE_PATH,
+        nofile = NOFILE_LIMIT,
         bin = layout.binary().display(),
         root = layout.root().display(),
     )
@@ -171,11 +180,12 @@ fn spawn_supervisor(layout: &Layout) -> Result<(), SupervisionError> {
         .map_err(io("open agent log"))?;
     let log2 = log.try_clone().map_err(io("open agent log"))?;
     let binary = agent_binary(layout);
-    std::process::Command::new(&binary)
+    let mut command = std::process::Command::new(&binary);
+    clean_environment(&mut command);
+    command
         .arg("--root")
         .arg(layout.root())
         .arg("supervise")
-        .env(SUPERVISION_ENV, Supervision::Supervisor.as_str())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -183,6 +193,33 @@ fn spawn_supervisor(layout: &Layout) -> Result<(), SupervisionError> {
         .spawn()
         .map_err(io(format!("start {}", binary.display())))?;
     Ok(())
+}
+
+/// What the agent starts with, whoever called `service install` (a sudo
+/// session, an SSH login): no inherited environment but the log filter, a
+/// fixed PATH, and `/` as working directory.
+fn clean_environment(command: &mut std::process::Command) {
+    command
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env(SUPERVISION_ENV, Supervision::Supervisor.as_str())
+        .current_dir("/");
+    if let Ok(filter) = std::env::var("IMFLEET_LOG") {
+        command.env("IMFLEET_LOG", filter);
+    }
+}
+
+/// Raises the soft open-files limit to [`NOFILE_LIMIT`] (or the hard limit,
+/// if lower): the default 1,024 lets a few idle connections starve the agent.
+pub fn raise_open_files_limit() -> Result<u64, nix::errno::Errno> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let want = NOFILE_LIMIT.min(hard);
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard)?;
+        return Ok(want);
+    }
+    Ok(soft)
 }
 
 /// The installed binary when present, else this very executable (dev runs).
@@ -214,11 +251,12 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let mut child = tokio::process::Command::new(agent_binary(layout))
+        let mut command = std::process::Command::new(agent_binary(layout));
+        clean_environment(&mut command);
+        let mut child = tokio::process::Command::from(command)
             .arg("--root")
             .arg(layout.root())
             .arg("serve")
-            .env(SUPERVISION_ENV, Supervision::Supervisor.as_str())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -264,6 +302,9 @@ mod tests {
         assert!(unit.contains("Restart=always\n"));
         assert!(unit.contains("Environment=IMFLEET_SUPERVISION=systemd\n"));
         assert!(unit.contains("WantedBy=multi-user.target\n"));
+        assert!(unit.contains("LimitNOFILE=65536\n"));
+        assert!(unit.contains("WorkingDirectory=/\n"));
+        assert!(unit.contains(&format!("Environment=PATH={SAFE_PATH}\n")));
     }
 
     #[test]
@@ -275,5 +316,36 @@ mod tests {
         std::fs::write(layout.supervisor_pid(), format!("{}\n", std::process::id())).unwrap();
         assert_eq!(running_supervisor(&layout), None);
         assert!(!stop_supervisor(&layout).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_starts_with_a_clean_environment_in_the_root_directory() {
+        let mut command = std::process::Command::new("/bin/sh");
+        clean_environment(&mut command);
+        command.args(["-c", "env; pwd"]);
+        // The test runner's own environment (HOME, CARGO_*, ...) is what
+        // must not leak through.
+        assert!(std::env::vars().any(|(k, _)| k.starts_with("CARGO") || k == "HOME"));
+        let out = command.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.pop(), Some("/"));
+        // `sh` adds PWD (and some add SHLVL/_); nothing else is inherited.
+        let vars: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| !["PWD", "SHLVL", "_", "OLDPWD"].contains(k))
+            .filter(|k| *k != "IMFLEET_LOG")
+            .collect();
+        let mut vars = vars;
+        vars.sort();
+        assert_eq!(vars, ["IMFLEET_SUPERVISION", "PATH"]);
+        assert!(text.contains(&format!("PATH={SAFE_PATH}\n")));
+        assert!(text.contains("IMFLEET_SUPERVISION=supervisor\n"));
     }
 }

@@ -15,7 +15,12 @@ use crate::{CertError, Role};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateInfo {
     pub common_name: String,
+    /// The role the first OU names (see [`check_peer`] for the strict rule).
     pub role: Option<Role>,
+    /// Every organisational unit of the subject, in order.
+    pub organizational_units: Vec<String>,
+    /// Whether the certificate has an extended key usage extension at all.
+    pub has_eku: bool,
     pub serial_hex: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
@@ -48,6 +53,10 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
                 .to_owned()
         };
     let common_name = first_attr(&mut subject.iter_common_name());
+    let organizational_units: Vec<String> = subject
+        .iter_organizational_unit()
+        .map(|a| a.as_str().unwrap_or_default().to_owned())
+        .collect();
     let role = Role::parse(&first_attr(&mut subject.iter_organizational_unit()));
 
     let mut subject_alt_names = Vec::new();
@@ -64,14 +73,16 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
             }
         }
     }
-    let (server_auth, client_auth) = match cert.extended_key_usage() {
-        Ok(Some(eku)) => (eku.value.server_auth, eku.value.client_auth),
-        _ => (false, false),
+    let (has_eku, server_auth, client_auth) = match cert.extended_key_usage() {
+        Ok(Some(eku)) => (true, eku.value.server_auth, eku.value.client_auth),
+        _ => (false, false, false),
     };
     let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
     Ok(CertificateInfo {
         common_name,
         role,
+        organizational_units,
+        has_eku,
         serial_hex: cert.raw_serial_as_string().replace(':', ""),
         not_before: cert.validity().not_before.to_datetime(),
         not_after: cert.validity().not_after.to_datetime(),
@@ -86,6 +97,44 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
 /// The role a DER certificate claims, if it parses and claims one.
 pub fn role_of_der(der: &[u8]) -> Option<Role> {
     inspect_der(der).ok().and_then(|info| info.role)
+}
+
+/// What a peer's certificate must say on top of chaining to the CA: exactly
+/// one organisational unit, naming `role`, and an EKU extension naming the
+/// role's purpose (clientAuth for the controller, serverAuth for an agent).
+/// TLS libraries accept a certificate without any EKU; imfleet does not.
+pub fn check_peer(der: &[u8], role: Role) -> Result<CertificateInfo, CertError> {
+    let info = inspect_der(der)?;
+    let refuse = |why: String| Err(CertError::Verify(why));
+    match info.organizational_units.as_slice() {
+        [only] if Role::parse(only) == Some(role) => {}
+        [] => {
+            return refuse(format!(
+                "the certificate carries no imfleet role; `{role}` is required"
+            ));
+        }
+        [only] => return refuse(format!("certificate role `{only}` is not `{role}`")),
+        many => {
+            return refuse(format!(
+                "the certificate names {} roles; exactly one (`{role}`) is allowed",
+                many.len()
+            ));
+        }
+    }
+    let purpose_ok = match role {
+        Role::Controller => info.client_auth,
+        Role::Agent => info.server_auth,
+    };
+    if !info.has_eku || !purpose_ok || info.is_ca {
+        let purpose = match role {
+            Role::Controller => "clientAuth",
+            Role::Agent => "serverAuth",
+        };
+        return refuse(format!(
+            "a `{role}` certificate must be a leaf with an extended key usage naming {purpose}"
+        ));
+    }
+    Ok(info)
 }
 
 /// Verifies `cert_pem` as an agent would be verified by the controller's TLS

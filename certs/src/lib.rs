@@ -19,7 +19,7 @@ pub mod storage;
 pub use authority::{CertificateAuthority, IssuedIdentity, Validity};
 pub use error::CertError;
 pub use inspect::{
-    CertificateInfo, inspect_der, inspect_pem, key_matches_certificate, role_of_der,
+    CertificateInfo, check_peer, inspect_der, inspect_pem, key_matches_certificate, role_of_der,
     split_certificates_pem, verify_server_identity,
 };
 pub use request::{KeyAndRequest, generate_key_and_request};

@@ -10,7 +10,7 @@ use imfleet_proto::agent::v1::{
     ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
     StatusRequest,
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error_chain;
 use crate::state::ClientIdentity;
@@ -51,12 +51,10 @@ pub struct AgentAddress {
 }
 
 impl AgentAddress {
+    /// The URI tonic is given: TLS is done by [`crate::agent_tls`], so the
+    /// scheme is plain.
     fn uri(&self) -> String {
-        if self.host.contains(':') {
-            format!("https://[{}]:{}", self.host, self.port)
-        } else {
-            format!("https://{}:{}", self.host, self.port)
-        }
+        format!("http://{self}")
     }
 }
 
@@ -98,6 +96,7 @@ pub enum AgentError {
 pub struct Agent {
     address: AgentAddress,
     client: AgentClient<Channel>,
+    presented: crate::agent_tls::Presented,
 }
 
 /// The answer to a ping, with the time the round trip took.
@@ -105,6 +104,9 @@ pub struct Agent {
 pub struct PingOutcome {
     pub reply: PingReply,
     pub round_trip: Duration,
+    /// Expiry (Unix seconds) of the certificate the agent presented in the
+    /// handshake: what the controller trusts, whatever the reply says.
+    pub certificate_not_after: i64,
 }
 
 impl Agent {
@@ -117,29 +119,48 @@ impl Agent {
             address: address.to_string(),
             detail,
         };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&identity.ca_pem))
-            .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
-            .domain_name(address.host.clone());
+        let server_name = rustls_pki_types::ServerName::try_from(address.host.clone())
+            .map_err(|e| bad(e.to_string()))?;
+        let config =
+            crate::agent_tls::client_config(identity).map_err(|detail| AgentError::Tls {
+                address: address.to_string(),
+                detail,
+                hint: "The controller's own identity is unusable; run `controller init`",
+            })?;
+        let presented = crate::agent_tls::Presented::default();
+        let connector = crate::agent_tls::AgentConnector {
+            config,
+            server_name,
+            host: address.host.clone(),
+            port: address.port,
+            presented: presented.clone(),
+        };
         let endpoint = Endpoint::from_shared(address.uri())
             .map_err(|e| bad(e.to_string()))?
-            .tls_config(tls)
-            .map_err(|e| bad(error_chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
         let channel = endpoint
-            .connect()
+            .connect_with_connector(connector)
             .await
             .map_err(|e| classify_transport(address, &e))?;
         Ok(Agent {
             address: address.clone(),
             client: AgentClient::new(channel),
+            presented,
         })
     }
 
     pub fn address(&self) -> &AgentAddress {
         &self.address
+    }
+
+    /// The certificate the agent presented in the handshake.
+    pub fn presented_certificate(&self) -> Option<imfleet_certs::CertificateInfo> {
+        self.presented
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub async fn ping(&self) -> Result<PingOutcome, AgentError> {
@@ -154,9 +175,14 @@ impl Agent {
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner();
+        let certificate_not_after = self
+            .presented_certificate()
+            .map(|c| c.not_after.unix_timestamp())
+            .unwrap_or_default();
         Ok(PingOutcome {
             reply,
             round_trip: started.elapsed(),
+            certificate_not_after,
         })
     }
 

@@ -7,9 +7,11 @@
 //! - [`ssh`]: the one-time SSH channel, through the system OpenSSH client.
 //! - [`bootstrap`]: installing the agent on a host; `plan` holds its pure logic.
 //! - [`agent_client`]: mTLS gRPC to agents.
+//! - [`agent_tls`]: the TLS half of that: imfleet's rules on the agent's certificate.
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
+pub mod agent_tls;
 pub mod bootstrap;
 pub mod deployment;
 pub mod pbx;

@@ -190,6 +190,9 @@ pub fn classify_connect_failure(target: &str, resolved: &ResolvedTarget, stderr:
     SshError::Other { target, detail }
 }
 
+/// Seconds the SSH master connection outlives its last use.
+const MASTER_IDLE_SECONDS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(60).unwrap();
+
 /// Output of one remote command.
 #[derive(Debug)]
 pub struct RemoteOutput {
@@ -222,6 +225,9 @@ impl Remote {
             .known_hosts_check(KnownHosts::Add)
             .connect_timeout(timeout)
             .server_alive_interval(Duration::from_secs(5))
+            // A controller killed mid-bootstrap must not leave a master
+            // connection (a root session on the host) behind for long.
+            .control_persist(openssh::ControlPersist::IdleFor(MASTER_IDLE_SECONDS))
             .control_directory(control_dir);
         if let Some(user) = &opts.user {
             builder.user(user.clone());

@@ -29,9 +29,40 @@ pub enum StateError {
     )]
     MissingCaKey(String),
     #[error(
+        "state directory {0} is incomplete: the CA key exists but the CA certificate (ca.pem) is missing; restore ca.pem from backup (a new CA would orphan every bootstrapped agent)"
+    )]
+    MissingCaCert(String),
+    #[error(
+        "{0} is not empty and is not an imfleet state directory; pass an empty or new directory as --state-dir (nothing was changed)"
+    )]
+    ForeignDirectory(String),
+    #[error(
         "no home directory to keep controller state in; pass --state-dir or set IMFLEET_STATE_DIR"
     )]
     NoDefault,
+}
+
+/// Makes `dir` a private (0700) state directory: creates it, or takes over
+/// an empty one, or re-secures one that already holds imfleet state. Never
+/// changes the mode of someone else's non-empty directory.
+fn prepare_state_dir(dir: &Path) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            let ours = [files::CA_CERT, files::CA_KEY, files::DATABASE, files::LOCK]
+                .iter()
+                .any(|f| dir.join(f).exists());
+            if entries.next().is_some() && !ours {
+                return Err(StateError::ForeignDirectory(dir.display().to_string()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    ensure_private_dir(dir).map_err(io)
 }
 
 /// Where the controller keeps its state unless told otherwise:
@@ -49,6 +80,8 @@ pub fn default_state_dir() -> Result<PathBuf, StateError> {
 pub mod files {
     pub const CA_CERT: &str = "ca.pem";
     pub const CA_KEY: &str = "ca.key";
+    /// A new CA key until its certificate is written.
+    pub const CA_KEY_PENDING: &str = "ca.key.pending";
     pub const CONTROLLER_CERT: &str = "controller.pem";
     pub const CONTROLLER_KEY: &str = "controller.key";
     pub const DATABASE: &str = "state.db";
@@ -95,7 +128,7 @@ impl ControllerState {
             let path = path.display().to_string();
             move |source| StateError::Io { path, source }
         };
-        ensure_private_dir(dir).map_err(io(dir))?;
+        prepare_state_dir(dir)?;
         // One controller process at a time creates files; others wait here.
         let lock_path = dir.join(files::LOCK);
         let lock = File::create(&lock_path).map_err(io(&lock_path))?;
@@ -168,19 +201,41 @@ fn load_or_create_ca(
     dir: &Path,
     created: &mut Vec<String>,
 ) -> Result<CertificateAuthority, StateError> {
+    let pending = dir.join(files::CA_KEY_PENDING);
     match (read(dir, files::CA_CERT)?, read(dir, files::CA_KEY)?) {
         (Some(cert), Some(key)) => {
             CertificateAuthority::from_pem(&cert, &key).map_err(cert_err(dir, files::CA_KEY))
         }
-        (Some(_), None) => Err(StateError::MissingCaKey(dir.display().to_string())),
-        (None, _) => {
+        (Some(cert), None) => {
+            // A crash between writing the certificate and moving its key
+            // into place: finish, if the pending key really is its key.
+            let ca = read(dir, files::CA_KEY_PENDING)?
+                .and_then(|key| CertificateAuthority::from_pem(&cert, &key).ok())
+                .ok_or_else(|| StateError::MissingCaKey(dir.display().to_string()))?;
+            std::fs::rename(&pending, dir.join(files::CA_KEY)).map_err(|source| {
+                StateError::Io {
+                    path: pending.display().to_string(),
+                    source,
+                }
+            })?;
+            Ok(ca)
+        }
+        (None, Some(_)) => Err(StateError::MissingCaCert(dir.display().to_string())),
+        (None, None) => {
             let host = hostname_or_default();
             let ca = CertificateAuthority::generate(&format!("imfleet CA ({host})"))
                 .map_err(cert_err(dir, files::CA_CERT))?;
-            // Key first: a crash in between leaves a key without a cert, which
-            // the next run simply replaces.
-            write(dir, files::CA_KEY, ca.key_pem(), 0o600)?;
+            // The key becomes `ca.key` only once its certificate is written:
+            // an existing `ca.key` always has its certificate, and is never
+            // overwritten.
+            write(dir, files::CA_KEY_PENDING, ca.key_pem(), 0o600)?;
             write(dir, files::CA_CERT, ca.cert_pem(), 0o644)?;
+            std::fs::rename(&pending, dir.join(files::CA_KEY)).map_err(|source| {
+                StateError::Io {
+                    path: pending.display().to_string(),
+                    source,
+                }
+            })?;
             // A new CA invalidates any identity issued by a previous one.
             let _ = std::fs::remove_file(dir.join(files::CONTROLLER_CERT));
             created.push(files::CA_CERT.to_owned());
@@ -284,5 +339,54 @@ mod tests {
         let err = ControllerState::open_or_init(tmp.path()).unwrap_err();
         assert!(matches!(err, StateError::MissingCaKey(_)), "{err}");
         assert!(!tmp.path().join(files::CA_KEY).exists());
+    }
+
+    #[test]
+    fn a_lost_ca_certificate_never_replaces_the_ca_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        ControllerState::open_or_init(tmp.path()).unwrap();
+        let key = std::fs::read(tmp.path().join(files::CA_KEY)).unwrap();
+        std::fs::remove_file(tmp.path().join(files::CA_CERT)).unwrap();
+        let err = ControllerState::open_or_init(tmp.path()).unwrap_err();
+        assert!(matches!(err, StateError::MissingCaCert(_)), "{err}");
+        assert_eq!(std::fs::read(tmp.path().join(files::CA_KEY)).unwrap(), key);
+        assert!(!tmp.path().join(files::CA_CERT).exists());
+    }
+
+    #[test]
+    fn an_interrupted_ca_creation_is_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (first, _) = ControllerState::open_or_init(tmp.path()).unwrap();
+        drop(first);
+        // As if the process died right after writing ca.pem.
+        std::fs::rename(
+            tmp.path().join(files::CA_KEY),
+            tmp.path().join(files::CA_KEY_PENDING),
+        )
+        .unwrap();
+        ControllerState::open_or_init(tmp.path()).unwrap();
+        assert!(tmp.path().join(files::CA_KEY).exists());
+        assert!(!tmp.path().join(files::CA_KEY_PENDING).exists());
+    }
+
+    #[test]
+    fn a_foreign_non_empty_directory_is_not_taken_over() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(home.join("notes.txt"), "mine").unwrap();
+        let err = ControllerState::open_or_init(&home).unwrap_err();
+        assert!(matches!(err, StateError::ForeignDirectory(_)), "{err}");
+        let mode = std::fs::metadata(&home).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        assert_eq!(std::fs::read_dir(&home).unwrap().count(), 1);
+        // An empty directory is fine, and becomes private.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        ControllerState::open_or_init(&empty).unwrap();
+        let mode = std::fs::metadata(&empty).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 }

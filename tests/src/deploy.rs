@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{Controller, Run, TestHost, bootstrapped_host};
+use crate::{Controller, Run, TestHost, bootstrapped_host_with};
 
 pub const IMAGE: &str = "imfleet-test/pbx:22";
 pub const DB_IMAGE: &str = "imfleet-test/postgresql:14.12";
@@ -31,10 +31,14 @@ impl Default for Setup {
 }
 
 impl Setup {
-    /// Starts a host, bootstraps it and writes the token file.
+    /// Starts a host, bootstraps it (its data directories in a scratch
+    /// directory) and writes the token file.
     pub fn new() -> Setup {
-        let (host, controller) = bootstrapped_host();
         let work = tempfile::tempdir().unwrap();
+        let data = work.path().join("portsip").display().to_string();
+        let storage = work.path().join("storage").display().to_string();
+        let (host, controller) =
+            bootstrapped_host_with(&["--data-path", &data, "--storage-dir", &storage]);
         let s = Setup {
             host,
             controller,
@@ -46,6 +50,11 @@ impl Setup {
 
     pub fn data_path(&self) -> PathBuf {
         self.work.path().join("portsip")
+    }
+
+    /// The `-f` directory the agent was bootstrapped with (not created).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.work.path().join("storage")
     }
 
     pub fn token_file(&self) -> PathBuf {

@@ -46,6 +46,9 @@ pub struct PbxState {
     pub fail_next: u32,
     /// Accept `POST /api/im` but keep the old addresses (a misbehaving PBX).
     pub ignore_im_updates: bool,
+    /// Answer the login with `307 Temporary Redirect` to this URL (a
+    /// hijacked or misconfigured portal).
+    pub redirect_login_to: Option<String>,
     pub logins: u32,
     pub refreshes: u32,
     pub revoked: u32,
@@ -69,6 +72,7 @@ impl PbxState {
             retry_after_secs: None,
             fail_next: 0,
             ignore_im_updates: false,
+            redirect_login_to: None,
             logins: 0,
             refreshes: 0,
             revoked: 0,
@@ -220,6 +224,13 @@ struct TokenForm {
 
 async fn token(State(state): State<Shared>, Form(form): Form<TokenForm>) -> Response {
     let mut s = state.lock().unwrap();
+    if let Some(to) = &s.redirect_login_to {
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, to.clone())],
+        )
+            .into_response();
+    }
     if form.client_id != CLIENT_ID {
         return error(
             StatusCode::BAD_REQUEST,

@@ -9,6 +9,7 @@
 pub mod deploy;
 pub mod fake_pbx;
 pub mod host;
+pub mod inproc;
 pub mod pki;
 
 use std::path::PathBuf;
@@ -165,9 +166,14 @@ pub fn im_ports_lock() -> std::fs::File {
 
 /// Starts a host and bootstraps it as root; the usual start of a test.
 pub fn bootstrapped_host() -> (TestHost, Controller) {
+    bootstrapped_host_with(&[])
+}
+
+/// [`bootstrapped_host`] with extra bootstrap arguments.
+pub fn bootstrapped_host_with(extra: &[&str]) -> (TestHost, Controller) {
     let host = TestHost::start();
     let controller = Controller::new();
-    let run = controller.bootstrap(&host, SshUser::Root, &[]);
+    let run = controller.bootstrap(&host, SshUser::Root, extra);
     assert!(
         run.success(),
         "bootstrap failed: {run:#?}\nagent log:\n{}",

@@ -82,6 +82,11 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
             .contains("portsip.instantmessage: im: serving clients on 8887"),
         "{logs:#?}"
     );
+    // The IM logs its token; the agent redacts it from what it serves.
+    assert!(
+        logs.stderr.contains("using token [redacted]") && !logs.stderr.contains(TOKEN),
+        "{logs:#?}"
+    );
     let json_logs = s
         .controller
         .run(&["logs", &s.address(), "--json", "-n", "5"]);
@@ -306,7 +311,8 @@ fn bad_input_is_refused_before_anything_changes_on_the_host() {
     s.write_token(TOKEN);
 
     // A missing -f directory: preflight fails and nothing is done...
-    let missing = "/srv/imfleet-test-missing-storage";
+    let missing = s.storage_dir().display().to_string();
+    let missing = missing.as_str();
     let run = s.deploy_with(&["-f", missing], false);
     assert_eq!(run.status, Some(1), "{run:#?}");
     assert!(

@@ -1,66 +1,30 @@
 //! Mutual TLS between controller and agent refuses every identity it should:
 //! the real agent server in-process, the controller's real client code.
 
-use std::net::SocketAddr;
-
-use imfleet_agent::identity::ServingIdentity;
-use imfleet_agent::server::{AgentFacts, serve};
+use imfleet_agent::server::AgentFacts;
 use imfleet_certs::{CONTROLLER_LIFETIME, CertificateAuthority, IssuedIdentity, Validity};
 use imfleet_controller::agent_client::{Agent, AgentAddress, AgentError};
 use imfleet_controller::state::ClientIdentity;
 use imfleet_proto::agent::v1::PingRequest;
 use imfleet_proto::agent::v1::agent_client::AgentClient;
-use imfleet_tests::pki::agent_identity_now;
-use tokio::sync::oneshot;
-
-/// An agent serving on 127.0.0.1 with a certificate for `sans`.
-struct RunningAgent {
-    addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
-}
+use imfleet_tests::inproc::{RunningAgent, client};
+use imfleet_tests::pki::{agent_identity_now, custom_identity};
+use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
 
 async fn start_agent(ca: &CertificateAuthority, sans: &[&str]) -> RunningAgent {
-    imfleet_certs::install_crypto_provider();
-    let issued = agent_identity_now(ca, sans);
-    let identity = ServingIdentity {
-        info: imfleet_certs::inspect_pem(&issued.cert_pem).unwrap(),
-        cert_pem: issued.cert_pem,
-        key_pem: issued.key_pem,
-        ca_pem: ca.cert_pem().to_owned(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let facts = AgentFacts::detect(&identity);
-    let root = tempfile::tempdir().unwrap();
-    tokio::spawn(async move {
-        let layout = imfleet_agent::layout::Layout::new(root.path());
-        serve(&layout, &identity, facts, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    RunningAgent { addr, _stop: stop }
+    start_agent_with(ca, agent_identity_now(ca, sans), |_| {}).await
+}
+
+async fn start_agent_with(
+    ca: &CertificateAuthority,
+    issued: IssuedIdentity,
+    lie: impl FnOnce(&mut AgentFacts),
+) -> RunningAgent {
+    imfleet_tests::inproc::start_agent(ca, issued, None, lie).await
 }
 
 fn controller_identity(ca: &CertificateAuthority, validity: Validity) -> IssuedIdentity {
     ca.issue_controller("controller@test", validity).unwrap()
-}
-
-fn client(trusted_ca: &CertificateAuthority, presented: &IssuedIdentity) -> ClientIdentity {
-    ClientIdentity {
-        ca_pem: trusted_ca.cert_pem().to_owned(),
-        cert_pem: presented.cert_pem.clone(),
-        key_pem: presented.key_pem.clone(),
-    }
-}
-
-fn address(agent: &RunningAgent, host: &str) -> AgentAddress {
-    AgentAddress {
-        host: host.to_owned(),
-        port: agent.addr.port(),
-    }
 }
 
 /// Connect and ping; TLS 1.3 may report a refused client certificate only on
@@ -82,7 +46,7 @@ async fn the_controller_identity_is_accepted() {
         &ca,
         &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
     );
-    let agent_client = Agent::connect(&me, &address(&agent, "127.0.0.1"))
+    let agent_client = Agent::connect(&me, &agent.address("127.0.0.1"))
         .await
         .unwrap();
     let pong = agent_client.ping().await.unwrap();
@@ -125,7 +89,7 @@ async fn a_controller_certificate_from_a_foreign_ca_is_refused() {
         &ca,
         &controller_identity(&foreign, Validity::starting_now(CONTROLLER_LIFETIME)),
     );
-    let err = call(&me, &address(&agent, "127.0.0.1")).await.unwrap_err();
+    let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("alert: unknownca"), "{err}");
     assert!(
@@ -145,7 +109,7 @@ async fn an_expired_controller_certificate_is_refused() {
         not_after: now - time::Duration::days(1),
     };
     let me = client(&ca, &controller_identity(&ca, expired));
-    let err = call(&me, &address(&agent, "127.0.0.1")).await.unwrap_err();
+    let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(
         refusal_text(&err).contains("alert: certificateexpired"),
@@ -161,7 +125,7 @@ async fn an_agent_certificate_cannot_act_as_the_controller() {
     // A genuine agent identity from the same CA, presented as a client.
     let other_agent = agent_identity_now(&ca, &["127.0.0.5"]);
     let me = client(&ca, &other_agent);
-    let err = call(&me, &address(&agent, "127.0.0.1")).await.unwrap_err();
+    let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
     // Its EKU is serverAuth only, so the agent's TLS stack rejects it.
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(
@@ -179,7 +143,7 @@ async fn the_controller_refuses_an_agent_whose_san_is_not_the_dialled_address() 
         &ca,
         &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
     );
-    let err = call(&me, &address(&agent, "127.0.0.1")).await.unwrap_err();
+    let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("not valid for name"), "{err}");
 }
@@ -193,9 +157,7 @@ async fn the_controller_refuses_an_agent_from_a_foreign_ca() {
         &ca,
         &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
     );
-    let err = call(&me, &address(&impostor, "127.0.0.1"))
-        .await
-        .unwrap_err();
+    let err = call(&me, &impostor.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("unknownissuer"), "{err}");
 }
@@ -209,7 +171,7 @@ async fn an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
         &ca,
         &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
     );
-    let connected = Agent::connect(&me, &address(&agent, "127.0.0.1"))
+    let connected = Agent::connect(&me, &agent.address("127.0.0.1"))
         .await
         .unwrap();
     let data = b"pretend image bytes".to_vec();
@@ -228,4 +190,159 @@ async fn an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
     let text = err.to_string();
     assert!(text.contains("upload of pbx.tar is corrupt"), "{text}");
     assert!(text.contains("nothing was loaded"), "{text}");
+}
+
+#[tokio::test]
+async fn a_controller_certificate_without_an_eku_is_refused() {
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let agent = start_agent(&ca, &["127.0.0.1"]).await;
+    // TLS stacks accept a client certificate that has no EKU at all.
+    let no_eku = custom_identity(&ca, &["controller"], vec![], &[]);
+    let err = call(&client(&ca, &no_eku), &agent.address("127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("clientAuth"), "{err}");
+    // The same shape with the EKU is accepted: the refusal is the EKU's.
+    let with_eku = custom_identity(&ca, &["controller"], vec![ClientAuth], &[]);
+    call(&client(&ca, &with_eku), &agent.address("127.0.0.1"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_naming_two_roles_is_refused() {
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let agent = start_agent(&ca, &["127.0.0.1"]).await;
+    for units in [["controller", "agent"], ["agent", "controller"]] {
+        let two = custom_identity(&ca, &units, vec![ClientAuth], &[]);
+        let err = call(&client(&ca, &two), &agent.address("127.0.0.1"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::Refused { .. }),
+            "{units:?}: {err}"
+        );
+        assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn the_controller_refuses_a_server_certificate_without_the_agent_role() {
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let me = client(
+        &ca,
+        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
+    );
+    // Chains to the CA and names the address, but claims another role.
+    for units in [&["controller"][..], &[][..], &["agent", "controller"][..]] {
+        let impostor = custom_identity(&ca, units, vec![ServerAuth], &["127.0.0.1"]);
+        let agent = start_agent_with(&ca, impostor, |_| {}).await;
+        let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
+        assert!(matches!(err, AgentError::Tls { .. }), "{units:?}: {err}");
+        assert!(refusal_text(&err).contains("role"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn certificate_expiry_is_read_from_the_handshake_not_the_reply() {
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let issued = agent_identity_now(&ca, &["127.0.0.1"]);
+    let real = imfleet_certs::inspect_pem(&issued.cert_pem)
+        .unwrap()
+        .not_after
+        .unix_timestamp();
+    let agent = start_agent_with(&ca, issued, |facts| {
+        facts.certificate_not_after = 4_102_444_800; // "valid until 2100"
+    })
+    .await;
+    let me = client(
+        &ca,
+        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
+    );
+    let pong = Agent::connect(&me, &agent.address("127.0.0.1"))
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+    assert_eq!(pong.reply.certificate_not_after, 4_102_444_800);
+    assert_eq!(pong.certificate_not_after, real);
+}
+
+/// CPU time (user + system, clock ticks) this process has used.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_neither_spin_the_agent_nor_delay_the_controller() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // The default soft limit of a service: 1,024 descriptors.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        1024.min(hard),
+        hard,
+    )
+    .unwrap();
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let agent = start_agent(&ca, &["127.0.0.1"]).await;
+    // 1,100 clients that connect and never say a word, from another process
+    // (their descriptors must not count against the agent's).
+    let script = format!(
+        "import resource, socket, sys\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n\
+         held = [socket.create_connection(('127.0.0.1', {port}), timeout=30) for _ in range(1100)]\n\
+         print('ready', flush=True)\n\
+         sys.stdin.read()\n",
+        port = agent.addr.port()
+    );
+    let mut idle = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(idle.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let me = client(
+        &ca,
+        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
+    );
+    let before = cpu_ticks();
+    let measured = std::time::Instant::now();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        call(&me, &agent.address("127.0.0.1")).await.unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "a ping took {:?} behind idle connections",
+            started.elapsed()
+        );
+    }
+    // Let the agent sit with the idle connections: a spinning accept loop
+    // burns a whole core (100 ticks a second) here.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let ticks = cpu_ticks() - before;
+    let seconds = measured.elapsed().as_secs_f64();
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert!(
+        (ticks as f64) < 25.0 * seconds,
+        "the agent used {ticks} ticks of CPU in {seconds:.1} s with idle clients connected"
+    );
 }

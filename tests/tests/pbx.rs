@@ -206,3 +206,31 @@ async fn the_portal_certificate_is_verified() {
     );
     assert_eq!(pbx.state.lock().unwrap().logins, 3);
 }
+
+#[tokio::test]
+async fn a_redirected_login_is_not_followed_and_the_password_goes_nowhere_else() {
+    let pbx = FakePbx::start(PASSWORD).await;
+    // Where a hijacked portal would send the password form: plain HTTP and
+    // HTTPS elsewhere.
+    let catcher = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    catcher.set_nonblocking(true).unwrap();
+    let port = catcher.local_addr().unwrap().port();
+    for target in [
+        format!("http://127.0.0.1:{port}/steal"),
+        format!("https://127.0.0.1:{port}/steal"),
+    ] {
+        pbx.state.lock().unwrap().redirect_login_to = Some(target.clone());
+        let err = PbxClient::login(options(&pbx, pinned(&pbx)))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("redirect"), "{target}: {text}");
+        // reqwest follows before it returns: nothing connected, nothing will.
+        assert_eq!(
+            catcher.accept().unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "{target}: the login was re-sent"
+        );
+    }
+    assert_eq!(pbx.state.lock().unwrap().logins, 0);
+}

@@ -33,7 +33,7 @@ fn a_storage_dir_inside_the_data_mount_is_writable_and_ownership_drift_is_repair
     let _slot = ImSlot::take();
     let s = Setup::new();
     // The operator made the -f directory as root, as `mkdir` does.
-    let storage = s.work.path().join("storage");
+    let storage = s.storage_dir();
     std::fs::create_dir(&storage).unwrap();
     let storage_arg = storage.display().to_string();
     let run = s.deploy(&["-f", &storage_arg, "--json"]);
@@ -135,6 +135,20 @@ fn success_means_every_container_healthy_the_web_server_included() {
             ("portsip.webserver".to_owned(), "healthy".to_owned()),
         ]
     );
+
+    // A restore that brought back the database but lost `secrets/`: a new
+    // password would lock the IM out of its database, so deploy refuses,
+    // says how to fix it, and the running service is left as it was.
+    std::fs::remove_dir_all(s.data_path().join("secrets")).unwrap();
+    let run = s.deploy(&[]);
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("already in use") && run.stderr.contains("db_superuser_password"),
+        "{}",
+        run.stderr
+    );
+    assert!(!s.data_path().join("secrets/db_superuser_password").exists());
+    assert_eq!(s.status()[0]["healthy"], true);
 }
 
 #[test]

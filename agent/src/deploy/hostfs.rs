@@ -39,7 +39,7 @@ pub enum FsError {
     NotADirectory { path: String, what: String },
     #[error("{path} does not exist")]
     Missing { path: String },
-    #[error("{path}: not a regular file")]
+    #[error("{path}: not a regular file with a single name")]
     NotAFile { path: String },
     #[error("{path}: larger than {MAX_READ} bytes")]
     TooLarge { path: String },
@@ -285,6 +285,22 @@ pub fn read_file(path: &Path) -> Result<Option<String>, FsError> {
     read_file_in(&dir, name, path)
 }
 
+/// Whether `path` exists (as anything, a link included), resolving its
+/// directory under the symlink rule of [`open_dir`].
+pub fn exists(path: &Path) -> Result<bool, FsError> {
+    let (dir, name) = split(path)?;
+    let dir = match open_dir(dir, false) {
+        Ok(fd) => fd,
+        Err(FsError::Missing { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(sys("stat", path)(e)),
+    }
+}
+
 /// Whether only root can change the directory holding `path` and the way
 /// to it: the directory itself root-owned and writable by root alone, every
 /// ancestor too or sticky (as `/tmp`: others cannot move root's entries).
@@ -322,7 +338,9 @@ fn read_file_in(dir: &OwnedFd, name: &OsStr, path: &Path) -> Result<Option<Strin
         Err(e) => return Err(sys("open", path)(e)),
     };
     let stat = fstat(&fd).map_err(sys("stat", path))?;
-    if !is_kind(&stat, SFlag::S_IFREG) {
+    // A second name may be a hard link someone made to a file they cannot
+    // read: only a file with one name is read.
+    if !is_kind(&stat, SFlag::S_IFREG) || stat.st_nlink > 1 {
         return Err(FsError::NotAFile {
             path: path.display().to_string(),
         });

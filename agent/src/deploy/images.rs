@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 /// Largest archive accepted (PortSIP's `portsip/pbx` bundles the whole PBX:
 /// expect a gigabyte or more).
 pub const MAX_ARCHIVE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// Longest silence between two chunks of an upload: a controller that went
+/// away without closing its connection must not hold the one upload slot.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Space kept free on the spool's filesystem beyond the archive itself.
 const SPOOL_HEADROOM: u64 = 512 * 1024 * 1024;
 
@@ -45,6 +48,8 @@ pub enum LoadError {
     Io(#[from] std::io::Error),
     #[error("receiving the upload: {0}")]
     Transport(String),
+    #[error("the upload stalled: nothing arrived for {0} s; nothing was loaded")]
+    Stalled(u64),
     #[error("Docker Engine: {0}")]
     Docker(#[from] bollard::errors::Error),
 }
@@ -111,9 +116,13 @@ impl Spool {
         mut chunks: impl futures::Stream<Item = Result<ImageChunk, tonic::Status>> + Unpin,
     ) -> Result<Vec<String>, LoadError> {
         let _one_at_a_time = self.busy.try_lock().map_err(|_| LoadError::Busy)?;
-        let first = chunks
-            .next()
-            .await
+        let mut next = async || {
+            tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.next())
+                .await
+                .map_err(|_| LoadError::Stalled(UPLOAD_IDLE_TIMEOUT.as_secs()))
+        };
+        let first = next()
+            .await?
             .ok_or(LoadError::NoHeader)?
             .map_err(|s| LoadError::Transport(s.message().to_owned()))?;
         let header: ImageUploadHeader = first.header.ok_or(LoadError::NoHeader)?;
@@ -142,7 +151,7 @@ impl Spool {
             Ok(())
         };
         write(&first.data)?;
-        while let Some(chunk) = chunks.next().await {
+        while let Some(chunk) = next().await? {
             let chunk = chunk.map_err(|s| LoadError::Transport(s.message().to_owned()))?;
             write(&chunk.data)?;
         }
@@ -261,5 +270,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_upload_gives_the_slot_back() {
+        use futures::StreamExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path()).unwrap();
+        let docker = bollard::Docker::connect_with_unix_defaults().unwrap();
+        let first = ImageChunk {
+            header: Some(ImageUploadHeader {
+                name: "pbx.tar".into(),
+                size: 10,
+                sha256: "00".into(),
+            }),
+            data: b"abc".to_vec(),
+        };
+        // A half-open connection: the header, then silence forever.
+        let chunks = futures::stream::iter(vec![Ok(first)]).chain(futures::stream::pending());
+        let err = spool.load(&docker, Box::pin(chunks)).await.unwrap_err();
+        assert!(matches!(err, LoadError::Stalled(120)), "{err}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        // The slot is free again.
+        assert!(spool.busy.try_lock().is_ok());
     }
 }

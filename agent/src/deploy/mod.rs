@@ -8,8 +8,10 @@ pub mod firewall;
 pub mod gate;
 pub mod hostfs;
 pub mod images;
+pub mod logs;
 pub mod prepare;
 pub mod readiness;
+pub mod record;
 pub mod secrets;
 pub mod validate;
 
@@ -25,7 +27,9 @@ use tokio::sync::{Mutex, mpsc};
 
 use self::docker::{DockerError, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_ORDER};
 use self::readiness::Readiness;
+use self::record::{RecordError, Records};
 use self::secrets::UnknownSecret;
+use crate::policy::{self, Roots};
 
 /// Suffix of a previous deployment's containers while a new one is tried.
 pub const PREVIOUS_SUFFIX: &str = ".previous";
@@ -49,6 +53,8 @@ pub enum DeployError {
         message: String,
         diagnostics: Vec<String>,
     },
+    #[error(transparent)]
+    Record(#[from] RecordError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
@@ -56,11 +62,24 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
     move |source| DeployError::Io { what, source }
 }
 
+/// Where the deployer keeps its files, and what it may touch.
+#[derive(Debug, Clone)]
+pub struct DeployerConfig {
+    /// Image uploads in progress (root only, emptied at start).
+    pub spool_dir: std::path::PathBuf,
+    /// Deployment records (root only).
+    pub state_dir: std::path::PathBuf,
+    /// The directories deployments may use; `None` refuses every apply.
+    pub roots: Option<Roots>,
+}
+
 /// Serialises every change to deployments on this host.
 pub struct Deployer {
     docker: bollard::Docker,
     changes: Mutex<()>,
     spool: images::Spool,
+    records: Records,
+    roots: Option<Roots>,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -70,16 +89,23 @@ impl std::fmt::Debug for Deployer {
 }
 
 impl Deployer {
-    /// Connects lazily to the local Engine socket; uploads spool in `spool_dir`.
-    pub fn new(spool_dir: &Path) -> Result<Self, DeployError> {
+    /// Connects lazily to the local Engine socket.
+    pub fn new(config: &DeployerConfig) -> Result<Self, DeployError> {
         Ok(Deployer {
             docker: bollard::Docker::connect_with_unix_defaults()?,
             changes: Mutex::new(()),
-            spool: images::Spool::open(spool_dir).map_err(io(format!(
+            spool: images::Spool::open(&config.spool_dir).map_err(io(format!(
                 "prepare the upload spool {}",
-                spool_dir.display()
+                config.spool_dir.display()
             )))?,
+            records: Records::open(&config.state_dir)?,
+            roots: config.roots.clone(),
         })
+    }
+
+    /// The directories deployments may use, as fixed at bootstrap.
+    pub fn roots(&self) -> Option<&Roots> {
+        self.roots.as_ref()
     }
 
     /// Applies `request`, reporting progress on `events`. Never leaves new
@@ -116,6 +142,16 @@ impl Deployer {
         // Nothing else on the host changes until validation and images succeed.
         if let Err(e) = self.validate(&spec).await {
             return failure(e, &secret_values, false, None);
+        }
+        // Recorded before any directory exists, so a purge can remove what a
+        // failed first apply left.
+        let recorded = self
+            .records
+            .load(&spec.name)
+            .map(|old| old.unwrap_or_default().updated_for(&spec))
+            .and_then(|record| self.records.save(&spec.name, &record));
+        if let Err(e) = recorded {
+            return failure(e.into(), &secret_values, false, None);
         }
         emit("images", "checking images".into()).await;
         if let Err(e) = self.ensure_images(&spec, &events).await {
@@ -257,7 +293,13 @@ impl Deployer {
     }
 
     async fn validate(&self, spec: &DeploymentSpec) -> Result<(), DeployError> {
+        let roots = self.roots.as_ref().ok_or_else(|| {
+            DeployError::Invalid(
+                "this agent was bootstrapped before data directories were fixed; re-run `controller bootstrap` with --data-path (and -f) to let it deploy".into(),
+            )
+        })?;
         validate::check(spec, |p| p.is_dir()).map_err(DeployError::Invalid)?;
+        policy::check_spec(spec, roots).map_err(DeployError::Invalid)?;
         for c in &spec.containers {
             // A same-named container that is not ours must not be replaced.
             if let Some(owner) = docker::owner_of(&self.docker, &c.name).await?
@@ -452,6 +494,7 @@ impl Deployer {
 
     /// State of every container of `deployment`.
     pub async fn status(&self, deployment: &str) -> Result<DeploymentStatus, DeployError> {
+        check_deployment_name(deployment)?;
         let managed = docker::managed(&self.docker, deployment).await?;
         let mut containers = Vec::new();
         let mut config_hash = String::new();
@@ -491,7 +534,25 @@ impl Deployer {
         grace: Duration,
         purge_paths: &[String],
     ) -> Result<DeploymentStatus, DeployError> {
+        check_deployment_name(deployment)?;
+        if action == Action::Unspecified {
+            return Err(DeployError::Invalid("no action given".into()));
+        }
         let _guard = self.changes.lock().await;
+        let record = self.records.load(deployment)?;
+        if !purge_paths.is_empty() {
+            let roots = self.roots.as_ref().ok_or_else(|| {
+                DeployError::Invalid("this agent has no data directories to purge".into())
+            })?;
+            let recorded = record.as_ref().map(|r| r.directories.as_slice());
+            policy::check_purge(purge_paths, recorded.unwrap_or_default(), roots)
+                .map_err(DeployError::Invalid)?;
+            if action != Action::Remove {
+                return Err(DeployError::Invalid(
+                    "data is only purged together with removing the deployment".into(),
+                ));
+            }
+        }
         let managed = docker::managed(&self.docker, deployment).await?;
         let names: Vec<&str> = managed
             .iter()
@@ -527,20 +588,25 @@ impl Deployer {
                     docker::remove(&self.docker, &m.name).await?;
                 }
                 for path in purge_paths {
-                    match std::fs::remove_dir_all(path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io(format!("purge {path}"))(e)),
-                    }
+                    purge(Path::new(path))?;
+                }
+                if !purge_paths.is_empty() {
+                    self.records.remove(deployment)?;
                 }
             }
-            Action::Unspecified => return Err(DeployError::Invalid("no action given".into())),
+            Action::Unspecified => unreachable!("refused above"),
         }
         self.status(deployment).await
     }
 
-    pub fn docker(&self) -> &bollard::Docker {
-        &self.docker
+    /// Log lines of the deployment's containers, secrets redacted.
+    pub async fn logs(
+        &self,
+        request: &imfleet_proto::agent::v1::LogsRequest,
+    ) -> Result<logs::LogReceiver, DeployError> {
+        check_deployment_name(&request.deployment)?;
+        let record = self.records.load(&request.deployment)?;
+        logs::stream(&self.docker, record, request).await
     }
 
     /// Receives, verifies and loads an image archive (one upload at a time).
@@ -550,6 +616,39 @@ impl Deployer {
         + Unpin,
     ) -> Result<Vec<String>, images::LoadError> {
         self.spool.load(&self.docker, chunks).await
+    }
+}
+
+fn check_deployment_name(name: &str) -> Result<(), DeployError> {
+    if validate::valid_name(name) {
+        Ok(())
+    } else {
+        Err(DeployError::Invalid(format!(
+            "`{}` is not a deployment name (letters, digits, `_`, `.`, `-`)",
+            name.escape_debug()
+        )))
+    }
+}
+
+/// Deletes a purged directory tree. Only where no one but root can swap the
+/// path for a link on the way; the tree itself is removed without following
+/// links inside it.
+fn purge(path: &Path) -> Result<(), DeployError> {
+    match hostfs::in_root_only_dir(path) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(DeployError::Invalid(format!(
+                "purge of {} refused: a non-root user can write the directory holding it",
+                path.display()
+            )));
+        }
+        Err(hostfs::FsError::Missing { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("purge {}", path.display()))(e)),
     }
 }
 

@@ -72,6 +72,12 @@ pub fn secret(secret: &GeneratedSecret) -> Result<String, DeployError> {
     });
     let value = match existing {
         Some(v) => v,
+        None if let Some(user) = first_existing(&secret.in_use_if_exists)? => {
+            return Err(DeployError::Invalid(format!(
+                "secret `{}`: {user} shows it is already in use (data restored?), but its authoritative copy {} is missing; a new value would lock the service out. Restore that file from the backup, or write the value in use into it (root, 0600)",
+                secret.id, authority.path
+            )));
+        }
         None => {
             secrets::generate(secret.length.max(16) as usize).map_err(|source| DeployError::Io {
                 what: "generate a secret".into(),
@@ -96,6 +102,16 @@ pub fn secret(secret: &GeneratedSecret) -> Result<String, DeployError> {
         hostfs::write_file(path, contents.as_bytes(), owner(f), f.mode.max(0o400))?;
     }
     Ok(value)
+}
+
+/// The first of `paths` that exists (never following a link to decide).
+fn first_existing(paths: &[String]) -> Result<Option<&str>, DeployError> {
+    for path in paths {
+        if hostfs::exists(Path::new(path))? {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -135,6 +151,7 @@ mod tests {
                 file(&secrets_dir.join("db"), Format::Raw, 0, 0o600),
                 file(&im_data.join("system.ini"), Format::Ini, 888, 0o600),
             ],
+            in_use_if_exists: Vec::new(),
         };
         let first = secret(&spec).unwrap();
         assert_eq!(first.len(), 20);
@@ -168,10 +185,45 @@ mod tests {
             id: "db".into(),
             length: 20,
             files: vec![file(&im_data.join("system.ini"), Format::Ini, 888, 0o600)],
+            in_use_if_exists: Vec::new(),
         };
         let err = secret(&spec).unwrap_err().to_string();
         assert!(err.contains("only root can write"), "{err}");
         assert!(!im_data.join("system.ini").exists());
+    }
+
+    #[test]
+    fn a_secret_in_use_is_never_regenerated_when_its_copy_is_lost() {
+        // A restore brought back the database but not the secrets directory.
+        let tmp = tempfile::tempdir().unwrap();
+        let pg = tmp.path().join("im-postgresql");
+        std::fs::create_dir_all(&pg).unwrap();
+        std::fs::write(pg.join("PG_VERSION"), "14\n").unwrap();
+        let im_data = service_dir(&tmp);
+        let secrets_dir = tmp.path().join("secrets");
+        let spec = GeneratedSecret {
+            id: "db".into(),
+            length: 20,
+            files: vec![
+                file(&secrets_dir.join("db"), Format::Raw, 0, 0o600),
+                file(&im_data.join("system.ini"), Format::Ini, 888, 0o600),
+            ],
+            in_use_if_exists: vec![pg.join("PG_VERSION").display().to_string()],
+        };
+        let err = secret(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("already in use") && err.contains("Restore"),
+            "{err}"
+        );
+        assert!(!secrets_dir.join("db").exists());
+        assert!(!im_data.join("system.ini").exists());
+        // With the copy restored, the value in use is kept.
+        std::fs::write(secrets_dir.join("db"), "the-password-in-use\n").unwrap();
+        assert_eq!(secret(&spec).unwrap(), "the-password-in-use");
+        // A fresh host (no database yet) gets a new secret.
+        std::fs::remove_file(pg.join("PG_VERSION")).unwrap();
+        std::fs::remove_file(secrets_dir.join("db")).unwrap();
+        assert_eq!(secret(&spec).unwrap().len(), 20);
     }
 
     #[test]

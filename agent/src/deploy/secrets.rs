@@ -105,6 +105,51 @@ pub fn substitute(text: &str, secrets: &HashMap<String, String>) -> Result<Strin
     Ok(out)
 }
 
+/// The secret values in `actual`, a string made from `template` by
+/// [`substitute`]: the literal text between placeholders locates them.
+/// Values that cannot be located unambiguously (two placeholders with
+/// nothing between them) are skipped; a mismatch yields nothing.
+pub fn extract(template: &str, actual: &str) -> Vec<String> {
+    // The template as literal, id, literal, id, ..., literal.
+    let mut literals = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${secret:") {
+        let after = &rest[start + "${secret:".len()..];
+        let Some(end) = after.find('}') else {
+            break;
+        };
+        literals.push(&rest[..start]);
+        rest = &after[end + 1..];
+    }
+    literals.push(rest);
+    let Some(tail) = actual.strip_prefix(literals[0]) else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    let mut tail = tail;
+    for (i, literal) in literals.iter().enumerate().skip(1) {
+        let last = i == literals.len() - 1;
+        let at = if last {
+            match tail.len().checked_sub(literal.len()) {
+                Some(at) if tail.ends_with(literal) => at,
+                _ => return values,
+            }
+        } else if literal.is_empty() {
+            return values;
+        } else {
+            match tail.find(literal) {
+                Some(at) => at,
+                None => return values,
+            }
+        };
+        if at > 0 {
+            values.push(tail[..at].to_owned());
+        }
+        tail = &tail[at + literal.len()..];
+    }
+    values
+}
+
 /// `text` with every secret value replaced by `[redacted]`.
 pub fn redact(text: &str, secrets: &HashMap<String, String>) -> String {
     let mut out = text.to_owned();
@@ -119,6 +164,32 @@ pub fn redact(text: &str, secrets: &HashMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extract_finds_what_substitute_put_in() {
+        let secrets: HashMap<String, String> =
+            [("t".into(), "tok-123".into()), ("p".into(), "pw".into())].into();
+        for template in [
+            "${secret:t}",
+            "im serve -t ${secret:t} -a 10.0.0.2",
+            "-t${secret:t}",
+            "a ${secret:t} b ${secret:p} c",
+            "x=${secret:p}",
+        ] {
+            let actual = substitute(template, &secrets).unwrap();
+            let mut want: Vec<String> = Vec::new();
+            if template.contains(":t}") {
+                want.push("tok-123".into());
+            }
+            if template.contains(":p}") {
+                want.push("pw".into());
+            }
+            assert_eq!(extract(template, &actual), want, "{template}");
+        }
+        assert!(extract("-t ${secret:t} -a", "something else").is_empty());
+        assert!(extract("${secret:a}${secret:b}", "ab").is_empty());
+        assert!(extract("plain", "plain").is_empty());
+    }
 
     #[test]
     fn generated_secrets_are_alphanumeric_and_differ() {

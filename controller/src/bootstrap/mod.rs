@@ -32,8 +32,13 @@ pub struct BootstrapRequest {
     /// Address the controller will dial for gRPC; defaults to the SSH host name.
     pub agent_address: Option<String>,
     pub agent_port: u16,
-    /// Address the agent listens on (0.0.0.0 = all).
-    pub agent_bind: IpAddr,
+    /// Address the agent listens on; default: the address the controller
+    /// dials (0.0.0.0 = every interface).
+    pub agent_bind: Option<IpAddr>,
+    /// The IM data path: the agent deploys only under it and `storage_dir`.
+    pub data_path: String,
+    /// The operator's `-f` storage directory.
+    pub storage_dir: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +153,14 @@ pub async fn bootstrap(
         .unwrap_or_else(|| resolved.hostname.clone());
     let resolved_ips = resolve_ips(&dial_host, request.agent_port).await?;
     let sans = plan::subject_alt_names(&dial_host, &resolved_ips);
+    // Listen where the controller dials, not on every interface.
+    let bind = request
+        .agent_bind
+        .or_else(|| resolved_ips.first().copied())
+        .ok_or_else(|| BootstrapError::Resolve {
+            host: dial_host.clone(),
+            detail: "no address to listen on; pass --agent-bind".into(),
+        })?;
 
     progress.set_message(format!(
         "connecting to {}@{}:{} over SSH",
@@ -158,6 +171,7 @@ pub async fn bootstrap(
     let result = install_over_ssh(
         state,
         request,
+        bind,
         &mut remote,
         &binary,
         &local,
@@ -191,7 +205,7 @@ pub async fn bootstrap(
         agent_version: pong.reply.agent_version.clone(),
         agent_sha256: local.sha256.clone(),
         cert_serial: installed.cert_serial,
-        cert_not_after: pong.reply.certificate_not_after,
+        cert_not_after: pong.certificate_not_after,
         supervision: installed.supervision.clone(),
         bootstrapped_at: now,
         last_seen_at: Some(now),
@@ -228,9 +242,11 @@ struct RemoteInstall {
 
 /// Everything that happens over the SSH connection, in order. The scratch
 /// directory is removed whether or not a step fails.
+#[allow(clippy::too_many_arguments)]
 async fn install_over_ssh(
     state: &ControllerState,
     request: &BootstrapRequest,
+    bind: IpAddr,
     remote: &mut Remote,
     binary: &[u8],
     local: &LocalAgent,
@@ -293,14 +309,21 @@ async fn install_over_ssh(
             .unwrap_or_default();
 
         progress.set_message("starting the agent");
-        let listen = std::net::SocketAddr::new(request.agent_bind, request.agent_port).to_string();
+        let listen = std::net::SocketAddr::new(bind, request.agent_port).to_string();
+        let mut install = vec![
+            agent_path.as_str(),
+            "service",
+            "install",
+            "--listen",
+            &listen,
+            "--data-path",
+            &request.data_path,
+        ];
+        if let Some(storage) = &request.storage_dir {
+            install.extend(["--storage-dir", storage]);
+        }
         let out = remote
-            .run(
-                "agent service install",
-                &[&agent_path, "service", "install", "--listen", &listen],
-                true,
-                None,
-            )
+            .run("agent service install", &install, true, None)
             .await?;
         let supervision = out
             .lines()

@@ -85,9 +85,9 @@ async fn probe(
                 &reply.agent_version,
             );
             status.reachable = true;
-            status.certificate_not_after = output::rfc3339(reply.certificate_not_after);
+            status.certificate_not_after = output::rfc3339(pong.certificate_not_after);
             status.certificate_days_left =
-                (reply.certificate_not_after - imfleet_controller::now_unix()) / 86_400;
+                (pong.certificate_not_after - imfleet_controller::now_unix()) / 86_400;
             status.agent_version = Some(reply.agent_version);
             status.hostname = Some(reply.hostname);
             status.uptime_seconds = Some(reply.uptime_seconds);

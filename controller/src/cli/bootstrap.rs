@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use imfleet_controller::bootstrap::{BootstrapRequest, bootstrap, locate_agent_binary};
+use imfleet_controller::preflight::DEFAULT_DATA_PATH;
 use imfleet_controller::ssh::SshOptions;
 
 use super::output;
@@ -53,17 +54,21 @@ pub struct AgentArgs {
     /// Port of the agent's mTLS listener.
     #[arg(long, default_value_t = imfleet_proto::DEFAULT_AGENT_PORT, value_name = "PORT")]
     pub agent_port: u16,
-    /// Address the agent listens on (0.0.0.0 = every interface).
-    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
-    pub agent_bind: IpAddr,
+    /// Address the agent listens on (default: the address the controller
+    /// dials; 0.0.0.0 = every interface).
+    #[arg(long, value_name = "IP")]
+    pub agent_bind: Option<IpAddr>,
 }
 
 impl AgentArgs {
-    /// The bootstrap of `target` these options (and `ssh`) describe.
+    /// The bootstrap of `target` these options (and `ssh`) describe; the
+    /// agent will deploy only under `data_path` and `storage_dir`.
     pub fn bootstrap_request(
         &self,
         target: &str,
         ssh: &SshArgs,
+        data_path: &str,
+        storage_dir: Option<&str>,
     ) -> anyhow::Result<BootstrapRequest> {
         Ok(BootstrapRequest {
             target: target.to_owned(),
@@ -72,6 +77,8 @@ impl AgentArgs {
             agent_address: self.agent_address.clone(),
             agent_port: self.agent_port,
             agent_bind: self.agent_bind,
+            data_path: data_path.to_owned(),
+            storage_dir: storage_dir.map(str::to_owned),
         })
     }
 }
@@ -84,6 +91,13 @@ pub struct BootstrapArgs {
     ssh: SshArgs,
     #[command(flatten)]
     agent: AgentArgs,
+    /// Where the IM data directories live on the host: the agent will only
+    /// ever create, own, mount or purge directories under it (and under -f).
+    #[arg(long, default_value = DEFAULT_DATA_PATH, value_name = "DIR")]
+    data_path: String,
+    /// The IM storage directory (as `im.sh -f`), if deploys will use one.
+    #[arg(short = 'f', long = "storage-dir", value_name = "DIR")]
+    storage_dir: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -91,7 +105,12 @@ pub struct BootstrapArgs {
 
 pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
     let (state, _) = super::open_state(dir)?;
-    let request = args.agent.bootstrap_request(&args.host, &args.ssh)?;
+    let request = args.agent.bootstrap_request(
+        &args.host,
+        &args.ssh,
+        &args.data_path,
+        args.storage_dir.as_deref(),
+    )?;
     let progress = output::spinner(!args.json);
     let result = bootstrap(&state, &request, &progress).await;
     progress.finish_and_clear();

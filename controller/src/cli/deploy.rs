@@ -261,7 +261,12 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         Some(host) => host,
         None => {
             progress.set_message(format!("bootstrapping {}", args.host));
-            let request = args.agent.bootstrap_request(&args.host, &args.ssh)?;
+            let request = args.agent.bootstrap_request(
+                &args.host,
+                &args.ssh,
+                &preflight.data_path,
+                preflight.storage_dir.as_deref(),
+            )?;
             let report = bootstrap(&state, &request, &progress).await;
             if !args.json {
                 progress.suspend(|| {

@@ -123,6 +123,9 @@ pub fn portsip_spec(params: &PortsipParams, token_fingerprint: &str) -> Deployme
                 mode: 0o600,
             },
         ],
+        // An initialised database already has a password: a restore that
+        // lost `secrets/` must not get a new one the database never heard of.
+        in_use_if_exists: vec![path(&pg_data, "PG_VERSION")],
     }];
 
     let portsip_user = format!("{PORTSIP_UID}:{PORTSIP_UID}");

@@ -126,6 +126,14 @@ pub enum DeployError {
         wanted: ImAddresses,
         shown: ImAddresses,
     },
+    #[error(
+        "the agent on {host} may only use {roots:?}; {detail}. Re-run `controller bootstrap {host} --data-path ... [-f ...]` with the directories to use (nothing was changed)"
+    )]
+    OutsideRoots {
+        host: String,
+        roots: Vec<String>,
+        detail: String,
+    },
     #[error("image archive {path}: {source}")]
     ImageFile {
         path: String,
@@ -183,6 +191,32 @@ pub async fn deploy(
     result
 }
 
+/// Whether the directories a deploy uses lie in the roots the agent was
+/// bootstrapped with (the agent refuses anything else; asking first means
+/// no image is uploaded for a deploy that cannot happen).
+pub fn check_roots(
+    roots: &[String],
+    data_path: &str,
+    storage_dir: Option<&str>,
+) -> Result<(), String> {
+    let within = |dir: &str| {
+        roots
+            .iter()
+            .any(|root| std::path::Path::new(dir).starts_with(root))
+    };
+    if roots.is_empty() {
+        return Err("it was bootstrapped before data directories were fixed".into());
+    }
+    for (what, dir) in std::iter::once(("the data path", data_path))
+        .chain(storage_dir.map(|s| ("the storage directory", s)))
+    {
+        if !within(dir) {
+            return Err(format!("{what} {dir} is not among them"));
+        }
+    }
+    Ok(())
+}
+
 async fn deploy_with(
     state: &ControllerState,
     agent: &Agent,
@@ -191,6 +225,17 @@ async fn deploy_with(
     progress: &ProgressBar,
 ) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
+    let pong = agent.ping().await?;
+    check_roots(
+        &pong.reply.data_roots,
+        &request.params.data_path,
+        request.params.storage_dir.as_deref(),
+    )
+    .map_err(|detail| DeployError::OutsideRoots {
+        host: request.host.clone(),
+        roots: pong.reply.data_roots.clone(),
+        detail,
+    })?;
     let (token, token_from_pbx) = match (&request.token, pbx) {
         (TokenSource::Given(token), _) => (token.clone(), false),
         (source @ (TokenSource::FromPbx | TokenSource::NewFromPbx), Some(pbx)) => {
@@ -459,6 +504,17 @@ async fn upload_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deploys_stay_within_the_agents_roots() {
+        let roots = vec!["/var/lib/portsip".to_owned(), "/data/im".to_owned()];
+        check_roots(&roots, "/var/lib/portsip", Some("/data/im")).unwrap();
+        check_roots(&roots, "/var/lib/portsip", None).unwrap();
+        // Component-wise, not by string prefix.
+        assert!(check_roots(&roots, "/var/lib/portsip2", None).is_err());
+        assert!(check_roots(&roots, "/var/lib/portsip", Some("/srv")).is_err());
+        assert!(check_roots(&[], "/var/lib/portsip", None).is_err());
+    }
 
     #[test]
     fn tokens_are_checked_and_never_shown() {

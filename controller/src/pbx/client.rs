@@ -53,6 +53,14 @@ pub struct PbxOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum PbxError {
     #[error(
+        "{what}: the PBX answered {status} redirecting to `{to}`; imfleet follows no redirect (it would re-send the credentials). Give the portal's final https:// address as --pbx-api"
+    )]
+    Redirected {
+        what: String,
+        status: u16,
+        to: String,
+    },
+    #[error(
         "the PBX refused the login of `{user}` (401): {message}. Check --pbx-user and the password"
     )]
     LoginRefused { user: String, message: String },
@@ -167,6 +175,16 @@ pub struct Whitelisted {
     pub created: bool,
 }
 
+/// Runs every parser the client applies to a PBX answer over `body`; for
+/// the fuzzer (`fuzz/`), which must find no panic. Returns how many parsed.
+#[doc(hidden)]
+pub fn parse_answer(body: &str) -> usize {
+    usize::from(!message_of(body).is_empty())
+        + usize::from(serde_json::from_str::<TokenResponse>(body).is_ok())
+        + usize::from(serde_json::from_str::<ImAddresses>(body).is_ok())
+        + usize::from(serde_json::from_str::<Vec<IpFilter>>(body).is_ok())
+}
+
 fn message_of(body: &str) -> String {
     #[derive(Deserialize)]
     struct Errors {
@@ -216,7 +234,11 @@ impl PbxClient {
                 "--pbx-insecure: the PBX certificate is NOT verified; the PBX password can be intercepted"
             );
         }
+        // A redirect would re-send the password form (307/308) wherever
+        // the answer points: never follow one, never leave HTTPS.
         let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30));
         if let Some(tls) = client_config(&options.trust).map_err(PbxError::Config)? {
@@ -321,6 +343,11 @@ impl PbxClient {
                         return Ok(response);
                     }
                     let wait = retry_after(&response);
+                    let response_location = response
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let message = message_of(&response.text().await.unwrap_or_default());
                     let what = what.to_owned();
                     match status {
@@ -345,6 +372,14 @@ impl PbxClient {
                             return Err(PbxError::Unauthorized { what, message });
                         }
                         StatusCode::FORBIDDEN => return Err(PbxError::Forbidden { what, message }),
+                        s if s.is_redirection() => {
+                            let to = response_location.unwrap_or_default();
+                            return Err(PbxError::Redirected {
+                                what,
+                                status: s.as_u16(),
+                                to,
+                            });
+                        }
                         s => {
                             return Err(PbxError::Rejected {
                                 what,

@@ -180,6 +180,8 @@ fn im(args: &[String]) -> Result<(), String> {
     let healthy = std::env::var("FAKE_IM_HEALTH").as_deref() != Ok("never");
     let clients = TcpListener::bind(("0.0.0.0", 8887)).map_err(|e| format!("bind 8887: {e}"))?;
     let stats = TcpListener::bind(("0.0.0.0", 8902)).map_err(|e| format!("bind 8902: {e}"))?;
+    // As careless as a real server may be: the token goes to the log.
+    eprintln!("im: registered with pbx {pbx} using token {token}");
     eprintln!("im: serving clients on 8887, stats on 8902 (pbx {pbx})");
     std::thread::spawn(move || {
         for stream in clients.incoming().flatten() {
@@ -372,6 +374,17 @@ fn postgres() -> Result<(), String> {
         // Initialised: the password is what it was set to then.
         std::fs::read_to_string(&stored).map_err(|e| format!("{}: {e}", stored.display()))?
     } else {
+        // initdb refuses a directory that holds anything but lost+found.
+        let stray = std::fs::read_dir(&data)
+            .map_err(|e| format!("{}: {e}", data.display()))?
+            .filter_map(Result::ok)
+            .any(|e| e.file_name() != "lost+found");
+        if stray {
+            return Err(format!(
+                "initdb: error: directory \"{}\" exists but is not empty",
+                data.display()
+            ));
+        }
         let password = std::env::var("POSTGRES_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty())

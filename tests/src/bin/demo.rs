@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let mut bootstrap = vec!["bootstrap".to_owned()];
     bootstrap.extend(host.ssh_args(SshUser::Root));
     // The agent keeps its default port; it listens on the host's own address.
-    bootstrap.extend(strings(&["--agent-bind", &a, &a]));
+    bootstrap.extend(strings(&["--agent-bind", &a, "--data-path", &data, &a]));
     let target = strings(&["-a", &a, "-A", &a, "--data-path", &data, "--users", "5000"]);
     let mut preflight = strings(&["preflight", &a]);
     preflight.extend(target.clone());

@@ -1,0 +1,62 @@
+//! Files and command output the agent reads on its host, which local users
+//! or packages may have written: none of the parsers may panic. The first
+//! byte picks the parser.
+#![no_main]
+
+use std::net::IpAddr;
+
+use imfleet_agent::config::AgentConfig;
+use imfleet_agent::facts::net::{self, ConfigKind, NetConfig};
+use imfleet_agent::facts::{os, packages, sockets, storage};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    match which % 9 {
+        0 => {
+            let _ = os::parse_os_release(&text);
+        }
+        1 => {
+            let _ = packages::parse_dpkg_status(&text);
+        }
+        2 => {
+            let _ = packages::parse_updates_available(&text);
+        }
+        3 => {
+            let _ = sockets::parse_proc_net(&text, "tcp");
+            let _ = sockets::parse_proc_net(&text, "udp6");
+        }
+        4 => {
+            let mounts = storage::parse_mounts(&text);
+            let _ = storage::mount_for(std::path::Path::new("/var/lib/portsip"), &mounts);
+        }
+        5 => {
+            let _ = net::parse_ip_json(&text);
+        }
+        6 => {
+            if let Ok(config) = toml::from_str::<AgentConfig>(&text) {
+                let _ = config.roots(std::path::Path::new("/opt/imfleet"));
+            }
+        }
+        _ => {
+            let kind = [
+                ConfigKind::Netplan,
+                ConfigKind::Networkd,
+                ConfigKind::Ifupdown,
+                ConfigKind::NetworkManager,
+            ][usize::from(which) % 4];
+            let configs = vec![NetConfig {
+                kind,
+                path: "/etc/fuzz".into(),
+                text: text.into_owned(),
+            }];
+            for ip in ["10.0.0.2", "192.168.1.20", "2001:db8::5"] {
+                let ip: IpAddr = ip.parse().expect("literal");
+                let _ = net::classify("eth0", ip, &configs, None);
+            }
+        }
+    }
+});

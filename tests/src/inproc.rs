@@ -1,0 +1,111 @@
+//! The real agent server running inside the test process, on 127.0.0.1,
+//! with its files in a scratch directory: for tests of the mTLS gate and of
+//! what the agent refuses, which need no SSH and no test host.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use imfleet_agent::identity::ServingIdentity;
+use imfleet_agent::layout::Layout;
+use imfleet_agent::policy::Roots;
+use imfleet_agent::server::{AgentFacts, serve};
+use imfleet_certs::{CONTROLLER_LIFETIME, CertificateAuthority, IssuedIdentity, Validity};
+use imfleet_controller::agent_client::{Agent, AgentAddress};
+use imfleet_controller::state::ClientIdentity;
+use tokio::sync::oneshot;
+
+/// An agent serving until dropped.
+pub struct RunningAgent {
+    pub addr: SocketAddr,
+    /// The agent's installation root (`log/audit.log`, `state/`, ...).
+    pub root: tempfile::TempDir,
+    _stop: oneshot::Sender<()>,
+}
+
+impl RunningAgent {
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.root.path())
+    }
+
+    pub fn address(&self, host: &str) -> AgentAddress {
+        AgentAddress {
+            host: host.to_owned(),
+            port: self.addr.port(),
+        }
+    }
+}
+
+/// Starts an agent serving `issued`, deploying only under `roots`; `lie`
+/// may change what it says about itself.
+pub async fn start_agent(
+    ca: &CertificateAuthority,
+    issued: IssuedIdentity,
+    roots: Option<Roots>,
+    lie: impl FnOnce(&mut AgentFacts),
+) -> RunningAgent {
+    imfleet_certs::install_crypto_provider();
+    let identity = ServingIdentity {
+        info: imfleet_certs::inspect_pem(&issued.cert_pem).unwrap(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut facts = AgentFacts::detect(&identity);
+    lie(&mut facts);
+    let root = tempfile::tempdir().unwrap();
+    let layout = Layout::new(root.path());
+    tokio::spawn(async move {
+        serve(&layout, &identity, facts, roots, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    RunningAgent {
+        addr,
+        root,
+        _stop: stop,
+    }
+}
+
+/// What a controller holding `presented` (trusting `trusted_ca`) uses.
+pub fn client(trusted_ca: &CertificateAuthority, presented: &IssuedIdentity) -> ClientIdentity {
+    ClientIdentity {
+        ca_pem: trusted_ca.cert_pem().to_owned(),
+        cert_pem: presented.cert_pem.clone(),
+        key_pem: presented.key_pem.clone(),
+    }
+}
+
+/// A genuine controller identity from `ca`.
+pub fn controller(ca: &CertificateAuthority) -> ClientIdentity {
+    let issued = ca
+        .issue_controller(
+            "controller@test",
+            Validity::starting_now(CONTROLLER_LIFETIME),
+        )
+        .unwrap();
+    client(ca, &issued)
+}
+
+/// Connects to `agent` as the genuine controller of `ca`.
+pub async fn connect(ca: &CertificateAuthority, agent: &RunningAgent) -> Agent {
+    Agent::connect(&controller(ca), &agent.address("127.0.0.1"))
+        .await
+        .unwrap()
+}
+
+/// Roots for a scratch data path (and storage dir) under `dir`.
+pub fn roots_under(dir: &Path) -> (Roots, PathBuf) {
+    let data = dir.join("portsip");
+    let roots = Roots::new(
+        &data.display().to_string(),
+        Some(&dir.join("storage").display().to_string()),
+        Path::new(imfleet_agent::layout::DEFAULT_ROOT),
+    )
+    .unwrap();
+    (roots, data)
+}

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::validate::valid_name;
 
 /// Where a container carries a value built from a `${secret:ID}` template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "in", rename_all = "snake_case")]
 pub enum SecretSlot {
     Env { key: String, template: String },
@@ -69,7 +69,8 @@ impl DeploymentRecord {
                 }
             }
             if !slots.is_empty() {
-                slots.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+                // The env is a map: a stable order keeps the record stable.
+                slots.sort();
                 secret_slots.insert(c.name.clone(), slots);
             }
         }

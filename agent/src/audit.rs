@@ -20,31 +20,31 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of a request that passed the mTLS gate.
-    pub fn of<T>(request: &tonic::Request<T>) -> Caller {
-        let info = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .and_then(|leaf| imfleet_certs::inspect_der(&leaf).ok());
+    /// Who holds `certificate` and calls from `address`.
+    pub fn new(certificate: &imfleet_certs::CertificateInfo, address: Option<SocketAddr>) -> Self {
         Caller {
-            common_name: info
-                .as_ref()
-                .map(|i| i.common_name.clone())
-                .unwrap_or_default(),
-            serial: info.map(|i| i.serial_hex).unwrap_or_default(),
-            address: request
-                .remote_addr()
+            common_name: certificate.common_name.clone(),
+            serial: certificate.serial_hex.clone(),
+            address: address
                 .as_ref()
                 .map(SocketAddr::to_string)
                 .unwrap_or_default(),
         }
     }
+
+    /// The caller the mTLS gate recorded on a request it admitted.
+    pub fn of<T>(request: &tonic::Request<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
-/// One audit line.
+/// One audit line (its time is taken when it is written).
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry<'a> {
-    pub at: i64,
     pub caller: &'a Caller,
     pub rpc: &'a str,
     pub deployment: &'a str,
@@ -77,7 +77,17 @@ impl AuditLog {
     /// Writes one entry. An audit write that fails is logged, not fatal:
     /// the request already happened.
     pub fn record(&self, entry: &Entry<'_>) {
-        let mut line = serde_json::to_string(entry).expect("entries serialise");
+        #[derive(Serialize)]
+        struct Line<'a> {
+            at: i64,
+            #[serde(flatten)]
+            entry: &'a Entry<'a>,
+        }
+        let line = Line {
+            at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            entry,
+        };
+        let mut line = serde_json::to_string(&line).expect("entries serialise");
         line.push('\n');
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = file
@@ -106,7 +116,6 @@ mod tests {
         };
         for outcome in ["started", "ok"] {
             log.record(&Entry {
-                at: 1,
                 caller: &caller,
                 rpc: "apply",
                 deployment: "portsip-im",
@@ -121,6 +130,7 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["outcome"], "ok");
+        assert!(lines[1]["at"].as_i64().unwrap() > 1_700_000_000);
         assert_eq!(lines[0]["caller"]["common_name"], "imfleet-controller");
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -18,8 +18,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -46,19 +44,15 @@ pub enum ListenerError {
 /// The server side of mutual TLS: the agent's certificate, client
 /// certificates required and verified against the controller's CA, HTTP/2.
 pub fn tls_acceptor(identity: &ServingIdentity) -> Result<TlsAcceptor, ListenerError> {
+    use imfleet_certs::tls;
     let bad = |e: &dyn std::fmt::Display| ListenerError::Identity(e.to_string());
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(identity.ca_pem.as_bytes()) {
-        roots.add(ca.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
+    let provider = tls::provider();
+    let roots = tls::root_store(&identity.ca_pem).map_err(|e| bad(&e))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| bad(&e))?;
-    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+    let (chain, key) =
+        tls::chain_and_key(&identity.cert_pem, &identity.key_pem).map_err(|e| bad(&e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(&e))?

@@ -80,7 +80,6 @@ impl AgentService {
 
     fn audit(&self, caller: &Caller, rpc: &str, deployment: &str, detail: String, outcome: String) {
         self.audit.record(&Entry {
-            at: time::OffsetDateTime::now_utc().unix_timestamp(),
             caller,
             rpc,
             deployment,
@@ -167,7 +166,6 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             let outcome = deployer.apply(request, tx.clone()).await;
             audit.record(&Entry {
-                at: time::OffsetDateTime::now_utc().unix_timestamp(),
                 caller: &caller,
                 rpc: "apply",
                 deployment: &spec.name,
@@ -275,9 +273,9 @@ impl Agent for AgentService {
 /// exactly the controller role and a clientAuth EKU. TLS has already checked
 /// the chain (and the EKU where there is one: TLS stacks accept a
 /// certificate with none); this is the one place the role is checked, for
-/// every RPC.
+/// every RPC. The admitted caller is attached to the request for the audit.
 #[allow(clippy::result_large_err)]
-pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
+pub fn require_controller(mut request: Request<()>) -> Result<Request<()>, Status> {
     let certs = request
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -285,7 +283,11 @@ pub fn require_controller(request: Request<()>) -> Result<Request<()>, Status> {
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     match imfleet_certs::check_peer(leaf, Role::Controller) {
-        Ok(_) => Ok(request),
+        Ok(info) => {
+            let caller = Caller::new(&info, request.remote_addr());
+            request.extensions_mut().insert(caller);
+            Ok(request)
+        }
         Err(e) => Err(Status::permission_denied(e.to_string())),
     }
 }

@@ -57,7 +57,7 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
         .iter_organizational_unit()
         .map(|a| a.as_str().unwrap_or_default().to_owned())
         .collect();
-    let role = Role::parse(&first_attr(&mut subject.iter_organizational_unit()));
+    let role = organizational_units.first().and_then(|ou| Role::parse(ou));
 
     let mut subject_alt_names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -146,15 +146,13 @@ pub fn verify_server_identity(
     server_name: &str,
     now: OffsetDateTime,
 ) -> Result<(), CertError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(first_der(ca_pem)?))
-        .map_err(|e| CertError::Verify(e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| CertError::Verify(e.to_string()))?;
+    let roots = crate::tls::root_store(ca_pem)?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::tls::provider(),
+    )
+    .build()
+    .map_err(|e| CertError::Verify(e.to_string()))?;
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| CertError::InvalidName(server_name.to_owned()))?;
     let leaf = CertificateDer::from(first_der(cert_pem)?);

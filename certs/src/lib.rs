@@ -15,6 +15,7 @@ mod inspect;
 mod request;
 mod role;
 pub mod storage;
+pub mod tls;
 
 pub use authority::{CertificateAuthority, IssuedIdentity, Validity};
 pub use error::CertError;

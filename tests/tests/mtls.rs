@@ -7,7 +7,7 @@ use imfleet_controller::agent_client::{Agent, AgentAddress, AgentError};
 use imfleet_controller::state::ClientIdentity;
 use imfleet_proto::agent::v1::PingRequest;
 use imfleet_proto::agent::v1::agent_client::AgentClient;
-use imfleet_tests::inproc::{RunningAgent, client};
+use imfleet_tests::inproc::{RunningAgent, client, controller};
 use imfleet_tests::pki::{agent_identity_now, custom_identity};
 use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
 
@@ -42,10 +42,7 @@ fn refusal_text(err: &AgentError) -> String {
 async fn the_controller_identity_is_accepted() {
     let ca = CertificateAuthority::generate("CA").unwrap();
     let agent = start_agent(&ca, &["127.0.0.1"]).await;
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let agent_client = Agent::connect(&me, &agent.address("127.0.0.1"))
         .await
         .unwrap();
@@ -139,10 +136,7 @@ async fn the_controller_refuses_an_agent_whose_san_is_not_the_dialled_address() 
     let ca = CertificateAuthority::generate("CA").unwrap();
     // The agent listens on 127.0.0.1 but its certificate names 127.0.0.9.
     let agent = start_agent(&ca, &["127.0.0.9"]).await;
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("not valid for name"), "{err}");
@@ -153,10 +147,7 @@ async fn the_controller_refuses_an_agent_from_a_foreign_ca() {
     let ca = CertificateAuthority::generate("CA").unwrap();
     let foreign = CertificateAuthority::generate("impostor CA").unwrap();
     let impostor = start_agent(&foreign, &["127.0.0.1"]).await;
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let err = call(&me, &impostor.address("127.0.0.1")).await.unwrap_err();
     assert!(matches!(err, AgentError::Tls { .. }), "{err}");
     assert!(refusal_text(&err).contains("unknownissuer"), "{err}");
@@ -167,10 +158,7 @@ async fn an_upload_whose_bytes_do_not_match_its_sha256_is_refused() {
     use imfleet_proto::agent::v1::{ImageChunk, ImageUploadHeader};
     let ca = CertificateAuthority::generate("CA").unwrap();
     let agent = start_agent(&ca, &["127.0.0.1"]).await;
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let connected = Agent::connect(&me, &agent.address("127.0.0.1"))
         .await
         .unwrap();
@@ -230,10 +218,7 @@ async fn a_certificate_naming_two_roles_is_refused() {
 #[tokio::test]
 async fn the_controller_refuses_a_server_certificate_without_the_agent_role() {
     let ca = CertificateAuthority::generate("CA").unwrap();
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     // Chains to the CA and names the address, but claims another role.
     for units in [&["controller"][..], &[][..], &["agent", "controller"][..]] {
         let impostor = custom_identity(&ca, units, vec![ServerAuth], &["127.0.0.1"]);
@@ -256,10 +241,7 @@ async fn certificate_expiry_is_read_from_the_handshake_not_the_reply() {
         facts.certificate_not_after = 4_102_444_800; // "valid until 2100"
     })
     .await;
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let pong = Agent::connect(&me, &agent.address("127.0.0.1"))
         .await
         .unwrap()
@@ -319,10 +301,7 @@ async fn idle_connections_neither_spin_the_agent_nor_delay_the_controller() {
         .unwrap();
     assert_eq!(line.trim(), "ready");
 
-    let me = client(
-        &ca,
-        &controller_identity(&ca, Validity::starting_now(CONTROLLER_LIFETIME)),
-    );
+    let me = controller(&ca);
     let before = cpu_ticks();
     let measured = std::time::Instant::now();
     for _ in 0..5 {

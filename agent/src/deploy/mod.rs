@@ -539,14 +539,16 @@ impl Deployer {
             return Err(DeployError::Invalid("no action given".into()));
         }
         let _guard = self.changes.lock().await;
-        let record = self.records.load(deployment)?;
         if !purge_paths.is_empty() {
             let roots = self.roots.as_ref().ok_or_else(|| {
                 DeployError::Invalid("this agent has no data directories to purge".into())
             })?;
-            let recorded = record.as_ref().map(|r| r.directories.as_slice());
-            policy::check_purge(purge_paths, recorded.unwrap_or_default(), roots)
-                .map_err(DeployError::Invalid)?;
+            let recorded = self
+                .records
+                .load(deployment)?
+                .map(|r| r.directories)
+                .unwrap_or_default();
+            policy::check_purge(purge_paths, &recorded, roots).map_err(DeployError::Invalid)?;
             if action != Action::Remove {
                 return Err(DeployError::Invalid(
                     "data is only purged together with removing the deployment".into(),

@@ -139,20 +139,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_secret_is_kept_by_root_and_copied_to_the_service_without_being_read_back() {
-        let tmp = tempfile::tempdir().unwrap();
-        let secrets_dir = tmp.path().join("secrets");
-        let im_data = service_dir(&tmp);
-        let spec = GeneratedSecret {
+    /// The database password as PortSIP keeps it: root's copy, then the IM's.
+    fn db_secret(
+        secrets_dir: &Path,
+        im_data: &Path,
+        in_use_if_exists: Vec<String>,
+    ) -> GeneratedSecret {
+        GeneratedSecret {
             id: "db".into(),
             length: 20,
             files: vec![
                 file(&secrets_dir.join("db"), Format::Raw, 0, 0o600),
                 file(&im_data.join("system.ini"), Format::Ini, 888, 0o600),
             ],
-            in_use_if_exists: Vec::new(),
-        };
+            in_use_if_exists,
+        }
+    }
+
+    #[test]
+    fn the_secret_is_kept_by_root_and_copied_to_the_service_without_being_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let secrets_dir = tmp.path().join("secrets");
+        let im_data = service_dir(&tmp);
+        let spec = db_secret(&secrets_dir, &im_data, Vec::new());
         let first = secret(&spec).unwrap();
         assert_eq!(first.len(), 20);
         let ini = std::fs::read_to_string(im_data.join("system.ini")).unwrap();
@@ -201,15 +210,11 @@ mod tests {
         std::fs::write(pg.join("PG_VERSION"), "14\n").unwrap();
         let im_data = service_dir(&tmp);
         let secrets_dir = tmp.path().join("secrets");
-        let spec = GeneratedSecret {
-            id: "db".into(),
-            length: 20,
-            files: vec![
-                file(&secrets_dir.join("db"), Format::Raw, 0, 0o600),
-                file(&im_data.join("system.ini"), Format::Ini, 888, 0o600),
-            ],
-            in_use_if_exists: vec![pg.join("PG_VERSION").display().to_string()],
-        };
+        let spec = db_secret(
+            &secrets_dir,
+            &im_data,
+            vec![pg.join("PG_VERSION").display().to_string()],
+        );
         let err = secret(&spec).unwrap_err().to_string();
         assert!(
             err.contains("already in use") && err.contains("Restore"),

@@ -137,23 +137,15 @@ impl ServerCertVerifier for AnyCertificate {
 /// The rustls configuration for `trust`, or `None` for reqwest's default
 /// (the platform verifier).
 pub fn client_config(trust: &PbxTrust) -> Result<Option<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = imfleet_certs::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let config = match trust {
         PbxTrust::System => return Ok(None),
         PbxTrust::CaPem(pem) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = imfleet_certs::split_certificates_pem(pem);
-            if certs.is_empty() {
-                return Err("--pbx-ca holds no PEM certificate".into());
-            }
-            for cert in certs {
-                let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
-                    .map_err(|e| format!("--pbx-ca: {e}"))?;
-                roots.add(der).map_err(|e| format!("--pbx-ca: {e}"))?;
-            }
+            let roots =
+                imfleet_certs::tls::root_store(pem).map_err(|e| format!("--pbx-ca: {e}"))?;
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         PbxTrust::Fingerprint(sha256) => builder

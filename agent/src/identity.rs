@@ -5,8 +5,8 @@ use std::path::Path;
 
 use imfleet_certs::{CertError, CertificateInfo};
 
-use crate::layout::Layout;
 use imfleet_certs::storage::write_atomically as write_file_atomically;
+use imfleet_proto::model::layout::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

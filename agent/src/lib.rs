@@ -2,7 +2,7 @@
 //! over mutual TLS, and the on-host half of the one-time SSH bootstrap.
 //!
 //! Module map:
-//! - [`layout`]: where the agent keeps its binary, config, identity and logs.
+//! - `imfleet_proto::model::layout`: where the agent keeps its files (shared).
 //! - [`config`]: `agent.toml`, written at bootstrap.
 //! - [`identity`]: key generation on the host, CSR out, certificate in.
 //! - [`server`]: the gRPC service and the mTLS role gate in front of it.
@@ -19,7 +19,6 @@ pub mod config;
 pub mod deploy;
 pub mod facts;
 pub mod identity;
-pub mod layout;
 pub mod listener;
 pub mod policy;
 pub mod server;

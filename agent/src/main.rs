@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use imfleet_agent::config::AgentConfig;
-use imfleet_agent::layout::{DEFAULT_ROOT, Layout};
 use imfleet_agent::{identity, server, supervision};
+use imfleet_proto::model::layout::{DEFAULT_ROOT, Layout};
 
 #[derive(Parser)]
 #[command(name = "agent", version, about = "imfleet agent for PortSIP IM hosts")]

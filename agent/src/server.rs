@@ -23,8 +23,8 @@ use tonic::{Request, Response, Status};
 use crate::audit::{AuditLog, Caller, Entry};
 use crate::deploy::{DeployError, Deployer, DeployerConfig};
 use crate::identity::ServingIdentity;
-use crate::layout::Layout;
 use crate::policy::Roots;
+use imfleet_proto::model::layout::Layout;
 
 /// Facts the agent reports about itself.
 #[derive(Debug, Clone)]

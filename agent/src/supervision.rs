@@ -10,8 +10,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::config::AgentConfig;
-use crate::layout::{Layout, SYSTEMD_UNIT, SYSTEMD_UNIT_PATH};
 use imfleet_certs::storage::write_atomically as write_file_atomically;
+use imfleet_proto::model::layout::{Layout, SYSTEMD_UNIT, SYSTEMD_UNIT_PATH};
 
 /// Set in the agent's environment to say who supervises it.
 pub const SUPERVISION_ENV: &str = "IMFLEET_SUPERVISION";

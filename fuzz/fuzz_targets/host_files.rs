@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use imfleet_agent::config::AgentConfig;
 use imfleet_agent::facts::net::{self, ConfigKind, NetConfig};
-use imfleet_agent::facts::{os, packages, sockets, storage};
+use imfleet_agent::facts::{packages, sockets, storage};
+use imfleet_proto::model::os_release as os;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

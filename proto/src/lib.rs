@@ -1,4 +1,5 @@
-//! Generated gRPC types for the imfleet controller <-> agent protocol.
+//! The contract between the imfleet controller and its agents: the generated
+//! gRPC types ([`agent`]) and the model both sides share ([`model`]).
 //!
 //! The `.proto` sources live in `proto/imfleet/` and are compiled by `build.rs`
 //! with protox, so building needs no system `protoc`.
@@ -11,6 +12,8 @@ pub mod agent {
         tonic::include_proto!("imfleet.agent.v1");
     }
 }
+
+pub mod model;
 
 /// JSON forms of enum fields (names, not numbers).
 pub mod json {
@@ -36,7 +39,7 @@ pub fn megabytes(done: u64, total: u64) -> String {
 
 /// Protocol revision spoken by this build. Bump when RPCs or fields are added,
 /// so a controller can tell which features an older agent lacks.
-pub const PROTOCOL_REVISION: u32 = 6;
+pub const PROTOCOL_REVISION: u32 = 7;
 
 /// TCP port the agent listens on unless configured otherwise. Chosen to avoid
 /// every port PortSIP uses (5060-5067, 5432, 8881-8904, 10000+ RTP).

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use imfleet_agent::identity::ServingIdentity;
-use imfleet_agent::layout::Layout;
 use imfleet_agent::policy::Roots;
 use imfleet_agent::server::{AgentFacts, serve};
 use imfleet_certs::{CONTROLLER_LIFETIME, CertificateAuthority, IssuedIdentity, Validity};
 use imfleet_controller::agent_client::{Agent, AgentAddress};
 use imfleet_controller::state::ClientIdentity;
+use imfleet_proto::model::layout::Layout;
 use tokio::sync::oneshot;
 
 /// An agent serving until dropped.
@@ -104,7 +104,7 @@ pub fn roots_under(dir: &Path) -> (Roots, PathBuf) {
     let roots = Roots::new(
         &data.display().to_string(),
         Some(&dir.join("storage").display().to_string()),
-        Path::new(imfleet_agent::layout::DEFAULT_ROOT),
+        Path::new(imfleet_proto::model::layout::DEFAULT_ROOT),
     )
     .unwrap();
     (roots, data)

@@ -38,7 +38,7 @@ fn deploy_to_healthy_then_stop_start_restart_rm_and_purge() {
         overridden.iter().all(|c| c["verdict"] == "fail"),
         "{report}"
     );
-    let release = imfleet_agent::facts::os::read_os_release();
+    let release = imfleet_proto::model::os_release::read_os_release();
     if (release.id.as_str(), release.version_id.as_str()) != ("ubuntu", "24.04") {
         assert!(
             overridden.iter().any(|c| c["id"] == "os.release"),

@@ -20,7 +20,7 @@ fn inventory_reports_what_the_host_really_has() {
     let address = host.address().to_string();
     let inv = controller.run(&["inventory", "--json", &address]).json();
 
-    let release = imfleet_agent::facts::os::read_os_release();
+    let release = imfleet_proto::model::os_release::read_os_release();
     assert_eq!(inv["os"]["id"], release.id.as_str());
     assert_eq!(inv["os"]["version_id"], release.version_id.as_str());
     assert_eq!(inv["os"]["arch"], std::env::consts::ARCH);
@@ -104,7 +104,7 @@ fn preflight_judges_the_real_host_and_orders_failures_first() {
         &[&address, "-a", &address, "-A", &address, "--users", "5000"],
     );
 
-    let release = imfleet_agent::facts::os::read_os_release();
+    let release = imfleet_proto::model::os_release::read_os_release();
     let is_noble = release.id == "ubuntu" && release.version_id == "24.04";
     let os = check(&report, "os.release");
     assert_eq!(

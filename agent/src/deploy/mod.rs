@@ -218,22 +218,19 @@ impl Deployer {
             emit(&format!("container {}", container.name), "ready".into()).await;
         }
         if result.is_ok() {
-            for port in &spec.open_tcp_ports {
-                let port = *port;
-                let opened = tokio::task::spawn_blocking(move || firewall::open(port))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r);
-                match opened {
-                    Ok(done) if done.is_empty() => {}
-                    Ok(done) => emit("firewall", done.join("; ")).await,
-                    Err(e) => {
-                        result = Err(DeployError::Failed {
-                            message: format!("opening {port}/tcp in the host firewall: {e}"),
-                            diagnostics: Vec::new(),
-                        });
-                        break;
-                    }
+            let ports = spec.open_tcp_ports.clone();
+            let opened = tokio::task::spawn_blocking(move || firewall::open(&ports))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match opened {
+                Ok(done) if done.is_empty() => {}
+                Ok(done) => emit("firewall", done.join("; ")).await,
+                Err(e) => {
+                    result = Err(DeployError::Failed {
+                        message: format!("opening ports in the host firewall: {e}"),
+                        diagnostics: Vec::new(),
+                    });
                 }
             }
         }

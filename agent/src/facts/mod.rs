@@ -8,7 +8,6 @@ pub mod cpu;
 pub mod docker;
 pub mod firewall;
 pub mod net;
-pub mod os;
 pub mod packages;
 pub mod sockets;
 pub mod storage;
@@ -34,7 +33,7 @@ pub async fn collect(request: InventoryRequest) -> HostInventory {
 
 fn collect_blocking(request: &InventoryRequest) -> HostInventory {
     let mut notes = Vec::new();
-    let release = os::read_os_release();
+    let release = imfleet_proto::model::os_release::read_os_release();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let topology = cpu::parse_cpuinfo(&cpuinfo);
     let memory = match sysinfo::System::new() {

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use imfleet_agent::layout::Layout;
 use imfleet_certs::{AGENT_LIFETIME, Validity};
+use imfleet_proto::model::layout::Layout;
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use imfleet_controller::preflight::{
-    self, Check, DEFAULT_DATA_PATH, PreflightParams, SERVICE_GID, SERVICE_UID, Summary, Verdict,
-    sizing,
+    self, Check, DEFAULT_DATA_PATH, IM_CLIENT_PORT, PreflightParams, SERVICE_GID, SERVICE_UID,
+    Summary, Verdict, sizing,
 };
 use imfleet_proto::agent::v1::{AddressOrigin, HostInventory};
 use serde::Serialize;
@@ -232,10 +232,13 @@ fn print_inventory(name: &str, inv: &HostInventory) {
     println!(
         "Firewall  {}{}",
         fw.active,
-        match fw.im_port_allowed {
-            Some(true) if fw.active != "none" => ", 8887/tcp allowed",
-            Some(false) => ", 8887/tcp NOT allowed",
-            _ => "",
+        match (
+            fw.active.as_str(),
+            imfleet_proto::model::firewall::admits(&fw, IM_CLIENT_PORT),
+        ) {
+            ("none" | "", _) => "",
+            (_, true) => ", 8887/tcp allowed",
+            (_, false) => ", 8887/tcp NOT allowed",
         }
     );
     let updates = inv.updates.unwrap_or_default();

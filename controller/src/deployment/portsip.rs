@@ -11,19 +11,12 @@ use imfleet_proto::agent::v1::{
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-/// Name of the deployment on every IM host (labels its containers).
-pub const DEPLOYMENT_NAME: &str = "portsip-im";
-pub const DEFAULT_IMAGE: &str = "portsip/pbx:22";
-pub const DEFAULT_DB_IMAGE: &str = "portsip/postgresql:14.12";
-/// Where the IM data directory is mounted inside the PortSIP containers.
-const IM_DATA_MOUNT: &str = "/var/lib/portsip/pbx";
-/// Where `-f` storage is mounted: inside the data mount.
-const IM_STORAGE_MOUNT: &str = "/var/lib/portsip/pbx/im/storage";
-const PORTSIP_UID: u32 = 888;
-const POSTGRES_UID: u32 = 999;
-/// Secret ids referenced as `${secret:ID}` in the spec.
-pub const SECRET_DB_PASSWORD: &str = "db_superuser_password";
-pub const SECRET_IM_TOKEN: &str = "im_token";
+pub use imfleet_proto::model::portsip::{
+    DEFAULT_DB_IMAGE, DEFAULT_IMAGE, DEPLOYMENT_NAME, SECRET_DB_PASSWORD, SECRET_IM_TOKEN,
+};
+use imfleet_proto::model::portsip::{
+    IM_DATA_MOUNT, IM_STORAGE_MOUNT, POSTGRES_UID, SERVICE_UID as PORTSIP_UID,
+};
 
 /// What an operator decides for one IM host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -226,6 +226,8 @@ async fn deploy_with(
 ) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
     let pong = agent.ping().await?;
+    // An agent too old to deploy is refused before the PBX or host changes.
+    agent.require(crate::agent_client::Feature::Apply).await?;
     check_roots(
         &pong.reply.data_roots,
         &request.params.data_path,

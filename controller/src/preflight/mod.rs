@@ -6,22 +6,16 @@ pub mod sizing;
 
 use std::net::IpAddr;
 
-use imfleet_agent::facts::os::OsRelease;
-use imfleet_agent::facts::packages;
 use imfleet_proto::agent::v1::{AddressOrigin, HostInventory, PathInfo};
+use imfleet_proto::model::os_release::OsRelease;
+use imfleet_proto::model::packages;
 use serde::Serialize;
 
 pub use sizing::Sizing;
 
-/// PortSIP's service user and group inside the IM containers.
-pub const SERVICE_UID: u32 = 888;
-pub const SERVICE_GID: u32 = 888;
-/// Default data path of `im.sh`.
-pub const DEFAULT_DATA_PATH: &str = "/var/lib/portsip";
-/// Ports the IM host must leave free: clients, local stats, database.
-pub const IM_CLIENT_PORT: u32 = 8887;
-pub const IM_STATS_PORT: u32 = 8902;
-pub const DATABASE_PORT: u32 = 5432;
+pub use imfleet_proto::model::portsip::{
+    DATABASE_PORT, DEFAULT_DATA_PATH, IM_CLIENT_PORT, IM_STATS_PORT, SERVICE_GID, SERVICE_UID,
+};
 
 /// What the operator is about to deploy.
 #[derive(Debug, Clone)]
@@ -697,7 +691,8 @@ fn platform_checks(inv: &HostInventory, out: &mut Vec<Check>) {
         )
     });
     let fw = inv.firewall.clone().unwrap_or_default();
-    out.push(match (fw.active.as_str(), fw.im_port_allowed) {
+    let admitted = imfleet_proto::model::firewall::admits(&fw, IM_CLIENT_PORT);
+    out.push(match (fw.active.as_str(), admitted) {
         ("none" | "", _) => check(
             "firewall.im-port",
             Verdict::Pass,
@@ -705,7 +700,7 @@ fn platform_checks(inv: &HostInventory, out: &mut Vec<Check>) {
             "8887/tcp admitted",
             "",
         ),
-        (name, Some(true)) => check(
+        (name, true) => check(
             "firewall.im-port",
             Verdict::Pass,
             format!("{name} admits 8887/tcp"),
@@ -742,7 +737,7 @@ pub async fn assess(
     let inv = agent
         .inventory(params.paths(), SERVICE_UID, SERVICE_GID)
         .await?;
-    let pbx = imfleet_agent::facts::os::read_os_release();
+    let pbx = imfleet_proto::model::os_release::read_os_release();
     let mut checks = judge(&inv, params, &pbx);
     failures_first(&mut checks);
     Ok(checks)

@@ -1,15 +1,14 @@
 //! Every branch of the judge, from recorded facts (no network, no host).
 
-use imfleet_agent::facts::os::parse_os_release;
-use imfleet_agent::facts::packages::parse_dpkg_status;
 use imfleet_proto::agent::v1::*;
+use imfleet_proto::model::os_release::parse_os_release;
 
 use super::*;
 
 const GB: u64 = 1_000_000_000;
-const UBUNTU_2404: &str = include_str!("../../../agent/src/facts/fixtures/os-release-ubuntu-24.04");
-const UBUNTU_2204: &str = include_str!("../../../agent/src/facts/fixtures/os-release-ubuntu-22.04");
-const DEBIAN_12: &str = include_str!("../../../agent/src/facts/fixtures/os-release-debian-12");
+const UBUNTU_2404: &str = include_str!("../../../proto/src/model/fixtures/os-release-ubuntu-24.04");
+const UBUNTU_2204: &str = include_str!("../../../proto/src/model/fixtures/os-release-ubuntu-22.04");
+const DEBIAN_12: &str = include_str!("../../../proto/src/model/fixtures/os-release-debian-12");
 
 fn os_info(text: &str) -> OsInfo {
     let r = parse_os_release(text);
@@ -138,7 +137,11 @@ fn good_host() -> HostInventory {
         firewall: Some(FirewallInfo {
             active: "ufw".into(),
             installed: vec!["ufw".into()],
-            im_port_allowed: Some(true),
+            admitted_tcp: vec![PortRange {
+                first: 8887,
+                last: 8887,
+            }],
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -339,9 +342,14 @@ fn clock_updates_and_power() {
 fn conflicting_software_and_ports() {
     let p = params();
     let mut host = good_host();
-    host.packages = parse_dpkg_status(include_str!(
-        "../../../agent/src/facts/fixtures/dpkg-status"
-    ));
+    // What the agent reports for its recorded dpkg status fixture.
+    host.packages = ["anydesk", "docker-ce", "ufw", "wireguard-tools"]
+        .iter()
+        .map(|name| Package {
+            name: (*name).into(),
+            version: "1".into(),
+        })
+        .collect();
     let checks = judge(&host, &p, &pbx01());
     let get = |id: &str| checks.iter().find(|c| c.id == id).unwrap().clone();
     assert_eq!(get("remote-access.absent").verdict, Verdict::Fail);
@@ -404,9 +412,23 @@ fn docker_firewall_and_agent() {
     host.firewall = Some(FirewallInfo {
         active: "firewalld".into(),
         installed: vec![],
-        im_port_allowed: Some(false),
+        admitted_tcp: vec![PortRange {
+            first: 22,
+            last: 22,
+        }],
+        ..Default::default()
     });
     assert_eq!(verdict_of(&host, &p, "firewall.im-port"), Verdict::Warn);
+    // A range that covers the IM port admits it.
+    host.firewall
+        .as_mut()
+        .unwrap()
+        .admitted_tcp
+        .push(PortRange {
+            first: 8000,
+            last: 9000,
+        });
+    assert_eq!(verdict_of(&host, &p, "firewall.im-port"), Verdict::Pass);
     host.agent = Some(AgentPrivileges {
         uid: 1000,
         user: "pbx".into(),

@@ -1,4 +1,5 @@
-//! `/etc/os-release` (freedesktop os-release format).
+//! `/etc/os-release` (freedesktop os-release format): the agent reports its
+//! host's, the controller compares it with pbx01's own.
 
 use std::collections::HashMap;
 

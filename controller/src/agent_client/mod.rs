@@ -12,11 +12,23 @@ use imfleet_proto::agent::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error_chain;
 use crate::state::ClientIdentity;
+
+mod error;
+mod revision;
+
+pub use error::AgentError;
+use error::classify_transport;
+pub use revision::Feature;
 
 /// Bound on TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+const INVENTORY_TIMEOUT: Duration = Duration::from_secs(60);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
+/// A followed log stream ends after a day.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// Slack on top of what a long call is computed to wait for.
 const CALL_MARGIN: Duration = Duration::from_secs(600);
 /// Most containers one Control call stops in turn (a deployment plus a
@@ -68,35 +80,14 @@ impl std::fmt::Display for AgentAddress {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("agent at {address} is unreachable: {detail}")]
-    Unreachable { address: String, detail: String },
-    #[error("TLS with the agent at {address} failed: {detail}. {hint}")]
-    Tls {
-        address: String,
-        detail: String,
-        hint: &'static str,
-    },
-    #[error("agent at {address} refused the call: {message}")]
-    Refused { address: String, message: String },
-    #[error("on {address}: {message}")]
-    Rejected { address: String, message: String },
-    #[error("agent at {address}: {status}")]
-    Rpc {
-        address: String,
-        status: Box<tonic::Status>,
-    },
-    #[error("invalid agent address {address}: {detail}")]
-    BadAddress { address: String, detail: String },
-}
-
 /// A connected agent.
 #[derive(Debug, Clone)]
 pub struct Agent {
     address: AgentAddress,
     client: AgentClient<Channel>,
     presented: crate::agent_tls::Presented,
+    /// Learnt from the first ping on this connection.
+    revision: std::sync::Arc<std::sync::OnceLock<u32>>,
 }
 
 /// The answer to a ping, with the time the round trip took.
@@ -148,6 +139,7 @@ impl Agent {
             address: address.clone(),
             client: AgentClient::new(channel),
             presented,
+            revision: Default::default(),
         })
     }
 
@@ -163,18 +155,34 @@ impl Agent {
             .clone()
     }
 
+    /// One unary or streaming call: the deadline set, the client cloned (a
+    /// cheap handle on the shared channel), a failure classified.
+    async fn call<Req, Resp, Fut>(
+        &self,
+        message: Req,
+        timeout: Duration,
+        rpc: impl FnOnce(AgentClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, AgentError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        rpc(self.client.clone(), request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.status_error(s))
+    }
+
     pub async fn ping(&self) -> Result<PingOutcome, AgentError> {
         let nonce = u64::try_from(crate::now_unix()).unwrap_or_default() ^ 0x5eed;
         let started = Instant::now();
-        let mut request = tonic::Request::new(PingRequest { nonce });
-        request.set_timeout(Duration::from_secs(10));
         let reply = self
-            .client
-            .clone()
-            .ping(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner();
+            .call(PingRequest { nonce }, PING_TIMEOUT, |mut c, r| async move {
+                c.ping(r).await
+            })
+            .await?;
+        let _ = self.revision.set(reply.protocol_revision);
         let certificate_not_after = self
             .presented_certificate()
             .map(|c| c.not_after.unix_timestamp())
@@ -186,6 +194,25 @@ impl Agent {
         })
     }
 
+    /// The protocol revision the agent speaks (asked once per connection).
+    pub async fn protocol_revision(&self) -> Result<u32, AgentError> {
+        if let Some(revision) = self.revision.get() {
+            return Ok(*revision);
+        }
+        Ok(self.ping().await?.reply.protocol_revision)
+    }
+
+    /// Refuses, naming the fix, when the agent is too old for `feature`.
+    pub async fn require(&self, feature: Feature) -> Result<(), AgentError> {
+        let have = self.protocol_revision().await?;
+        feature.check(have).map_err(|need| AgentError::TooOld {
+            address: self.address.to_string(),
+            have,
+            need,
+            what: feature.describe(),
+        })
+    }
+
     /// The host's facts, with `paths` examined for a service running as `uid:gid`.
     pub async fn inventory(
         &self,
@@ -193,18 +220,15 @@ impl Agent {
         service_uid: u32,
         service_gid: u32,
     ) -> Result<HostInventory, AgentError> {
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(InventoryRequest {
+        let request = InventoryRequest {
             paths,
             service_uid,
             service_gid,
-        });
-        request.set_timeout(Duration::from_secs(60));
-        Ok(client
-            .inventory(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        };
+        self.call(request, INVENTORY_TIMEOUT, |mut c, r| async move {
+            c.inventory(r).await
+        })
+        .await
     }
 
     /// Starts applying a deployment; events stream until the outcome.
@@ -212,55 +236,52 @@ impl Agent {
         &self,
         request: ApplyRequest,
     ) -> Result<tonic::Streaming<ApplyEvent>, AgentError> {
-        let mut client = self.client.clone();
+        self.require(Feature::Apply).await?;
         let deadline = apply_deadline(
             request.spec.as_ref().unwrap_or(&DeploymentSpec::default()),
             request.health_timeout_seconds,
         );
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(deadline);
-        Ok(client
-            .apply(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        self.call(
+            request,
+            deadline,
+            |mut c, r| async move { c.apply(r).await },
+        )
+        .await
     }
 
     pub async fn control(&self, request: ControlRequest) -> Result<DeploymentStatus, AgentError> {
-        let mut client = self.client.clone();
+        if !request.purge_paths.is_empty() {
+            self.require(Feature::Purge).await?;
+        }
         let deadline = control_deadline(request.stop_grace_seconds);
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(deadline);
-        Ok(client
-            .control(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        self.call(
+            request,
+            deadline,
+            |mut c, r| async move { c.control(r).await },
+        )
+        .await
     }
 
     pub async fn status(&self, deployment: &str) -> Result<DeploymentStatus, AgentError> {
-        let mut client = self.client.clone();
-        Ok(client
-            .status(StatusRequest {
-                deployment: deployment.to_owned(),
-            })
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        let request = StatusRequest {
+            deployment: deployment.to_owned(),
+        };
+        self.call(request, STATUS_TIMEOUT, |mut c, r| async move {
+            c.status(r).await
+        })
+        .await
     }
 
     pub async fn logs(
         &self,
         request: LogsRequest,
     ) -> Result<tonic::Streaming<LogLine>, AgentError> {
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(Duration::from_secs(24 * 3600));
-        Ok(client
-            .logs(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        self.call(
+            request,
+            LOGS_TIMEOUT,
+            |mut c, r| async move { c.logs(r).await },
+        )
+        .await
     }
 
     /// Streams an image archive to the agent, which verifies and loads it.
@@ -268,14 +289,10 @@ impl Agent {
         &self,
         chunks: impl tonic::codegen::tokio_stream::Stream<Item = ImageChunk> + Send + 'static,
     ) -> Result<LoadedImage, AgentError> {
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(chunks);
-        request.set_timeout(Duration::from_secs(6 * 3600));
-        Ok(client
-            .load_image(request)
-            .await
-            .map_err(|s| self.status_error(s))?
-            .into_inner())
+        self.call(chunks, UPLOAD_TIMEOUT, |mut c, r| async move {
+            c.load_image(r).await
+        })
+        .await
     }
 
     /// Turns a failed stream item into an error with the same classification.
@@ -284,90 +301,7 @@ impl Agent {
     }
 
     fn status_error(&self, status: tonic::Status) -> AgentError {
-        let address = self.address.to_string();
-        match status.code() {
-            tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-                AgentError::Rejected {
-                    address,
-                    message: status.message().to_owned(),
-                }
-            }
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => AgentError::Refused {
-                address,
-                message: status.message().to_owned(),
-            },
-            tonic::Code::Unavailable | tonic::Code::Unknown => {
-                let detail = std::error::Error::source(&status)
-                    .map(error_chain)
-                    .unwrap_or_else(|| status.message().to_owned());
-                if looks_like_tls(&detail) {
-                    AgentError::Tls {
-                        address,
-                        hint: tls_hint(&detail),
-                        detail,
-                    }
-                } else if status.code() == tonic::Code::Unavailable {
-                    AgentError::Unreachable { address, detail }
-                } else {
-                    AgentError::Rpc {
-                        address,
-                        status: Box::new(status),
-                    }
-                }
-            }
-            _ => AgentError::Rpc {
-                address,
-                status: Box::new(status),
-            },
-        }
-    }
-}
-
-fn looks_like_tls(detail: &str) -> bool {
-    let d = detail.to_ascii_lowercase();
-    [
-        "certificate",
-        "tls",
-        "handshake",
-        "alert",
-        "unknownissuer",
-        "notvalidforname",
-    ]
-    .iter()
-    .any(|m| d.contains(m))
-}
-
-/// What an operator should do about a TLS failure, judged by its wording.
-fn tls_hint(detail: &str) -> &'static str {
-    let d = detail.to_ascii_lowercase();
-    if d.contains("alert: unknownca") {
-        "The agent does not trust this controller's CA: it was bootstrapped by another controller (or this state directory was recreated); re-run `controller bootstrap` for the host"
-    } else if d.contains("alert: certificateexpired") {
-        "The controller's own certificate has expired; run `controller init` to renew it"
-    } else if d.contains("alert:") {
-        "The agent refused the certificate this controller presented"
-    } else if d.contains("not valid for name") {
-        "The agent's certificate does not name the address dialled: the address may belong to another machine, or the host was re-addressed; re-run `controller bootstrap` for it if that is expected"
-    } else if d.contains("unknownissuer") || d.contains("expired") {
-        "The agent's certificate is not one this controller issued (or it expired); re-run `controller bootstrap` for the host if that is expected"
-    } else {
-        "Check that the address really is the bootstrapped host"
-    }
-}
-
-fn classify_transport(address: &AgentAddress, err: &tonic::transport::Error) -> AgentError {
-    let detail = error_chain(err);
-    if looks_like_tls(&detail) {
-        AgentError::Tls {
-            address: address.to_string(),
-            hint: tls_hint(&detail),
-            detail,
-        }
-    } else {
-        AgentError::Unreachable {
-            address: address.to_string(),
-            detail,
-        }
+        error::from_status(&self.address, status)
     }
 }
 

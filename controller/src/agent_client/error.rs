@@ -1,0 +1,126 @@
+//! Agent errors, classified for the operator: unreachable, TLS (with what to
+//! do about it), refused, rejected, too old, or a plain RPC failure.
+
+use super::AgentAddress;
+use crate::error_chain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent at {address} is unreachable: {detail}")]
+    Unreachable { address: String, detail: String },
+    #[error("TLS with the agent at {address} failed: {detail}. {hint}")]
+    Tls {
+        address: String,
+        detail: String,
+        hint: &'static str,
+    },
+    #[error("agent at {address} refused the call: {message}")]
+    Refused { address: String, message: String },
+    #[error("on {address}: {message}")]
+    Rejected { address: String, message: String },
+    #[error("agent at {address}: {status}")]
+    Rpc {
+        address: String,
+        status: Box<tonic::Status>,
+    },
+    #[error(
+        "the agent at {address} speaks protocol revision {have}; {what} needs revision {need} or later. Re-run `controller bootstrap` for the host to upgrade its agent (identity and data are kept)"
+    )]
+    TooOld {
+        address: String,
+        have: u32,
+        need: u32,
+        what: &'static str,
+    },
+    #[error("invalid agent address {address}: {detail}")]
+    BadAddress { address: String, detail: String },
+}
+
+/// Classifies a failed call or stream item.
+pub(super) fn from_status(address: &AgentAddress, status: tonic::Status) -> AgentError {
+    let address = address.to_string();
+    match status.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => AgentError::Rejected {
+            address,
+            message: status.message().to_owned(),
+        },
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => AgentError::Refused {
+            address,
+            message: status.message().to_owned(),
+        },
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            let detail = std::error::Error::source(&status)
+                .map(error_chain)
+                .unwrap_or_else(|| status.message().to_owned());
+            if looks_like_tls(&detail) {
+                AgentError::Tls {
+                    address,
+                    hint: tls_hint(&detail),
+                    detail,
+                }
+            } else if status.code() == tonic::Code::Unavailable {
+                AgentError::Unreachable { address, detail }
+            } else {
+                AgentError::Rpc {
+                    address,
+                    status: Box::new(status),
+                }
+            }
+        }
+        _ => AgentError::Rpc {
+            address,
+            status: Box::new(status),
+        },
+    }
+}
+
+fn looks_like_tls(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "alert",
+        "unknownissuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
+}
+
+/// What an operator should do about a TLS failure, judged by its wording.
+fn tls_hint(detail: &str) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("alert: unknownca") {
+        "The agent does not trust this controller's CA: it was bootstrapped by another controller (or this state directory was recreated); re-run `controller bootstrap` for the host"
+    } else if d.contains("alert: certificateexpired") {
+        "The controller's own certificate has expired; run `controller init` to renew it"
+    } else if d.contains("alert:") {
+        "The agent refused the certificate this controller presented"
+    } else if d.contains("not valid for name") {
+        "The agent's certificate does not name the address dialled: the address may belong to another machine, or the host was re-addressed; re-run `controller bootstrap` for it if that is expected"
+    } else if d.contains("unknownissuer") || d.contains("expired") {
+        "The agent's certificate is not one this controller issued (or it expired); re-run `controller bootstrap` for the host if that is expected"
+    } else {
+        "Check that the address really is the bootstrapped host"
+    }
+}
+
+pub(super) fn classify_transport(
+    address: &AgentAddress,
+    err: &tonic::transport::Error,
+) -> AgentError {
+    let detail = error_chain(err);
+    if looks_like_tls(&detail) {
+        AgentError::Tls {
+            address: address.to_string(),
+            hint: tls_hint(&detail),
+            detail,
+        }
+    } else {
+        AgentError::Unreachable {
+            address: address.to_string(),
+            detail,
+        }
+    }
+}

@@ -314,8 +314,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let acceptor = crate::listener::tls_acceptor(identity)?;
-    let service =
-        AgentServer::with_interceptor(AgentService::new(facts, layout, roots)?, require_controller);
+    let agent = AgentService::new(facts, layout, roots)?;
+    // An apply this agent did not live to finish is finished or undone
+    // before the next change (requests wait for the deployer's lock).
+    let deployer = agent.deployer.clone();
+    tokio::spawn(async move {
+        for (deployment, result) in deployer.recover_all().await {
+            match result {
+                Ok(steps) if steps.is_empty() => {}
+                Ok(steps) => {
+                    tracing::warn!(%deployment, "recovered an interrupted apply: {}", steps.join("; "))
+                }
+                Err(e) => {
+                    tracing::error!(%deployment, "could not recover an interrupted apply: {e}")
+                }
+            }
+        }
+    });
+    let service = AgentServer::with_interceptor(agent, require_controller);
     let incoming = ReceiverStream::new(crate::listener::incoming(listener, acceptor));
     Server::builder()
         .add_service(service)

@@ -3,19 +3,29 @@
 //!
 //! Module map:
 //! - [`state`]: the state directory (CA, controller identity, database).
-//! - [`store`]: the SQLite state database.
+//! - [`store`]: the SQLite state database (one thread owns the connection;
+//!   hosts, deployments and their revisions, rollouts, events).
 //! - [`ssh`]: the one-time SSH channel, through the system OpenSSH client.
 //! - [`bootstrap`]: installing the agent on a host; `plan` holds its pure logic.
-//! - [`agent_client`]: mTLS gRPC to agents.
+//! - [`agent_client`]: mTLS gRPC to agents: one call helper, error
+//!   classification, the protocol revision each operation needs.
 //! - [`agent_tls`]: the TLS half of that: imfleet's rules on the agent's certificate.
+//! - [`fleet`]: hosts by name, address or `--all`, one operation on many with
+//!   bounded concurrency; `fleet::ops` are ping, status, control and logs.
+//! - [`progress`]: typed progress events and the sinks they go to.
+//! - [`preflight`]: judging a host's inventory against PortSIP's needs (pure).
+//! - [`deployment`]: the PortSIP spec (pure) and the deploy steps.
+//! - [`pbx`]: the PBX REST API.
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
 pub mod agent_tls;
 pub mod bootstrap;
 pub mod deployment;
+pub mod fleet;
 pub mod pbx;
 pub mod preflight;
+pub mod progress;
 pub mod ssh;
 pub mod state;
 pub mod store;
@@ -26,6 +36,17 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// RFC 3339 UTC text of Unix seconds.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 /// An error and all its causes on one line, without repeating a cause that

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, HealthConfig, HealthStatusEnum, HostConfig, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, HealthConfig, HealthStatusEnum, HostConfig,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
@@ -47,6 +47,9 @@ pub fn is_not_found(err: &DockerError) -> bool {
 pub struct Managed {
     pub name: String,
     pub order: u32,
+    pub config_hash: String,
+    pub image_id: String,
+    pub running: bool,
 }
 
 /// Containers labelled as part of `deployment` (running or not), in start order.
@@ -67,13 +70,17 @@ pub async fn managed(docker: &Docker, deployment: &str) -> Result<Vec<Managed>, 
         .into_iter()
         .filter_map(|c| {
             let name = c.names?.first()?.trim_start_matches('/').to_owned();
-            let order = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_ORDER))
+            let label = |key: &str| c.labels.as_ref().and_then(|l| l.get(key)).cloned();
+            let order = label(LABEL_ORDER)
                 .and_then(|o| o.parse().ok())
                 .unwrap_or(u32::MAX);
-            Some(Managed { name, order })
+            Some(Managed {
+                name,
+                order,
+                config_hash: label(LABEL_CONFIG_HASH).unwrap_or_default(),
+                image_id: c.image_id.clone().unwrap_or_default(),
+                running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+            })
         })
         .collect();
     out.sort_by_key(|m| (m.order, m.name.clone()));
@@ -91,6 +98,35 @@ pub async fn owner_of(docker: &Docker, name: &str) -> Result<Option<Option<Strin
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The id (`sha256:...`) of a local image, if present.
+pub async fn image_id(docker: &Docker, image: &str) -> Result<Option<String>, DockerError> {
+    match docker.inspect_image(image).await {
+        Ok(i) => Ok(i.id),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Names of every deployment with containers on this host.
+pub async fn deployments(docker: &Docker) -> Result<Vec<String>, DockerError> {
+    let filters: HashMap<String, Vec<String>> =
+        [("label".to_owned(), vec![LABEL_DEPLOYMENT.to_owned()])].into();
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    let mut names: Vec<String> = list
+        .into_iter()
+        .filter_map(|c| c.labels?.get(LABEL_DEPLOYMENT).cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 pub async fn image_present(docker: &Docker, image: &str) -> Result<bool, DockerError> {

@@ -2,6 +2,7 @@
 //! its containers. The spec is data from the controller; nothing here knows
 //! about PortSIP beyond what the spec says.
 
+pub mod control;
 pub mod docker;
 pub mod engine;
 pub mod firewall;
@@ -12,7 +13,9 @@ pub mod logs;
 pub mod prepare;
 pub mod readiness;
 pub mod record;
+pub mod recovery;
 pub mod secrets;
+pub mod unchanged;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -21,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::{
     ApplyEvent, ApplyOutcome, ApplyRequest, ContainerSpec, DeploymentSpec, DeploymentStatus,
-    control_request::Action,
 };
 use tokio::sync::{Mutex, mpsc};
 
 use self::docker::{DockerError, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_ORDER};
 use self::readiness::Readiness;
 use self::record::{RecordError, Records};
+use self::recovery::{InProgress, Step};
 use self::secrets::UnknownSecret;
 use crate::policy::{self, Roots};
 
@@ -143,6 +146,17 @@ impl Deployer {
         if let Err(e) = self.validate(&spec).await {
             return failure(e, &secret_values, false, None);
         }
+        match self.recover(&spec.name).await {
+            Ok(steps) if steps.is_empty() => {}
+            Ok(steps) => {
+                emit(
+                    "recovered",
+                    format!("finished an interrupted apply: {}", steps.join("; ")),
+                )
+                .await
+            }
+            Err(e) => return failure(e, &secret_values, false, None),
+        }
         // Recorded before any directory exists, so a purge can remove what a
         // failed first apply left.
         let recorded = self
@@ -156,6 +170,23 @@ impl Deployer {
         emit("images", "checking images".into()).await;
         if let Err(e) = self.ensure_images(&spec, &events).await {
             return failure(e, &secret_values, false, None);
+        }
+        match self.running_unchanged(&spec).await {
+            Ok(Some(status)) => {
+                emit(
+                    "done",
+                    "already running and healthy; nothing changed".into(),
+                )
+                .await;
+                return ApplyOutcome {
+                    success: true,
+                    unchanged: true,
+                    status: Some(status),
+                    ..Default::default()
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return failure(e, &secret_values, false, None),
         }
         emit(
             "directories",
@@ -187,6 +218,24 @@ impl Deployer {
             }
         }
 
+        // Noted before anything is stopped, so a crash can be undone.
+        let noted = async {
+            let live: Vec<String> = docker::managed(&self.docker, &spec.name)
+                .await?
+                .into_iter()
+                .map(|m| m.name)
+                .filter(|n| !n.ends_with(PREVIOUS_SUFFIX))
+                .collect();
+            self.note(&spec.name, |n| {
+                *n = Some(InProgress {
+                    previous: live,
+                    ..Default::default()
+                })
+            })
+        };
+        if let Err(e) = noted.await {
+            return failure(e, &secret_values, false, None);
+        }
         let previous = match self.set_aside_previous(&spec).await {
             Ok(previous) => previous,
             Err((touched, e)) => {
@@ -208,6 +257,15 @@ impl Deployer {
         let mut result = Ok(());
         for (order, container) in spec.containers.iter().enumerate() {
             emit(&format!("container {}", container.name), "starting".into()).await;
+            let name = container.name.clone();
+            if let Err(e) = self.note(&spec.name, |n| {
+                if let Some(n) = n {
+                    n.created.push(name)
+                }
+            }) {
+                result = Err(e);
+                break;
+            }
             created.push(container.name.clone());
             result = self
                 .run_container(&spec, container, order as u32, &secret_values, timeout)
@@ -247,6 +305,34 @@ impl Deployer {
                 spec.containers.iter().filter(|c| !c.one_shot).collect();
             result = self.wait_ready(&long_running, timeout).await;
         }
+        if result.is_ok() {
+            // Past this point a crash finishes the apply instead of undoing it.
+            result = self.note(&spec.name, |n| {
+                if let Some(n) = n {
+                    n.committed = true
+                }
+            });
+        }
+        let outcome = self
+            .conclude(&spec, result, previous, created, &secret_values, &emit)
+            .await;
+        if let Err(e) = self.note(&spec.name, |n| *n = None) {
+            tracing::warn!(deployment = %spec.name, "could not clear the apply note: {e}");
+        }
+        outcome
+    }
+
+    /// Drops the previous set after success; after a failure removes what
+    /// was created and restores the previous set.
+    async fn conclude<F: std::future::Future<Output = ()>>(
+        &self,
+        spec: &DeploymentSpec,
+        result: Result<(), DeployError>,
+        previous: Vec<String>,
+        created: Vec<String>,
+        secret_values: &HashMap<String, String>,
+        emit: &impl Fn(&str, String) -> F,
+    ) -> ApplyOutcome {
         match result {
             Ok(()) => {
                 for name in &previous {
@@ -279,14 +365,87 @@ impl Deployer {
                 )
                 .await;
                 let status = self.status(&spec.name).await.ok();
-                let mut outcome = failure(e, &secret_values, rolled_back, status);
+                let mut outcome = failure(e, secret_values, rolled_back, status);
                 outcome.diagnostics = diagnostics
                     .iter()
-                    .map(|d| secrets::redact(d, &secret_values))
+                    .map(|d| secrets::redact(d, secret_values))
                     .collect();
                 outcome
             }
         }
+    }
+
+    /// Changes the apply note in the deployment's record.
+    fn note(
+        &self,
+        deployment: &str,
+        change: impl FnOnce(&mut Option<InProgress>),
+    ) -> Result<(), DeployError> {
+        let mut record = self.records.load(deployment)?.unwrap_or_default();
+        change(&mut record.in_progress);
+        Ok(self.records.save(deployment, &record)?)
+    }
+
+    /// Finishes or undoes an apply noted but not ended (see [`recovery`]).
+    async fn recover(&self, deployment: &str) -> Result<Vec<String>, DeployError> {
+        let mut record = self.records.load(deployment)?;
+        let note = record.as_ref().and_then(|r| r.in_progress.clone());
+        let found: Vec<String> = docker::managed(&self.docker, deployment)
+            .await?
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        let mut done = Vec::new();
+        for step in recovery::plan(note.as_ref(), &found) {
+            match &step {
+                Step::Remove(name) => docker::remove(&self.docker, name).await?,
+                Step::Rename { from, to } => docker::rename(&self.docker, from, to).await?,
+                Step::Start(name) => docker::start(&self.docker, name)
+                    .await
+                    .or_else(control::already_started)?,
+            }
+            done.push(step.to_string());
+        }
+        if let Some(record) = record.as_mut().filter(|r| r.in_progress.is_some()) {
+            record.in_progress = None;
+            self.records.save(deployment, record)?;
+        }
+        Ok(done)
+    }
+
+    /// Recovers every deployment on this host (at start-up).
+    pub async fn recover_all(&self) -> Vec<(String, Result<Vec<String>, DeployError>)> {
+        let _guard = self.changes.lock().await;
+        let mut names = docker::deployments(&self.docker).await.unwrap_or_default();
+        names.extend(self.records.names().unwrap_or_default());
+        names.sort();
+        names.dedup();
+        let mut out = Vec::new();
+        for name in names {
+            let result = self.recover(&name).await;
+            out.push((name, result));
+        }
+        out
+    }
+
+    /// The deployment's status when `spec` already runs exactly (same config
+    /// hash and image ids, every container running) and healthy.
+    async fn running_unchanged(
+        &self,
+        spec: &DeploymentSpec,
+    ) -> Result<Option<DeploymentStatus>, DeployError> {
+        let found = docker::managed(&self.docker, &spec.name).await?;
+        let mut image_ids = HashMap::new();
+        for c in &spec.containers {
+            if let Some(id) = docker::image_id(&self.docker, &c.image).await? {
+                image_ids.insert(c.image.clone(), id);
+            }
+        }
+        if !unchanged::same(spec, &found, &image_ids) {
+            return Ok(None);
+        }
+        let status = self.status(&spec.name).await?;
+        Ok(status.healthy.then_some(status))
     }
 
     async fn validate(&self, spec: &DeploymentSpec) -> Result<(), DeployError> {
@@ -523,81 +682,6 @@ impl Deployer {
         })
     }
 
-    /// Start, stop, restart or remove; idempotent.
-    pub async fn control(
-        &self,
-        deployment: &str,
-        action: Action,
-        grace: Duration,
-        purge_paths: &[String],
-    ) -> Result<DeploymentStatus, DeployError> {
-        check_deployment_name(deployment)?;
-        if action == Action::Unspecified {
-            return Err(DeployError::Invalid("no action given".into()));
-        }
-        let _guard = self.changes.lock().await;
-        if !purge_paths.is_empty() {
-            let roots = self.roots.as_ref().ok_or_else(|| {
-                DeployError::Invalid("this agent has no data directories to purge".into())
-            })?;
-            let recorded = self
-                .records
-                .load(deployment)?
-                .map(|r| r.directories)
-                .unwrap_or_default();
-            policy::check_purge(purge_paths, &recorded, roots).map_err(DeployError::Invalid)?;
-            if action != Action::Remove {
-                return Err(DeployError::Invalid(
-                    "data is only purged together with removing the deployment".into(),
-                ));
-            }
-        }
-        let managed = docker::managed(&self.docker, deployment).await?;
-        let names: Vec<&str> = managed
-            .iter()
-            .map(|m| m.name.as_str())
-            .filter(|n| !n.ends_with(PREVIOUS_SUFFIX))
-            .collect();
-        match action {
-            Action::Start => {
-                for name in &names {
-                    docker::start(&self.docker, name)
-                        .await
-                        .or_else(already_started)?;
-                }
-            }
-            Action::Stop => {
-                for name in names.iter().rev() {
-                    docker::stop(&self.docker, name, grace).await?;
-                }
-            }
-            Action::Restart => {
-                for name in names.iter().rev() {
-                    docker::stop(&self.docker, name, grace).await?;
-                }
-                for name in &names {
-                    docker::start(&self.docker, name)
-                        .await
-                        .or_else(already_started)?;
-                }
-            }
-            Action::Remove => {
-                for m in managed.iter().rev() {
-                    docker::stop(&self.docker, &m.name, grace).await?;
-                    docker::remove(&self.docker, &m.name).await?;
-                }
-                for path in purge_paths {
-                    purge(Path::new(path))?;
-                }
-                if !purge_paths.is_empty() {
-                    self.records.remove(deployment)?;
-                }
-            }
-            Action::Unspecified => unreachable!("refused above"),
-        }
-        self.status(deployment).await
-    }
-
     /// Log lines of the deployment's containers, secrets redacted.
     pub async fn logs(
         &self,
@@ -629,37 +713,6 @@ fn check_deployment_name(name: &str) -> Result<(), DeployError> {
     }
 }
 
-/// Deletes a purged directory tree. Only where no one but root can swap the
-/// path for a link on the way; the tree itself is removed without following
-/// links inside it.
-fn purge(path: &Path) -> Result<(), DeployError> {
-    match hostfs::in_root_only_dir(path) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(DeployError::Invalid(format!(
-                "purge of {} refused: a non-root user can write the directory holding it",
-                path.display()
-            )));
-        }
-        Err(hostfs::FsError::Missing { .. }) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(format!("purge {}", path.display()))(e)),
-    }
-}
-
-fn already_started(e: DockerError) -> Result<(), DockerError> {
-    match e {
-        DockerError::DockerResponseServerError {
-            status_code: 304, ..
-        } => Ok(()),
-        other => Err(other),
-    }
-}
-
 fn failure(
     error: DeployError,
     secret_values: &HashMap<String, String>,
@@ -682,5 +735,6 @@ fn failure(
             .collect(),
         rolled_back,
         status,
+        unchanged: false,
     }
 }

@@ -28,6 +28,10 @@ pub struct DeploymentRecord {
     pub directories: Vec<String>,
     /// Per container name, where its secrets are.
     pub secret_slots: BTreeMap<String, Vec<SecretSlot>>,
+    /// An apply under way (cleared when it ends): what recovery needs after
+    /// the agent died in the middle of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress: Option<super::recovery::InProgress>,
 }
 
 impl DeploymentRecord {
@@ -77,6 +81,7 @@ impl DeploymentRecord {
         DeploymentRecord {
             directories,
             secret_slots,
+            in_progress: self.in_progress.clone(),
         }
     }
 }
@@ -160,6 +165,25 @@ impl Records {
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(&path).map_err(|e| io(e.error))?;
         Ok(())
+    }
+
+    /// Deployments with a record.
+    pub fn names(&self) -> Result<Vec<String>, RecordError> {
+        let io = |source| RecordError::Io {
+            path: self.dir.display().to_string(),
+            source,
+        };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".json"))
+                && valid_name(n)
+            {
+                names.push(n.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
     }
 
     pub fn remove(&self, deployment: &str) -> Result<(), RecordError> {

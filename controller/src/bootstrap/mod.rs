@@ -6,14 +6,15 @@ pub mod plan;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imfleet_certs::{AGENT_LIFETIME, Validity};
 use imfleet_proto::model::layout::Layout;
-use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 
 use crate::agent_client::{Agent, AgentAddress, AgentError, PingOutcome};
+use crate::progress::{Phase, ProgressSink, Reporter};
 use crate::ssh::{Remote, SshError, SshOptions};
 use crate::state::ControllerState;
 use crate::store::HostRecord;
@@ -136,22 +137,27 @@ fn read_local_agent(path: &Path) -> Result<(Vec<u8>, LocalAgent), BootstrapError
     Ok((bytes, local))
 }
 
-/// Runs the whole bootstrap. `progress` shows the current phase.
+/// Runs the whole bootstrap, reporting each phase to `progress`.
 pub async fn bootstrap(
     state: &ControllerState,
     request: &BootstrapRequest,
-    progress: &ProgressBar,
+    progress: Arc<dyn ProgressSink>,
 ) -> Result<BootstrapReport, BootstrapError> {
     let started = Instant::now();
     let (binary, local) = read_local_agent(&request.agent_binary)?;
+    let progress = &Reporter::new(progress, request.target.clone());
 
-    progress.set_message(format!("resolving {}", request.target));
-    let resolved = crate::ssh::resolve(&request.target, &request.ssh).await?;
-    let dial_host = request
-        .agent_address
-        .clone()
-        .unwrap_or_else(|| resolved.hostname.clone());
-    let resolved_ips = resolve_ips(&dial_host, request.agent_port).await?;
+    let (resolved, dial_host, resolved_ips) = progress
+        .phase(Phase::Resolve, request.target.clone(), async {
+            let resolved = crate::ssh::resolve(&request.target, &request.ssh).await?;
+            let dial_host = request
+                .agent_address
+                .clone()
+                .unwrap_or_else(|| resolved.hostname.clone());
+            let resolved_ips = resolve_ips(&dial_host, request.agent_port).await?;
+            Ok::<_, BootstrapError>((resolved, dial_host, resolved_ips))
+        })
+        .await?;
     let sans = plan::subject_alt_names(&dial_host, &resolved_ips);
     // Listen where the controller dials, not on every interface.
     let bind = request
@@ -162,12 +168,13 @@ pub async fn bootstrap(
             detail: "no address to listen on; pass --agent-bind".into(),
         })?;
 
-    progress.set_message(format!(
-        "connecting to {}@{}:{} over SSH",
-        resolved.user, resolved.hostname, resolved.port
-    ));
-    let mut remote =
-        Remote::connect(&request.target, &resolved, &request.ssh, &state.run_dir()).await?;
+    let mut remote = progress
+        .phase(
+            Phase::SshConnect,
+            format!("{}@{}:{}", resolved.user, resolved.hostname, resolved.port),
+            Remote::connect(&request.target, &resolved, &request.ssh, &state.run_dir()),
+        )
+        .await?;
     let result = install_over_ssh(
         state,
         request,
@@ -182,12 +189,16 @@ pub async fn bootstrap(
     remote.close().await;
     let installed = result?;
 
-    progress.set_message("waiting for the agent to answer over mTLS");
     let address = AgentAddress {
         host: dial_host.clone(),
         port: request.agent_port,
     };
-    let pong = wait_for_agent(state, &address, AGENT_START_TIMEOUT)
+    let pong = progress
+        .phase(
+            Phase::AwaitAgent,
+            address.to_string(),
+            wait_for_agent(state, &address, AGENT_START_TIMEOUT),
+        )
         .await
         .map_err(|last| BootstrapError::AgentSilent {
             secs: AGENT_START_TIMEOUT.as_secs(),
@@ -210,18 +221,19 @@ pub async fn bootstrap(
         bootstrapped_at: now,
         last_seen_at: Some(now),
     };
-    state.store.upsert_host(&host)?;
-    state.store.record_event(
-        Some(&host.name),
-        "bootstrap",
-        &format!(
-            "agent {} via {}; uploaded {} bytes; certificate {}",
-            host.agent_version,
-            installed.supervision,
-            installed.uploaded_bytes,
-            installed.certificate_issued.as_deref().unwrap_or("kept"),
-        ),
-    )?;
+    state
+        .store
+        .record_bootstrap(
+            &host,
+            &format!(
+                "agent {} via {}; uploaded {} bytes; certificate {}",
+                host.agent_version,
+                installed.supervision,
+                installed.uploaded_bytes,
+                installed.certificate_issued.as_deref().unwrap_or("kept"),
+            ),
+        )
+        .await?;
     Ok(BootstrapReport {
         host,
         uploaded_bytes: installed.uploaded_bytes,
@@ -251,42 +263,50 @@ async fn install_over_ssh(
     binary: &[u8],
     local: &LocalAgent,
     sans: &[String],
-    progress: &ProgressBar,
+    progress: &Reporter,
 ) -> Result<RemoteInstall, BootstrapError> {
     let layout = Layout::default();
     let agent_path = layout.binary().display().to_string();
 
-    progress.set_message("probing the host");
-    let probe_out = remote
-        .run(
-            "probe",
-            &["sh", "-c", plan::PROBE_SCRIPT, "sh", &agent_path],
-            false,
-            None,
-        )
+    let probe = progress
+        .phase(Phase::Probe, "", async {
+            let out = remote
+                .run(
+                    "probe",
+                    &["sh", "-c", plan::PROBE_SCRIPT, "sh", &agent_path],
+                    false,
+                    None,
+                )
+                .await?;
+            Ok::<_, BootstrapError>(plan::parse_probe(&out)?)
+        })
         .await?;
-    let probe = plan::parse_probe(&probe_out)?;
     let result = async {
         let host_plan = plan::plan_host(&probe, local)?;
         remote.set_use_sudo(host_plan.use_sudo);
 
         let mut uploaded_bytes = 0;
         if host_plan.upload {
-            progress.set_message(format!(
-                "uploading the agent ({} MB)",
-                local.size / 1_000_000
-            ));
-            upload_agent(remote, &probe.tmp_dir, binary, local, &layout).await?;
+            progress
+                .phase(
+                    Phase::UploadAgent,
+                    format!("({} MB)", local.size / 1_000_000),
+                    upload_agent(remote, &probe.tmp_dir, binary, local, &layout),
+                )
+                .await?;
             uploaded_bytes = local.size;
         }
 
-        progress.set_message("checking the agent identity");
-        let shown = remote
-            .exec(
-                "agent identity show",
-                &[&agent_path, "identity", "show"],
-                true,
-                None,
+        let shown = progress
+            .phase(
+                Phase::CheckIdentity,
+                "",
+                remote.exec(
+                    "agent identity show",
+                    &[&agent_path, "identity", "show"],
+                    true,
+                    None,
+                ),
             )
             .await?;
         let installed_cert = (shown.status == 0).then_some(shown.stdout.as_str());
@@ -299,8 +319,13 @@ async fn install_over_ssh(
         let (certificate_issued, cert_pem) = match decision {
             IdentityDecision::Keep => (None, shown.stdout.clone()),
             IdentityDecision::Issue(reason) => {
-                progress.set_message("enrolling the agent identity");
-                let cert = enrol(state, remote, &agent_path, &request.target, sans).await?;
+                let cert = progress
+                    .phase(
+                        Phase::Enrol,
+                        "",
+                        enrol(state, remote, &agent_path, &request.target, sans),
+                    )
+                    .await?;
                 (Some(reason), cert)
             }
         };
@@ -308,7 +333,6 @@ async fn install_over_ssh(
             .map(|info| info.serial_hex)
             .unwrap_or_default();
 
-        progress.set_message("starting the agent");
         let listen = std::net::SocketAddr::new(bind, request.agent_port).to_string();
         let mut install = vec![
             agent_path.as_str(),
@@ -322,8 +346,12 @@ async fn install_over_ssh(
         if let Some(storage) = &request.storage_dir {
             install.extend(["--storage-dir", storage]);
         }
-        let out = remote
-            .run("agent service install", &install, true, None)
+        let out = progress
+            .phase(
+                Phase::StartAgent,
+                listen.clone(),
+                remote.run("agent service install", &install, true, None),
+            )
             .await?;
         let supervision = out
             .lines()

@@ -111,9 +111,9 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         &args.data_path,
         args.storage_dir.as_deref(),
     )?;
-    let progress = output::spinner(!args.json);
-    let result = bootstrap(&state, &request, &progress).await;
-    progress.finish_and_clear();
+    let progress = output::Progress::new(args.json);
+    let result = bootstrap(&state, &request, progress.sink()).await;
+    progress.finish();
     let report = result?;
     if args.json {
         output::print_json(&report)?;

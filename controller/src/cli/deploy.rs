@@ -13,6 +13,7 @@ use imfleet_controller::deployment::portsip::{DEFAULT_DB_IMAGE, DEFAULT_IMAGE};
 use imfleet_controller::deployment::{
     DeployError, DeployRequest, ImToken, PortsipParams, TokenSource, deploy,
 };
+use imfleet_controller::fleet::Fleet;
 use imfleet_controller::pbx::{PbxOptions, PbxTrust, Secret, parse_fingerprint};
 
 use super::bootstrap::{AgentArgs, SshArgs};
@@ -255,19 +256,18 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let (state, _) = super::open_state(dir)?;
-    let progress = output::spinner(!args.json);
+    let progress = output::Progress::new(args.json);
 
-    let host = match state.store.host(&args.host)? {
+    let host = match state.store.host(&args.host).await? {
         Some(host) => host,
         None => {
-            progress.set_message(format!("bootstrapping {}", args.host));
             let request = args.agent.bootstrap_request(
                 &args.host,
                 &args.ssh,
                 &preflight.data_path,
                 preflight.storage_dir.as_deref(),
             )?;
-            let report = bootstrap(&state, &request, &progress).await;
+            let report = bootstrap(&state, &request, progress.sink()).await;
             if !args.json {
                 progress.suspend(|| {
                     if let Ok(r) = &report {
@@ -281,7 +281,7 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
             report?.host
         }
     };
-    let agent = super::connect(&state, &host).await?;
+    let agent = Fleet::new(&state).connect(&host).await?;
     let request = DeployRequest {
         host: host.name.clone(),
         params: PortsipParams {
@@ -301,8 +301,8 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         image_files: args.image_file.clone(),
         health_timeout: Duration::from_secs(args.health_timeout.max(1)),
     };
-    let result = deploy(&state, &agent, request, &progress).await;
-    progress.finish_and_clear();
+    let result = deploy(&state.store, &agent, request, progress.sink()).await;
+    progress.finish();
     let report = match result {
         Ok(report) => report,
         Err(DeployError::PreflightFailed { host, checks }) => {
@@ -380,7 +380,12 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
         println!("preflight warnings: {}", ids.join(", "));
     }
     println!(
-        "Deployed {} on {} in {:.1} s: {}",
+        "{} {} on {} in {:.1} s: {}",
+        if report.unchanged {
+            "Already deployed (nothing changed):"
+        } else {
+            "Deployed"
+        },
         report.deployment.name,
         report.deployment.host,
         report.elapsed_ms as f64 / 1000.0,

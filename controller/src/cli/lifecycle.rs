@@ -7,12 +7,9 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Args;
 use imfleet_controller::deployment::DEPLOYMENT_NAME;
-use imfleet_controller::state::ControllerState;
-use imfleet_controller::store::{DeploymentRecord, HostRecord};
-use imfleet_proto::agent::v1::{
-    ControlRequest, DeploymentStatus, LogsRequest, control_request::Action,
-};
-use serde::Serialize;
+use imfleet_controller::fleet::{Fleet, HostResult, ops};
+use imfleet_controller::store::HostRecord;
+use imfleet_proto::agent::v1::{DeploymentStatus, LogsRequest, control_request::Action};
 
 use super::output;
 
@@ -28,14 +25,10 @@ pub struct HostSelection {
 }
 
 impl HostSelection {
-    fn resolve(&self, state: &ControllerState) -> anyhow::Result<Vec<HostRecord>> {
-        if self.all {
-            return Ok(state.store.hosts()?);
-        }
-        self.hosts
-            .iter()
-            .map(|h| super::known_host(state, h))
-            .collect()
+    async fn resolve(&self, fleet: &Fleet) -> anyhow::Result<Vec<HostRecord>> {
+        Ok(fleet
+            .resolve(&super::selection(self.all, &self.hosts))
+            .await?)
     }
 }
 
@@ -94,43 +87,6 @@ pub struct LogsArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct HostServiceStatus {
-    host: String,
-    agent_reachable: bool,
-    healthy: bool,
-    deployment: Option<DeploymentRecord>,
-    status: Option<DeploymentStatus>,
-    error: Option<String>,
-}
-
-async fn host_status(state: &ControllerState, host: &HostRecord) -> HostServiceStatus {
-    let deployment = state.store.deployment(&host.name).ok().flatten();
-    let result = async {
-        let agent = super::connect(state, host).await?;
-        Ok::<_, anyhow::Error>(agent.status(DEPLOYMENT_NAME).await?)
-    }
-    .await;
-    match result {
-        Ok(status) => HostServiceStatus {
-            host: host.name.clone(),
-            agent_reachable: true,
-            healthy: status.healthy,
-            deployment,
-            status: Some(status),
-            error: None,
-        },
-        Err(e) => HostServiceStatus {
-            host: host.name.clone(),
-            agent_reachable: false,
-            healthy: false,
-            deployment,
-            status: None,
-            error: Some(format!("{e:#}")),
-        },
-    }
-}
-
 pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
     let mut table = output::table(&[
         "HOST",
@@ -177,9 +133,9 @@ pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
 }
 
 pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
-    let hosts = args.select.resolve(&state)?;
-    let statuses = futures::future::join_all(hosts.iter().map(|h| host_status(&state, h))).await;
+    let fleet = super::open_fleet(dir).await?;
+    let hosts = args.select.resolve(&fleet).await?;
+    let statuses = ops::status(&fleet, &hosts).await;
     if args.json {
         output::print_json(&statuses)?;
     } else {
@@ -199,83 +155,44 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn control_all(
-    state: &ControllerState,
-    hosts: &[HostRecord],
-    action: Action,
-    grace: u32,
-    purge: bool,
-) -> Vec<(String, anyhow::Result<DeploymentStatus>)> {
-    let jobs = hosts.iter().map(|host| async move {
-        let result = async {
-            let agent = super::connect(state, host).await?;
-            let purge_paths = match (purge, state.store.deployment(&host.name)?) {
-                (true, Some(d)) => ["im-data", "im-postgresql", "secrets"]
-                    .iter()
-                    .map(|leaf| format!("{}/{leaf}", d.data_path.trim_end_matches('/')))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let status = agent
-                .control(ControlRequest {
-                    deployment: DEPLOYMENT_NAME.into(),
-                    action: action as i32,
-                    stop_grace_seconds: grace,
-                    purge_paths,
-                })
-                .await?;
-            let verb = format!("{action:?}").to_lowercase();
-            state
-                .store
-                .record_event(Some(&host.name), &verb, DEPLOYMENT_NAME)?;
-            if action == Action::Remove {
-                state.store.remove_deployment(&host.name)?;
-            }
-            Ok(status)
-        }
-        .await;
-        (host.name.clone(), result)
-    });
-    futures::future::join_all(jobs).await
-}
-
 pub async fn control(dir: &Path, args: ControlArgs, action: Action) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
-    let hosts = args.select.resolve(&state)?;
-    let progress = output::spinner(!args.json);
-    progress.set_message(format!(
+    let fleet = super::open_fleet(dir).await?;
+    let hosts = args.select.resolve(&fleet).await?;
+    let progress = output::Progress::new(args.json);
+    progress.message(format!(
         "{} on {} host(s)",
         format!("{action:?}").to_lowercase(),
         hosts.len()
     ));
-    let results = control_all(&state, &hosts, action, args.grace, false).await;
-    progress.finish_and_clear();
+    let results = ops::control(&fleet, &hosts, action, args.grace, false).await;
+    progress.finish();
     report(results, args.json)
 }
 
-fn report(
-    results: Vec<(String, anyhow::Result<DeploymentStatus>)>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+fn report(results: Vec<HostResult<DeploymentStatus>>, json: bool) -> anyhow::Result<ExitCode> {
+    let failed = results.iter().filter(|r| r.result.is_err()).count();
     if json {
         let rows: Vec<serde_json::Value> = results
             .iter()
-            .map(|(host, r)| match r {
-                Ok(s) => serde_json::json!({"host": host, "ok": true, "status": s}),
-                Err(e) => serde_json::json!({"host": host, "ok": false, "error": format!("{e:#}")}),
+            .map(|r| match &r.result {
+                Ok(s) => serde_json::json!({"host": r.host.name, "ok": true, "status": s}),
+                Err(e) => serde_json::json!({
+                    "host": r.host.name,
+                    "ok": false,
+                    "error": imfleet_controller::error_chain(e),
+                }),
             })
             .collect();
         output::print_json(&rows)?;
     } else {
         let rows: Vec<_> = results
             .iter()
-            .map(|(h, r)| (h.clone(), r.as_ref().ok().cloned()))
+            .map(|r| (r.host.name.clone(), r.result.as_ref().ok().cloned()))
             .collect();
         print_status_table(&rows);
-        for (host, r) in &results {
-            if let Err(e) = r {
-                eprintln!("{host}: {e:#}");
+        for r in &results {
+            if let Err(e) = &r.result {
+                eprintln!("{}: {}", r.host.name, imfleet_controller::error_chain(e));
             }
         }
     }
@@ -287,8 +204,8 @@ fn report(
 }
 
 pub async fn remove(dir: &Path, args: RemoveArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
-    let hosts = args.select.resolve(&state)?;
+    let fleet = super::open_fleet(dir).await?;
+    let hosts = args.select.resolve(&fleet).await?;
     if !args.yes {
         if !std::io::stdin().is_terminal() {
             bail!("rm stops messaging and deletes the IM installation: confirm with --yes");
@@ -309,23 +226,20 @@ pub async fn remove(dir: &Path, args: RemoveArgs) -> anyhow::Result<ExitCode> {
             bail!("not confirmed; nothing was changed");
         }
     }
-    let results = control_all(&state, &hosts, Action::Remove, args.grace, args.purge).await;
+    let results = ops::control(&fleet, &hosts, Action::Remove, args.grace, args.purge).await;
     report(results, false)
 }
 
 pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
-    let host = super::known_host(&state, &args.host)?;
-    let agent = super::connect(&state, &host).await?;
-    let mut stream = agent
-        .logs(LogsRequest {
-            deployment: DEPLOYMENT_NAME.into(),
-            container: args.container.clone().unwrap_or_default(),
-            tail: args.tail,
-            follow: args.follow,
-        })
-        .await?;
-    while let Some(line) = stream.message().await.map_err(|s| agent.stream_error(s))? {
+    let fleet = super::open_fleet(dir).await?;
+    let request = LogsRequest {
+        deployment: DEPLOYMENT_NAME.into(),
+        container: args.container.clone().unwrap_or_default(),
+        tail: args.tail,
+        follow: args.follow,
+    };
+    let mut stream = ops::logs(&fleet, &args.host, request).await?;
+    while let Some(line) = stream.next().await? {
         if args.json {
             let record = serde_json::json!({
                 "container": line.container,

@@ -88,28 +88,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A bootstrapped host by name or agent address, or an error naming the fix.
-fn known_host(
-    state: &ControllerState,
-    name: &str,
-) -> anyhow::Result<imfleet_controller::store::HostRecord> {
-    state.store.host(name)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown host `{name}`: it has not been bootstrapped (see `controller hosts`, or run `controller bootstrap {name}`)"
-        )
-    })
+/// `hosts` or `--all` as a fleet selection.
+fn selection(all: bool, hosts: &[String]) -> imfleet_controller::fleet::Selection {
+    if all {
+        imfleet_controller::fleet::Selection::All
+    } else {
+        imfleet_controller::fleet::Selection::Hosts(hosts.to_vec())
+    }
 }
 
-/// Connects to a bootstrapped host's agent over mTLS.
-async fn connect(
-    state: &ControllerState,
-    host: &imfleet_controller::store::HostRecord,
-) -> anyhow::Result<imfleet_controller::agent_client::Agent> {
-    let address = imfleet_controller::agent_client::AgentAddress {
-        host: host.agent_address.clone(),
-        port: host.agent_port,
-    };
-    Ok(imfleet_controller::agent_client::Agent::connect(&state.identity, &address).await?)
+/// The bootstrapped hosts of the state directory.
+async fn open_fleet(dir: &std::path::Path) -> anyhow::Result<imfleet_controller::fleet::Fleet> {
+    let (state, _) = open_state(dir)?;
+    Ok(imfleet_controller::fleet::Fleet::new(&state))
 }
 
 /// Opens the state directory, creating it on first use.

@@ -1,7 +1,10 @@
 //! Presentation helpers shared by commands: JSON, tables, times, progress.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Duration;
+
+use imfleet_controller::progress::{Progress as ProgressEvent, ProgressSink};
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,16 +23,7 @@ pub fn table(header: &[&str]) -> Table {
     table
 }
 
-/// RFC 3339 UTC text of Unix seconds.
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
-}
+pub use imfleet_controller::rfc3339;
 
 /// "in 396 days" / "EXPIRED 3 days ago".
 pub fn expiry(unix: i64) -> String {
@@ -49,9 +43,56 @@ pub fn millis(d: f64) -> String {
     format!("{d:.1} ms")
 }
 
+/// A command's progress: library events drawn as a spinner or lines, or
+/// with `--json` one JSON object per event on stderr (stdout keeps the result).
+pub struct Progress {
+    bar: ProgressBar,
+    sink: Arc<dyn ProgressSink>,
+}
+
+impl Progress {
+    pub fn new(json: bool) -> Progress {
+        let bar = spinner(!json);
+        let sink: Arc<dyn ProgressSink> = if json {
+            Arc::new(|event: ProgressEvent| {
+                if let Ok(line) = serde_json::to_string(&event) {
+                    eprintln!("{line}");
+                }
+            })
+        } else {
+            let bar = bar.clone();
+            Arc::new(move |event: ProgressEvent| {
+                // The spinner shows what runs now; endings are in the result.
+                if !matches!(event, ProgressEvent::PhaseFinished { .. }) {
+                    bar.set_message(event.text());
+                }
+            })
+        };
+        Progress { bar, sink }
+    }
+
+    pub fn sink(&self) -> Arc<dyn ProgressSink> {
+        self.sink.clone()
+    }
+
+    /// Shows `message` as the current activity (text mode only).
+    pub fn message(&self, message: String) {
+        self.bar.set_message(message);
+    }
+
+    /// Prints around the spinner.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Progress: a spinner on an interactive terminal; on a pipe or log, each
 /// new phase as one plain line on stderr; nothing with --json.
-pub fn spinner(enabled: bool) -> ProgressBar {
+fn spinner(enabled: bool) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }

@@ -111,9 +111,9 @@ struct PreflightReport<'a> {
 }
 
 pub async fn inventory(dir: &Path, args: InventoryArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
-    let host = super::known_host(&state, &args.host)?;
-    let agent = super::connect(&state, &host).await?;
+    let fleet = super::open_fleet(dir).await?;
+    let host = fleet.host(&args.host).await?;
+    let agent = fleet.connect(&host).await?;
     let inv = agent
         .inventory(vec![DEFAULT_DATA_PATH.to_owned()], SERVICE_UID, SERVICE_GID)
         .await?;
@@ -127,9 +127,9 @@ pub async fn inventory(dir: &Path, args: InventoryArgs) -> anyhow::Result<ExitCo
 
 pub async fn preflight(dir: &Path, args: PreflightArgs) -> anyhow::Result<ExitCode> {
     let params = args.target.params()?;
-    let (state, _) = super::open_state(dir)?;
-    let host = super::known_host(&state, &args.host)?;
-    let agent = super::connect(&state, &host).await?;
+    let fleet = super::open_fleet(dir).await?;
+    let host = fleet.host(&args.host).await?;
+    let agent = fleet.connect(&host).await?;
     let checks = preflight::assess(&agent, &params).await?;
     let summary = Summary::of(&checks);
     if args.json {

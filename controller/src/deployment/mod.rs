@@ -1,8 +1,13 @@
 //! Deployments of the PortSIP IM service: the spec the agent applies (built
-//! here, as data, by a pure function), and the deploy procedure.
+//! here, as data, by a pure function), and the deploy procedure as named
+//! steps over small agent and PBX traits.
 
+pub mod api;
 pub mod portsip;
 pub mod run;
+pub mod token;
+mod upload;
 
 pub use portsip::{DEPLOYMENT_NAME, PortsipParams, portsip_spec};
-pub use run::{DeployError, DeployReport, DeployRequest, ImToken, TokenSource, deploy};
+pub use run::{DeployError, DeployReport, DeployRequest, deploy};
+pub use token::{ImToken, TokenSource};

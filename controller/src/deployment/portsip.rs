@@ -18,6 +18,19 @@ use imfleet_proto::model::portsip::{
     IM_DATA_MOUNT, IM_STORAGE_MOUNT, POSTGRES_UID, SERVICE_UID as PORTSIP_UID,
 };
 
+/// The IM's directories under the data path: what `rm --purge` deletes.
+const IM_DATA_DIR: &str = "im-data";
+const DB_DATA_DIR: &str = "im-postgresql";
+const SECRETS_DIR: &str = "secrets";
+
+/// The directories `rm --purge` deletes (the `-f` storage is the operator's).
+pub fn purge_paths(data_path: &str) -> Vec<String> {
+    [IM_DATA_DIR, DB_DATA_DIR, SECRETS_DIR]
+        .iter()
+        .map(|leaf| path(data_path, leaf))
+        .collect()
+}
+
 /// What an operator decides for one IM host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortsipParams {
@@ -49,9 +62,9 @@ fn mount(source: String, target: &str, read_only: bool) -> BindMount {
 /// The full spec for `params`. `token_fingerprint` (sha256 of the IM token)
 /// enters the config hash so a new token counts as a new configuration.
 pub fn portsip_spec(params: &PortsipParams, token_fingerprint: &str) -> DeploymentSpec {
-    let im_data = path(&params.data_path, "im-data");
-    let pg_data = path(&params.data_path, "im-postgresql");
-    let secrets_dir = path(&params.data_path, "secrets");
+    let im_data = path(&params.data_path, IM_DATA_DIR);
+    let pg_data = path(&params.data_path, DB_DATA_DIR);
+    let secrets_dir = path(&params.data_path, SECRETS_DIR);
     let db_password_file = path(&secrets_dir, SECRET_DB_PASSWORD);
     let grace = params.stop_grace_seconds;
 

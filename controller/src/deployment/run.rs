@@ -1,78 +1,23 @@
-//! `controller deploy` after bootstrap: preflight gate, apply the PortSIP spec
-//! over mTLS with progress, record what runs.
+//! `controller deploy` after bootstrap, as named steps: check the agent,
+//! get the token, gate on preflight, whitelist on the PBX, upload images,
+//! apply over mTLS, register on the PBX, record the revision. Each step
+//! speaks to the agent and the PBX through [`AgentApi`] and [`PbxApi`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imfleet_proto::agent::v1::{ApplyRequest, DeploymentStatus};
-use indicatif::ProgressBar;
+use futures::StreamExt;
+use imfleet_proto::agent::v1::{ApplyOutcome, ApplyRequest, DeploymentStatus};
 use serde::Serialize;
 
+use super::api::{AgentApi, PbxApi};
 use super::portsip::{self, DEPLOYMENT_NAME, PortsipParams, SECRET_IM_TOKEN};
-use crate::agent_client::{Agent, AgentError};
+use super::token::{ImToken, TokenError, TokenSource};
+use crate::agent_client::{AgentError, Feature};
 use crate::pbx::{ImAddresses, PbxClient, PbxError, PbxOptions, Whitelisted};
 use crate::preflight::{self, Check, PreflightParams, Verdict};
-use crate::state::ControllerState;
-use crate::store::{DeploymentRecord, StoreError};
-
-/// The IM server token from the PBX. Never printed: `Debug` is redacted.
-#[derive(Clone)]
-pub struct ImToken(String);
-
-impl std::fmt::Debug for ImToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ImToken([redacted])")
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TokenError {
-    #[error(
-        "the IM token is empty; generate one on the PBX (Servers > IM Servers > Generate Token)"
-    )]
-    Empty,
-    #[error(
-        "the IM token contains spaces or control characters; copy it again from the PBX portal"
-    )]
-    Malformed,
-    #[error("the IM token is longer than 4096 characters; is that the right file?")]
-    TooLong,
-}
-
-impl ImToken {
-    /// Accepts the token as read from a file, stdin or the environment
-    /// (surrounding white space, such as a final newline, is dropped).
-    pub fn parse(text: &str) -> Result<ImToken, TokenError> {
-        let token = text.trim();
-        if token.is_empty() {
-            Err(TokenError::Empty)
-        } else if token.len() > 4096 {
-            Err(TokenError::TooLong)
-        } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            Err(TokenError::Malformed)
-        } else {
-            Ok(ImToken(token.to_owned()))
-        }
-    }
-
-    pub fn fingerprint(&self) -> String {
-        portsip::token_fingerprint(&self.0)
-    }
-
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Where the IM token comes from.
-#[derive(Debug)]
-pub enum TokenSource {
-    /// From the operator (file, stdin, environment or prompt).
-    Given(ImToken),
-    /// The PBX's current token, through its API.
-    FromPbx,
-    /// A newly generated token (the HA upgrade guide asks for one per upgrade).
-    NewFromPbx,
-}
+use crate::progress::{Phase, ProgressSink, Reporter};
+use crate::store::{DeploymentRecord, Outcome, Store, StoreError};
 
 #[derive(Debug)]
 pub struct DeployRequest {
@@ -123,8 +68,8 @@ pub enum DeployError {
     )]
     NotRegistered {
         host: String,
-        wanted: ImAddresses,
-        shown: ImAddresses,
+        wanted: Box<ImAddresses>,
+        shown: Box<ImAddresses>,
     },
     #[error(
         "the agent on {host} may only use {roots:?}; {detail}. Re-run `controller bootstrap {host} --data-path ... [-f ...]` with the directories to use (nothing was changed)"
@@ -155,6 +100,8 @@ fn failed_ids(checks: &[Check]) -> String {
 pub struct DeployReport {
     pub deployment: DeploymentRecord,
     pub status: DeploymentStatus,
+    /// The same spec already ran healthy: nothing on the host was changed.
+    pub unchanged: bool,
     /// Failed checks that --force overrode.
     pub overridden: Vec<Check>,
     pub warnings: Vec<Check>,
@@ -170,25 +117,112 @@ pub struct PbxReport {
     pub token_from_pbx: bool,
 }
 
+/// Deploys with the real PBX client: logs in first (bad credentials fail
+/// before the host is touched), logs out whatever happens.
 pub async fn deploy(
-    state: &ControllerState,
-    agent: &Agent,
+    store: &Store,
+    agent: &impl AgentApi,
     request: DeployRequest,
-    progress: &ProgressBar,
+    progress: Arc<dyn ProgressSink>,
 ) -> Result<DeployReport, DeployError> {
-    // Log in before anything touches the host: bad credentials fail fast.
+    let reporter = Reporter::new(progress, request.host.clone());
     let pbx = match &request.pbx {
-        Some(options) => {
-            progress.set_message("logging in to the PBX API");
-            Some(PbxClient::login(options.clone()).await?)
-        }
+        Some(options) => Some(
+            reporter
+                .phase(Phase::PbxLogin, "", PbxClient::login(options.clone()))
+                .await?,
+        ),
         None => None,
     };
-    let result = deploy_with(state, agent, &request, pbx.as_ref(), progress).await;
+    let result = deploy_with(store, agent, &request, pbx.as_ref(), &reporter).await;
     if let Some(pbx) = pbx {
         pbx.logout().await;
     }
     result
+}
+
+/// The deploy steps in order. Nothing on the PBX or the host changes before
+/// the agent, the token and preflight are found good.
+pub async fn deploy_with(
+    store: &Store,
+    agent: &impl AgentApi,
+    request: &DeployRequest,
+    pbx: Option<&impl PbxApi>,
+    progress: &Reporter,
+) -> Result<DeployReport, DeployError> {
+    let started = Instant::now();
+    check_agent(agent, request).await?;
+    let (token, token_from_pbx) = progress
+        .phase(Phase::ImToken, "", obtain_token(&request.token, pbx))
+        .await?;
+    let gate = progress
+        .phase(Phase::Preflight, "", preflight_gate(agent, request))
+        .await?;
+    let whitelisted = match pbx {
+        Some(pbx) => whitelist(pbx, request, progress).await?,
+        None => Vec::new(),
+    };
+    // Images the archives do not provide are pulled, or refused, by apply.
+    for path in &request.image_files {
+        super::upload::upload_image(agent, path, progress).await?;
+    }
+    let spec = portsip::portsip_spec(&request.params, &token.fingerprint());
+    let mut record = deployment_record(request, &gate.failed, &spec.config_hash);
+    let applied = progress
+        .phase(
+            Phase::Apply,
+            DEPLOYMENT_NAME,
+            apply(agent, request, spec, &token, progress),
+        )
+        .await;
+    let (status, unchanged) = match applied {
+        Ok(done) => done,
+        Err(e) => {
+            let outcome = match &e {
+                DeployError::Apply {
+                    rolled_back: true, ..
+                } => Outcome::RolledBack,
+                _ => Outcome::Failed,
+            };
+            record.deployed_at = crate::now_unix();
+            // The failure is what the operator needs; a failed record is logged.
+            if let Err(store_error) = store.record_apply(&record, outcome, &e.to_string()).await {
+                tracing::warn!("could not record the failed deploy: {store_error}");
+            }
+            return Err(e);
+        }
+    };
+    let pbx_report = match pbx {
+        Some(pbx) => Some(PbxReport {
+            whitelisted,
+            registered: progress
+                .phase(Phase::Register, "", register(pbx, request))
+                .await?,
+            token_from_pbx,
+        }),
+        None => None,
+    };
+    record.image_ids = status
+        .containers
+        .iter()
+        .map(|c| (c.name.clone(), c.image_id.clone()))
+        .collect();
+    record.deployed_at = crate::now_unix();
+    let outcome = if unchanged {
+        Outcome::Unchanged
+    } else {
+        Outcome::Applied
+    };
+    store.record_apply(&record, outcome, "").await?;
+    Ok(DeployReport {
+        deployment: record,
+        status,
+        unchanged,
+        overridden: gate.failed,
+        warnings: gate.warnings,
+        pbx: pbx_report,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 /// Whether the directories a deploy uses lie in the roots the agent was
@@ -217,17 +251,10 @@ pub fn check_roots(
     Ok(())
 }
 
-async fn deploy_with(
-    state: &ControllerState,
-    agent: &Agent,
-    request: &DeployRequest,
-    pbx: Option<&PbxClient>,
-    progress: &ProgressBar,
-) -> Result<DeployReport, DeployError> {
-    let started = Instant::now();
+/// Step 1: the agent answers, is new enough, and may use the directories.
+async fn check_agent(agent: &impl AgentApi, request: &DeployRequest) -> Result<(), DeployError> {
     let pong = agent.ping().await?;
-    // An agent too old to deploy is refused before the PBX or host changes.
-    agent.require(crate::agent_client::Feature::Apply).await?;
+    agent.require(Feature::Apply).await?;
     check_roots(
         &pong.reply.data_roots,
         &request.params.data_path,
@@ -237,43 +264,52 @@ async fn deploy_with(
         host: request.host.clone(),
         roots: pong.reply.data_roots.clone(),
         detail,
-    })?;
-    let (token, token_from_pbx) = match (&request.token, pbx) {
-        (TokenSource::Given(token), _) => (token.clone(), false),
-        (source @ (TokenSource::FromPbx | TokenSource::NewFromPbx), Some(pbx)) => {
-            let secret = if matches!(source, TokenSource::NewFromPbx) {
-                progress.set_message("generating a new IM token on the PBX");
-                pbx.generate_im_token().await?
-            } else {
-                progress.set_message("fetching the IM token from the PBX");
-                pbx.im_token().await?
-            };
-            (
-                ImToken::parse(secret.expose()).map_err(DeployError::PbxToken)?,
-                true,
-            )
-        }
+    })
+}
+
+/// Step 2: the token as given, or from the PBX (new when asked for).
+async fn obtain_token(
+    source: &TokenSource,
+    pbx: Option<&impl PbxApi>,
+) -> Result<(ImToken, bool), DeployError> {
+    let secret = match (source, pbx) {
+        (TokenSource::Given(token), _) => return Ok((token.clone(), false)),
+        (TokenSource::NewFromPbx, Some(pbx)) => pbx.generate_im_token().await?,
+        (TokenSource::FromPbx, Some(pbx)) => pbx.im_token().await?,
         (TokenSource::FromPbx | TokenSource::NewFromPbx, None) => {
             return Err(DeployError::Pbx(PbxError::Config(
                 "the token is to come from the PBX, but no PBX API access was given".into(),
             )));
         }
     };
-    progress.set_message("preflight");
+    let token = ImToken::parse(secret.expose()).map_err(DeployError::PbxToken)?;
+    Ok((token, true))
+}
+
+/// What preflight let through.
+struct Gate {
+    /// Failed checks `--force` overrode.
+    failed: Vec<Check>,
+    warnings: Vec<Check>,
+}
+
+/// Step 3: preflight; failures stop the deploy unless forced.
+async fn preflight_gate(
+    agent: &impl AgentApi,
+    request: &DeployRequest,
+) -> Result<Gate, DeployError> {
     let current = agent.status(DEPLOYMENT_NAME).await?;
-    let mut preflight_params = request.preflight.clone();
-    preflight_params.redeploy = current.containers.iter().any(|c| c.state == "running");
-    let checks = preflight::assess(agent, &preflight_params).await?;
-    let failed: Vec<Check> = checks
-        .iter()
-        .filter(|c| c.verdict == Verdict::Fail)
-        .cloned()
-        .collect();
-    let warnings: Vec<Check> = checks
-        .iter()
-        .filter(|c| c.verdict == Verdict::Warn)
-        .cloned()
-        .collect();
+    let mut params = request.preflight.clone();
+    params.redeploy = current.containers.iter().any(|c| c.state == "running");
+    let checks = preflight::assess(agent, &params).await?;
+    let of = |verdict| -> Vec<Check> {
+        checks
+            .iter()
+            .filter(|c| c.verdict == verdict)
+            .cloned()
+            .collect()
+    };
+    let (failed, warnings) = (of(Verdict::Fail), of(Verdict::Warn));
     if !failed.is_empty() && !request.force {
         return Err(DeployError::PreflightFailed {
             host: request.host.clone(),
@@ -283,74 +319,90 @@ async fn deploy_with(
     for c in &failed {
         tracing::info!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
     }
+    Ok(Gate { failed, warnings })
+}
 
-    // The PBX rate-limits (and so starves) an IM server it has not whitelisted.
-    let mut whitelisted = Vec::new();
-    if let Some(pbx) = pbx {
-        progress.set_message("whitelisting the IM host on the PBX");
-        let description = format!("imfleet: PortSIP IM server {}", request.host);
-        let mut ips = vec![request.params.private_ip];
-        if request.params.public_ip != request.params.private_ip {
-            ips.push(request.params.public_ip);
-        }
-        for ip in ips {
-            whitelisted.push(pbx.ensure_whitelisted(ip, &description).await?);
-        }
+/// Step 4: the PBX rate-limits (and so starves) an IM server it has not
+/// whitelisted.
+async fn whitelist(
+    pbx: &impl PbxApi,
+    request: &DeployRequest,
+    progress: &Reporter,
+) -> Result<Vec<Whitelisted>, DeployError> {
+    let description = format!("imfleet: PortSIP IM server {}", request.host);
+    let mut ips = vec![request.params.private_ip];
+    if request.params.public_ip != request.params.private_ip {
+        ips.push(request.params.public_ip);
     }
-
-    // Images the archives do not provide are pulled, or refused, by apply.
-    for path in &request.image_files {
-        upload_image(agent, path, progress).await?;
-    }
-
-    let spec = portsip::portsip_spec(&request.params, &token.fingerprint());
-    let config_hash = spec.config_hash.clone();
-    let apply = ApplyRequest {
-        spec: Some(spec),
-        provided_secrets: [(SECRET_IM_TOKEN.to_owned(), token.expose().to_owned())].into(),
-        health_timeout_seconds: request.health_timeout.as_secs().min(u64::from(u32::MAX)) as u32,
-    };
-    // The gRPC deadline only bounds the wait for the stream to open; the
-    // stream itself is bounded here.
-    let deadline = tokio::time::Instant::now()
-        + crate::agent_client::apply_deadline(
-            &apply.spec.clone().unwrap_or_default(),
-            apply.health_timeout_seconds,
+    let mut done = Vec::new();
+    for ip in ips {
+        done.push(
+            progress
+                .phase(
+                    Phase::Whitelist,
+                    ip.to_string(),
+                    pbx.ensure_whitelisted(ip, &description),
+                )
+                .await?,
         );
-    let mut events = agent.apply(apply).await?;
-    let mut outcome = None;
-    loop {
-        let Ok(next) = tokio::time::timeout_at(deadline, events.message()).await else {
+    }
+    Ok(done)
+}
+
+/// Step 5: the apply, streamed. The gRPC deadline only bounds the wait for
+/// the stream to open; the stream itself is bounded here. Returns the final
+/// status and whether the agent found nothing to change.
+async fn apply(
+    agent: &impl AgentApi,
+    request: &DeployRequest,
+    spec: imfleet_proto::agent::v1::DeploymentSpec,
+    token: &ImToken,
+    progress: &Reporter,
+) -> Result<(DeploymentStatus, bool), DeployError> {
+    let health_timeout_seconds = request.health_timeout.as_secs().min(u64::from(u32::MAX)) as u32;
+    let deadline = tokio::time::Instant::now()
+        + crate::agent_client::apply_deadline(&spec, health_timeout_seconds);
+    let mut events = agent
+        .apply(ApplyRequest {
+            spec: Some(spec),
+            provided_secrets: [(SECRET_IM_TOKEN.to_owned(), token.expose().to_owned())].into(),
+            health_timeout_seconds,
+        })
+        .await?;
+    let outcome = loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, events.next()).await else {
             return Err(DeployError::NoOutcome(request.host.clone()));
         };
         match next {
-            Ok(Some(event)) => {
-                if let Some(o) = event.outcome {
-                    outcome = Some(o);
-                    break;
-                }
-                progress.set_message(format!("{}: {}", event.phase, event.message));
-                tracing::info!(phase = %event.phase, "{}", event.message);
-            }
-            Ok(None) => break,
-            Err(status) => return Err(agent.stream_error(status).into()),
+            Some(Ok(event)) => match event.outcome {
+                Some(outcome) => break outcome,
+                None => progress.agent_step(&event.phase, &event.message),
+            },
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(DeployError::NoOutcome(request.host.clone())),
         }
-    }
-    let outcome = outcome.ok_or_else(|| DeployError::NoOutcome(request.host.clone()))?;
+    };
+    judge_outcome(&request.host, outcome)
+}
+
+/// The agent's last word, held to the exit status: success only with every
+/// container healthy (an older agent might say otherwise).
+fn judge_outcome(
+    host: &str,
+    outcome: ApplyOutcome,
+) -> Result<(DeploymentStatus, bool), DeployError> {
     if !outcome.success {
         return Err(DeployError::Apply {
-            host: request.host.clone(),
+            host: host.to_owned(),
             error: outcome.error,
             diagnostics: outcome.diagnostics,
             rolled_back: outcome.rolled_back,
         });
     }
     let status = outcome.status.unwrap_or_default();
-    // The agent declares success only with everything healthy; an older agent
-    // might not, and the last word must agree with the exit status.
     if !status.healthy {
         return Err(DeployError::Apply {
-            host: request.host.clone(),
+            host: host.to_owned(),
             error: "the agent reported success but not every container is healthy".into(),
             diagnostics: status
                 .containers
@@ -360,30 +412,32 @@ async fn deploy_with(
             rolled_back: false,
         });
     }
+    Ok((status, outcome.unchanged))
+}
 
-    // The PBX must list the IM server's addresses before deploy calls it done.
-    let pbx_report = match pbx {
-        Some(pbx) => {
-            progress.set_message("registering the IM server on the PBX");
-            let wanted = ImAddresses::from_ips(request.params.private_ip, request.params.public_ip);
-            pbx.set_im_addresses(&wanted).await?;
-            let shown = pbx.im_addresses().await?;
-            if shown != wanted {
-                return Err(DeployError::NotRegistered {
-                    host: request.host.clone(),
-                    wanted,
-                    shown,
-                });
-            }
-            Some(PbxReport {
-                whitelisted,
-                registered: wanted,
-                token_from_pbx,
-            })
-        }
-        None => None,
-    };
-    let record = DeploymentRecord {
+/// Step 6: the PBX must list the IM server's addresses before deploy calls
+/// it done.
+async fn register(pbx: &impl PbxApi, request: &DeployRequest) -> Result<ImAddresses, DeployError> {
+    let wanted = ImAddresses::from_ips(request.params.private_ip, request.params.public_ip);
+    pbx.set_im_addresses(&wanted).await?;
+    let shown = pbx.im_addresses().await?;
+    if shown != wanted {
+        return Err(DeployError::NotRegistered {
+            host: request.host.clone(),
+            wanted: Box::new(wanted),
+            shown: Box::new(shown),
+        });
+    }
+    Ok(wanted)
+}
+
+/// What is recorded for the host (image ids filled in from the outcome).
+fn deployment_record(
+    request: &DeployRequest,
+    overridden: &[Check],
+    config_hash: &str,
+) -> DeploymentRecord {
+    DeploymentRecord {
         host: request.host.clone(),
         name: DEPLOYMENT_NAME.into(),
         private_ip: request.params.private_ip.to_string(),
@@ -393,146 +447,14 @@ async fn deploy_with(
         storage_dir: request.params.storage_dir.clone(),
         image: request.params.image.clone(),
         db_image: request.params.db_image.clone(),
-        image_ids: status
-            .containers
-            .iter()
-            .map(|c| (c.name.clone(), c.image_id.clone()))
-            .collect(),
-        config_hash,
+        image_ids: Default::default(),
+        config_hash: config_hash.to_owned(),
         users: request.preflight.sizing.users,
-        overridden: failed.iter().map(|c| c.id.to_owned()).collect(),
-        deployed_at: crate::now_unix(),
-    };
-    state.store.upsert_deployment(&record)?;
-    state.store.record_event(
-        Some(&request.host),
-        "deploy",
-        &format!(
-            "{} with {}; config {}; overridden: [{}]",
-            DEPLOYMENT_NAME,
-            record.image,
-            record.config_hash,
-            record.overridden.join(", ")
-        ),
-    )?;
-    Ok(DeployReport {
-        deployment: record,
-        status,
-        overridden: failed,
-        warnings,
-        pbx: pbx_report,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-    })
-}
-
-/// Bytes per streamed chunk (well under gRPC's 4 MiB message limit).
-const CHUNK: usize = 1024 * 1024;
-
-/// Hashes the archive, then streams it; the agent loads it only if size and
-/// sha256 match.
-async fn upload_image(
-    agent: &Agent,
-    path: &std::path::Path,
-    progress: &ProgressBar,
-) -> Result<(), DeployError> {
-    use imfleet_proto::agent::v1::{ImageChunk, ImageUploadHeader};
-    use sha2::{Digest, Sha256};
-    use tokio::io::AsyncReadExt;
-
-    let io_err = |source| DeployError::ImageFile {
-        path: path.display().to_string(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    progress.set_message(format!("hashing {name}"));
-    let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
-    let size = file.metadata().await.map_err(io_err)?.len();
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = file.read(&mut buf).await.map_err(io_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+        overridden: overridden.iter().map(|c| c.id.to_owned()).collect(),
+        deployed_at: 0,
     }
-    let header = ImageUploadHeader {
-        name: name.clone(),
-        size,
-        sha256: hex::encode(hasher.finalize()),
-    };
-    let mut file = tokio::fs::File::open(path).await.map_err(io_err)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<ImageChunk>(4);
-    let bar = progress.clone();
-    let reader = tokio::spawn(async move {
-        let mut header = Some(header);
-        let mut sent = 0u64;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = file.read(&mut buf).await?;
-            if n == 0 && header.is_none() {
-                return Ok::<_, std::io::Error>(());
-            }
-            sent += n as u64;
-            bar.set_message(if sent < size {
-                format!("uploading {name}: {}", imfleet_proto::megabytes(sent, size))
-            } else {
-                format!("{name}: verifying and loading into the Docker Engine")
-            });
-            let chunk = ImageChunk {
-                header: header.take(),
-                data: buf[..n].to_vec(),
-            };
-            if tx.send(chunk).await.is_err() || n == 0 {
-                return Ok(());
-            }
-        }
-    });
-    let loaded = agent
-        .load_image(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await;
-    reader
-        .await
-        .map_err(|e| io_err(std::io::Error::other(e)))?
-        .map_err(io_err)?;
-    let loaded = loaded?;
-    tracing::info!(archive = %path.display(), loaded = ?loaded.loaded, "image archive loaded");
-    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deploys_stay_within_the_agents_roots() {
-        let roots = vec!["/var/lib/portsip".to_owned(), "/data/im".to_owned()];
-        check_roots(&roots, "/var/lib/portsip", Some("/data/im")).unwrap();
-        check_roots(&roots, "/var/lib/portsip", None).unwrap();
-        // Component-wise, not by string prefix.
-        assert!(check_roots(&roots, "/var/lib/portsip2", None).is_err());
-        assert!(check_roots(&roots, "/var/lib/portsip", Some("/srv")).is_err());
-        assert!(check_roots(&[], "/var/lib/portsip", None).is_err());
-    }
-
-    #[test]
-    fn tokens_are_checked_and_never_shown() {
-        assert_eq!(ImToken::parse("").unwrap_err(), TokenError::Empty);
-        assert_eq!(ImToken::parse(" \n").unwrap_err(), TokenError::Empty);
-        assert_eq!(
-            ImToken::parse("abc def").unwrap_err(),
-            TokenError::Malformed
-        );
-        assert_eq!(
-            ImToken::parse(&"x".repeat(5000)).unwrap_err(),
-            TokenError::TooLong
-        );
-        let token = ImToken::parse("s3cr3t-token-value\n").unwrap();
-        assert_eq!(token.expose(), "s3cr3t-token-value");
-        assert!(!format!("{token:?}").contains("s3cr3t"));
-        assert_eq!(token.fingerprint().len(), 64);
-    }
-}
+#[path = "run_tests.rs"]
+mod tests;

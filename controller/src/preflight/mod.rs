@@ -726,12 +726,12 @@ fn platform_checks(inv: &HostInventory, out: &mut Vec<Check>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Runs preflight on a connected agent: the agent measures, the controller
 /// judges against pbx01's own OS. Failures first.
 pub async fn assess(
-    agent: &crate::agent_client::Agent,
+    agent: &impl crate::deployment::api::AgentApi,
     params: &PreflightParams,
 ) -> Result<Vec<Check>, crate::agent_client::AgentError> {
     let inv = agent

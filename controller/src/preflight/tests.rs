@@ -22,7 +22,7 @@ fn os_info(text: &str) -> OsInfo {
     }
 }
 
-fn params() -> PreflightParams {
+pub(crate) fn params() -> PreflightParams {
     PreflightParams {
         private_ip: "192.168.1.20".parse().unwrap(),
         public_ip: "203.0.113.7".parse().unwrap(),
@@ -52,7 +52,7 @@ fn path(p: &str, exists: bool) -> PathInfo {
 }
 
 /// A host that meets every requirement for 50,000 users.
-fn good_host() -> HostInventory {
+pub(crate) fn good_host() -> HostInventory {
     HostInventory {
         hostname: "im1".into(),
         os: Some(os_info(UBUNTU_2404)),

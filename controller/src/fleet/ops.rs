@@ -1,0 +1,198 @@
+//! The operations `ping`, `hosts`, `status`, `start/stop/restart/rm` and
+//! `logs` run on the fleet. They return data; the CLI presents it.
+
+use imfleet_proto::agent::v1::{
+    ControlRequest, DeploymentStatus, LogLine, LogsRequest, control_request::Action,
+};
+use serde::Serialize;
+
+use super::{Fleet, FleetError, HostResult};
+use crate::agent_client::Agent;
+use crate::deployment::{DEPLOYMENT_NAME, portsip};
+use crate::store::{DeploymentRecord, EventKind, HostRecord};
+
+/// One agent's answer to a ping (or its silence).
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentStatus {
+    pub host: String,
+    pub address: String,
+    pub reachable: bool,
+    pub agent_version: Option<String>,
+    pub hostname: Option<String>,
+    pub uptime_seconds: Option<u64>,
+    pub supervision: Option<String>,
+    pub protocol_revision: Option<u32>,
+    pub certificate_not_after: String,
+    pub certificate_days_left: i64,
+    pub round_trip_ms: Option<f64>,
+    pub bootstrapped_at: String,
+    pub error: Option<String>,
+}
+
+/// Pings every host; an answer updates when the host was last seen.
+pub async fn ping(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<AgentStatus> {
+    let results = fleet
+        .run(hosts, |_, agent| async move { Ok(agent.ping().await?) })
+        .await;
+    let mut out = Vec::new();
+    for HostResult { host, result } in results {
+        let now = crate::now_unix();
+        let mut status = AgentStatus {
+            host: host.name.clone(),
+            address: crate::agent_client::AgentAddress {
+                host: host.agent_address.clone(),
+                port: host.agent_port,
+            }
+            .to_string(),
+            reachable: false,
+            agent_version: None,
+            hostname: None,
+            uptime_seconds: None,
+            supervision: None,
+            protocol_revision: None,
+            certificate_not_after: crate::rfc3339(host.cert_not_after),
+            certificate_days_left: (host.cert_not_after - now) / 86_400,
+            round_trip_ms: None,
+            bootstrapped_at: crate::rfc3339(host.bootstrapped_at),
+            error: None,
+        };
+        match result {
+            Ok(pong) => {
+                let reply = pong.reply;
+                if let Err(e) = fleet
+                    .store()
+                    .mark_seen(&host.name, now, &reply.agent_version)
+                    .await
+                {
+                    tracing::warn!(host = %host.name, "could not record the answer: {e}");
+                }
+                status.reachable = true;
+                status.certificate_not_after = crate::rfc3339(pong.certificate_not_after);
+                status.certificate_days_left = (pong.certificate_not_after - now) / 86_400;
+                status.agent_version = Some(reply.agent_version);
+                status.hostname = Some(reply.hostname);
+                status.uptime_seconds = Some(reply.uptime_seconds);
+                status.supervision = Some(reply.supervision);
+                status.protocol_revision = Some(reply.protocol_revision);
+                status.round_trip_ms = Some(pong.round_trip.as_secs_f64() * 1000.0);
+            }
+            Err(e) => status.error = Some(crate::error_chain(&e)),
+        }
+        out.push(status);
+    }
+    out
+}
+
+/// The IM service on one host, as recorded and as the agent sees it now.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub host: String,
+    pub agent_reachable: bool,
+    pub healthy: bool,
+    pub deployment: Option<DeploymentRecord>,
+    pub status: Option<DeploymentStatus>,
+    pub error: Option<String>,
+}
+
+pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
+    let results = fleet
+        .run(hosts, |_, agent| async move {
+            Ok(agent.status(DEPLOYMENT_NAME).await?)
+        })
+        .await;
+    let mut out = Vec::new();
+    for HostResult { host, result } in results {
+        let deployment = fleet.store().deployment(&host.name).await.ok().flatten();
+        out.push(match result {
+            Ok(status) => ServiceStatus {
+                host: host.name,
+                agent_reachable: true,
+                healthy: status.healthy,
+                deployment,
+                status: Some(status),
+                error: None,
+            },
+            Err(e) => ServiceStatus {
+                host: host.name,
+                agent_reachable: false,
+                healthy: false,
+                deployment,
+                status: None,
+                error: Some(crate::error_chain(&e)),
+            },
+        });
+    }
+    out
+}
+
+/// Start, stop, restart or remove the IM service on each host, recording
+/// each change. `purge` (with remove) also deletes the IM data directories
+/// recorded for the host; the `-f` storage directory is the operator's.
+pub async fn control(
+    fleet: &Fleet,
+    hosts: &[HostRecord],
+    action: Action,
+    grace_seconds: u32,
+    purge: bool,
+) -> Vec<HostResult<DeploymentStatus>> {
+    fleet
+        .run(hosts, |host, agent| async move {
+            let purge_paths = match (purge, fleet.store().deployment(&host.name).await?) {
+                (true, Some(d)) => portsip::purge_paths(&d.data_path),
+                _ => Vec::new(),
+            };
+            let kind = match action {
+                Action::Start => EventKind::Start,
+                Action::Stop => EventKind::Stop,
+                Action::Restart => EventKind::Restart,
+                Action::Remove if !purge_paths.is_empty() => EventKind::Purge,
+                Action::Remove | Action::Unspecified => EventKind::Remove,
+            };
+            let status = agent
+                .control(ControlRequest {
+                    deployment: DEPLOYMENT_NAME.into(),
+                    action: action as i32,
+                    stop_grace_seconds: grace_seconds,
+                    purge_paths: purge_paths.clone(),
+                })
+                .await?;
+            let detail = if purge_paths.is_empty() {
+                DEPLOYMENT_NAME.to_owned()
+            } else {
+                format!("{DEPLOYMENT_NAME}; deleted {}", purge_paths.join(", "))
+            };
+            fleet
+                .store()
+                .record_control(&host.name, kind, &detail)
+                .await?;
+            Ok(status)
+        })
+        .await
+}
+
+/// A host's log stream.
+#[derive(Debug)]
+pub struct LogStream {
+    agent: Agent,
+    lines: tonic::Streaming<LogLine>,
+}
+
+impl LogStream {
+    pub async fn next(&mut self) -> Result<Option<LogLine>, FleetError> {
+        self.lines
+            .message()
+            .await
+            .map_err(|s| self.agent.stream_error(s).into())
+    }
+}
+
+pub async fn logs(
+    fleet: &Fleet,
+    host: &str,
+    request: LogsRequest,
+) -> Result<LogStream, FleetError> {
+    let host = fleet.host(host).await?;
+    let agent = fleet.connect(&host).await?;
+    let lines = agent.logs(request).await?;
+    Ok(LogStream { agent, lines })
+}

@@ -1,0 +1,165 @@
+//! The append-only event log: what happened to which host, and when.
+
+use rusqlite::{Connection, params};
+use serde::Serialize;
+
+use super::{Store, StoreError};
+
+/// What an event tells of. Stored by name; names never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    Bootstrap,
+    Deploy,
+    /// A deploy that changed nothing (the same spec already ran healthy).
+    DeployUnchanged,
+    DeployFailed,
+    Start,
+    Stop,
+    Restart,
+    Remove,
+    /// Removal together with the IM data.
+    Purge,
+    RolloutStarted,
+    RolloutStep,
+    RolloutFinished,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 12] = [
+        EventKind::Bootstrap,
+        EventKind::Deploy,
+        EventKind::DeployUnchanged,
+        EventKind::DeployFailed,
+        EventKind::Start,
+        EventKind::Stop,
+        EventKind::Restart,
+        EventKind::Remove,
+        EventKind::Purge,
+        EventKind::RolloutStarted,
+        EventKind::RolloutStep,
+        EventKind::RolloutFinished,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Bootstrap => "bootstrap",
+            EventKind::Deploy => "deploy",
+            EventKind::DeployUnchanged => "deploy-unchanged",
+            EventKind::DeployFailed => "deploy-failed",
+            EventKind::Start => "start",
+            EventKind::Stop => "stop",
+            EventKind::Restart => "restart",
+            EventKind::Remove => "remove",
+            EventKind::Purge => "purge",
+            EventKind::RolloutStarted => "rollout-started",
+            EventKind::RolloutStep => "rollout-step",
+            EventKind::RolloutFinished => "rollout-finished",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One recorded event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub id: i64,
+    /// Unix seconds.
+    pub at: i64,
+    pub host: Option<String>,
+    pub kind: EventKind,
+    pub detail: String,
+    pub rollout_id: Option<i64>,
+}
+
+pub(super) fn insert_event(
+    conn: &Connection,
+    host: Option<&str>,
+    kind: EventKind,
+    detail: &str,
+    rollout_id: Option<i64>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO events (at, host, kind, detail, rollout_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![crate::now_unix(), host, kind.as_str(), detail, rollout_id],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    pub async fn record_event(
+        &self,
+        host: Option<&str>,
+        kind: EventKind,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let (host, detail) = (host.map(str::to_owned), detail.to_owned());
+        self.call(move |c| Ok(insert_event(c, host.as_deref(), kind, &detail, None)?))
+            .await
+    }
+
+    /// The most recent events of one host, newest first.
+    pub async fn events(&self, host: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let host = host.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, at, host, kind, detail, rollout_id FROM events
+                 WHERE host = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![host, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (id, at, host, kind, detail, rollout_id) = row?;
+                let kind = EventKind::parse(&kind).ok_or(StoreError::Corrupt {
+                    what: "an event kind",
+                    value: kind,
+                })?;
+                events.push(Event {
+                    id,
+                    at,
+                    host,
+                    kind,
+                    detail,
+                    rollout_id,
+                });
+            }
+            Ok(events)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_by_name() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.as_str())
+            );
+        }
+        assert_eq!(EventKind::parse("nonsense"), None);
+    }
+}

@@ -1,0 +1,138 @@
+//! Numbered schema migrations; index + 1 is the resulting `user_version`.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: hosts and events.
+    "CREATE TABLE hosts (
+        name            TEXT PRIMARY KEY,
+        agent_address   TEXT NOT NULL,
+        agent_port      INTEGER NOT NULL,
+        ssh_user        TEXT,
+        ssh_port        INTEGER,
+        agent_version   TEXT NOT NULL,
+        agent_sha256    TEXT NOT NULL,
+        cert_serial     TEXT NOT NULL,
+        cert_not_after  INTEGER NOT NULL,
+        supervision     TEXT NOT NULL,
+        bootstrapped_at INTEGER NOT NULL,
+        last_seen_at    INTEGER
+    );
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        host    TEXT,
+        kind    TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    );
+    CREATE INDEX events_by_host ON events(host, at);",
+    // 2: the IM deployment on each host (one per host, as PortSIP runs it).
+    "CREATE TABLE deployments (
+        host          TEXT PRIMARY KEY REFERENCES hosts(name) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        private_ip    TEXT NOT NULL,
+        public_ip     TEXT NOT NULL,
+        pbx           TEXT NOT NULL,
+        data_path     TEXT NOT NULL,
+        storage_dir   TEXT,
+        image         TEXT NOT NULL,
+        db_image      TEXT NOT NULL,
+        image_ids     TEXT NOT NULL,
+        config_hash   TEXT NOT NULL,
+        users         INTEGER NOT NULL,
+        overridden    TEXT NOT NULL,
+        deployed_at   INTEGER NOT NULL
+    );",
+    // 3: every applied spec per host, and rollouts with their per-host steps.
+    "CREATE TABLE deployment_revisions (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        host          TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        config_hash   TEXT NOT NULL,
+        image         TEXT NOT NULL,
+        db_image      TEXT NOT NULL,
+        image_ids     TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        outcome       TEXT NOT NULL,
+        detail        TEXT NOT NULL,
+        at            INTEGER NOT NULL
+    );
+    CREATE INDEX revisions_by_host ON deployment_revisions(host, id);
+    CREATE TABLE rollouts (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        state         TEXT NOT NULL,
+        active        INTEGER GENERATED ALWAYS AS (state IN ('running', 'paused', 'aborting')) VIRTUAL,
+        holder        TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX one_active_rollout ON rollouts(active) WHERE active;
+    CREATE TABLE rollout_steps (
+        rollout_id    INTEGER NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+        host          TEXT NOT NULL REFERENCES hosts(name),
+        position      INTEGER NOT NULL,
+        batch         INTEGER NOT NULL,
+        canary        INTEGER NOT NULL,
+        phase         TEXT NOT NULL,
+        from_revision INTEGER REFERENCES deployment_revisions(id),
+        to_revision   INTEGER REFERENCES deployment_revisions(id),
+        detail        TEXT NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        PRIMARY KEY (rollout_id, host)
+    );
+    ALTER TABLE events ADD COLUMN rollout_id INTEGER REFERENCES rollouts(id);",
+];
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_2_database_keeps_its_rows_when_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO events (at, host, kind, detail) VALUES (1, 'im1', 'deploy', 'x')",
+                [],
+            )
+            .unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let kept: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM events WHERE rollout_id IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, 1);
+    }
+}

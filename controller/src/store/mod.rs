@@ -1,0 +1,195 @@
+//! The controller's SQLite state database: hosts, deployments with every
+//! applied revision, rollouts with their per-host steps, and an append-only
+//! event log. Schema changes are numbered migrations tracked in
+//! `PRAGMA user_version`, so an old database upgrades in place.
+//!
+//! One thread owns the connection; [`Store`] is a cheap, cloneable handle
+//! any task may use. A change and the event that tells of it are written in
+//! one transaction.
+
+mod deployments;
+mod events;
+mod hosts;
+mod migrations;
+mod rollouts;
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use rusqlite::Connection;
+
+pub use deployments::{DeploymentRecord, Outcome, Revision};
+pub use events::{Event, EventKind};
+pub use hosts::HostRecord;
+pub use rollouts::{PlannedStep, Rollout, RolloutState, RolloutStep, StepPhase};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error(
+        "state database schema version {found} is newer than this controller understands ({known}); upgrade the controller"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("state database: the store thread has stopped")]
+    Closed,
+    #[error("state database: {what} holds a value this controller does not know: {value}")]
+    Corrupt { what: &'static str, value: String },
+    #[error(
+        "rollout {id} is in progress (run by {holder}, started at {started_at}); resume it with `controller upgrade --resume` or stop it with `controller upgrade --abort`"
+    )]
+    RolloutActive {
+        id: i64,
+        holder: String,
+        started_at: i64,
+    },
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A handle on the state database, usable from any task.
+#[derive(Debug, Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0600) and migrates the database, then
+    /// hands the connection to its own thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            imfleet_certs::storage::create_private_file(path).map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations::migrate(&mut conn)?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("imfleet-store".into())
+            .spawn(move || {
+                // Ends when the last handle is dropped.
+                for job in queue {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Store { jobs })
+    }
+
+    /// Runs `f` on the store thread and waits for its answer.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = reply.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.call(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn host(name: &str, address: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            agent_address: address.into(),
+            agent_port: 7443,
+            ssh_user: Some("pbx".into()),
+            ssh_port: Some(22),
+            agent_version: "0.1.0".into(),
+            agent_sha256: "ab".repeat(32),
+            cert_serial: "01".into(),
+            cert_not_after: 2_000_000_000,
+            supervision: "systemd".into(),
+            bootstrapped_at: 1_700_000_000,
+            last_seen_at: None,
+        }
+    }
+
+    pub(crate) fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        drop(Store::open(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            migrations::MIGRATIONS.len() as i64
+        );
+        store
+            .call(|c| Ok(c.pragma_update(None, "user_version", 999)?))
+            .await
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 999, .. })
+        ));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_place_is_an_io_error_naming_the_path() {
+        let err = Store::open(Path::new("/proc/imfleet-no/state.db")).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("/proc/imfleet-no/state.db"));
+    }
+
+    #[tokio::test]
+    async fn many_tasks_share_one_handle() {
+        let (_dir, store) = open();
+        store.upsert_host(&host("im1", "10.0.0.5")).await.unwrap();
+        let writers = (0..32).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .record_event(Some("im1"), EventKind::Start, &format!("n{i}"))
+                    .await
+            })
+        });
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(store.events("im1", 100).await.unwrap().len(), 32);
+    }
+}

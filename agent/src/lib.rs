@@ -9,7 +9,8 @@
 //! - [`listener`]: accepting connections and TLS handshakes, bounded.
 //! - [`policy`]: what a spec may ask for (roots fixed at bootstrap).
 //! - [`audit`]: the log of every mutating request.
-//! - [`deploy`]: applying and operating deployments on the Docker Engine.
+//! - [`deploy`]: applying and operating deployments on the Docker Engine;
+//!   an apply the agent died in is finished or undone at start-up.
 //! - [`facts`]: measuring the host for inventory and preflight.
 //! - [`supervision`]: running under systemd or under the agent's own supervisor.
 #![forbid(unsafe_code)]

@@ -109,26 +109,6 @@ pub async fn image_id(docker: &Docker, image: &str) -> Result<Option<String>, Do
     }
 }
 
-/// Names of every deployment with containers on this host.
-pub async fn deployments(docker: &Docker) -> Result<Vec<String>, DockerError> {
-    let filters: HashMap<String, Vec<String>> =
-        [("label".to_owned(), vec![LABEL_DEPLOYMENT.to_owned()])].into();
-    let list = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await?;
-    let mut names: Vec<String> = list
-        .into_iter()
-        .filter_map(|c| c.labels?.get(LABEL_DEPLOYMENT).cloned())
-        .collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
-}
-
 pub async fn image_present(docker: &Docker, image: &str) -> Result<bool, DockerError> {
     match docker.inspect_image(image).await {
         Ok(_) => Ok(true),

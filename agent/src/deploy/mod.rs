@@ -171,23 +171,7 @@ impl Deployer {
         if let Err(e) = self.ensure_images(&spec, &events).await {
             return failure(e, &secret_values, false, None);
         }
-        match self.running_unchanged(&spec).await {
-            Ok(Some(status)) => {
-                emit(
-                    "done",
-                    "already running and healthy; nothing changed".into(),
-                )
-                .await;
-                return ApplyOutcome {
-                    success: true,
-                    unchanged: true,
-                    status: Some(status),
-                    ..Default::default()
-                };
-            }
-            Ok(None) => {}
-            Err(e) => return failure(e, &secret_values, false, None),
-        }
+
         emit(
             "directories",
             format!("{} directories", spec.directories.len()),
@@ -218,6 +202,25 @@ impl Deployer {
             }
         }
 
+        // Directories and secrets are repaired above; containers that already
+        // run this very spec healthy are left alone.
+        match self.running_unchanged(&spec).await {
+            Ok(Some(status)) => {
+                emit(
+                    "done",
+                    "already running and healthy; nothing changed".into(),
+                )
+                .await;
+                return ApplyOutcome {
+                    success: true,
+                    unchanged: true,
+                    status: Some(status),
+                    ..Default::default()
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return failure(e, &secret_values, false, None),
+        }
         // Noted before anything is stopped, so a crash can be undone.
         let noted = async {
             let live: Vec<String> = docker::managed(&self.docker, &spec.name)
@@ -413,17 +416,24 @@ impl Deployer {
         Ok(done)
     }
 
-    /// Recovers every deployment on this host (at start-up).
+    /// Recovers every apply this agent noted and did not end (at start-up).
+    /// Only noted ones: containers of other deployments on the same Engine
+    /// (or a `.previous` set another agent is working on) are not this
+    /// agent's to touch until it applies that deployment itself.
     pub async fn recover_all(&self) -> Vec<(String, Result<Vec<String>, DeployError>)> {
         let _guard = self.changes.lock().await;
-        let mut names = docker::deployments(&self.docker).await.unwrap_or_default();
-        names.extend(self.records.names().unwrap_or_default());
-        names.sort();
-        names.dedup();
         let mut out = Vec::new();
-        for name in names {
-            let result = self.recover(&name).await;
-            out.push((name, result));
+        for name in self.records.names().unwrap_or_default() {
+            let noted = self
+                .records
+                .load(&name)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.in_progress.is_some());
+            if noted {
+                let result = self.recover(&name).await;
+                out.push((name, result));
+            }
         }
         out
     }

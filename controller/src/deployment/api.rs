@@ -7,10 +7,10 @@ use std::net::IpAddr;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio_stream::wrappers::ReceiverStream;
 use imfleet_proto::agent::v1::{
     ApplyEvent, ApplyRequest, DeploymentStatus, HostInventory, ImageChunk, LoadedImage,
 };
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent_client::{Agent, AgentError, Feature, PingOutcome};
 use crate::pbx::{ImAddresses, PbxClient, PbxError, Secret, Whitelisted};

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use imfleet_proto::agent::v1::{DeploymentStatus, control_request::Action};
 
-use super::docker::{self, DockerError};
+use super::containers::Containers;
+use super::docker::DockerError;
 use super::{DeployError, Deployer, PREVIOUS_SUFFIX, check_deployment_name, hostfs, io};
 use crate::policy;
 
-impl Deployer {
+impl<C: Containers> Deployer<C> {
     /// Start, stop, restart or remove; idempotent.
     pub async fn control(
         &self,
@@ -40,7 +41,7 @@ impl Deployer {
                 ));
             }
         }
-        let managed = docker::managed(&self.docker, deployment).await?;
+        let managed = self.containers.managed(deployment).await?;
         let names: Vec<&str> = managed
             .iter()
             .map(|m| m.name.as_str())
@@ -49,30 +50,26 @@ impl Deployer {
         match action {
             Action::Start => {
                 for name in &names {
-                    docker::start(&self.docker, name)
-                        .await
-                        .or_else(already_started)?;
+                    self.containers.start(name).await.or_else(already_started)?;
                 }
             }
             Action::Stop => {
                 for name in names.iter().rev() {
-                    docker::stop(&self.docker, name, grace).await?;
+                    self.containers.stop(name, grace).await?;
                 }
             }
             Action::Restart => {
                 for name in names.iter().rev() {
-                    docker::stop(&self.docker, name, grace).await?;
+                    self.containers.stop(name, grace).await?;
                 }
                 for name in &names {
-                    docker::start(&self.docker, name)
-                        .await
-                        .or_else(already_started)?;
+                    self.containers.start(name).await.or_else(already_started)?;
                 }
             }
             Action::Remove => {
                 for m in managed.iter().rev() {
-                    docker::stop(&self.docker, &m.name, grace).await?;
-                    docker::remove(&self.docker, &m.name).await?;
+                    self.containers.stop(&m.name, grace).await?;
+                    self.containers.remove(&m.name).await?;
                 }
                 for path in purge_paths {
                     purge(Path::new(path))?;

@@ -229,8 +229,28 @@ pub fn check_spec(spec: &DeploymentSpec, roots: &Roots) -> Result<(), String> {
     if let Some(gate) = &spec.gate {
         check_gate(gate)?;
     }
-    if let Some(port) = spec.open_tcp_ports.iter().find(|p| **p == 0 || **p > 65535) {
+    check_firewall_ports(&spec.open_tcp_ports)
+}
+
+/// Most ports one spec may open: PortSIP needs one.
+const MAX_FIREWALL_PORTS: usize = 16;
+
+/// A deployment opens unprivileged ports only: never SSH or another system
+/// service to the world on behalf of a request.
+fn check_firewall_ports(ports: &[u32]) -> Result<(), String> {
+    if ports.len() > MAX_FIREWALL_PORTS {
+        return Err(format!(
+            "{} firewall ports asked for; a deployment may open at most {MAX_FIREWALL_PORTS}",
+            ports.len()
+        ));
+    }
+    if let Some(port) = ports.iter().find(|p| **p == 0 || **p > 65535) {
         return Err(format!("firewall port {port} is not a TCP port"));
+    }
+    if let Some(port) = ports.iter().find(|p| **p < 1024) {
+        return Err(format!(
+            "firewall port {port} refused: a deployment opens only unprivileged ports (1024-65535)"
+        ));
     }
     Ok(())
 }
@@ -486,6 +506,27 @@ mod tests {
             .labels
             .insert("io.imfleet.deployment".into(), "other".into());
         assert!(check_spec(&s, &roots()).unwrap_err().contains("reserved"));
+    }
+
+    #[test]
+    fn only_a_few_unprivileged_firewall_ports() {
+        check_firewall_ports(&[8887, 1024, 65535]).unwrap();
+        for bad in [
+            vec![22],
+            vec![0],
+            vec![70000],
+            vec![8887, 443],
+            (2000..2020).collect(),
+        ] {
+            assert!(check_firewall_ports(&bad).is_err(), "{bad:?} accepted");
+        }
+        let mut s = spec();
+        s.open_tcp_ports = vec![8887, 22];
+        assert!(
+            check_spec(&s, &roots())
+                .unwrap_err()
+                .contains("port 22 refused")
+        );
     }
 
     #[test]

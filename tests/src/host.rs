@@ -252,6 +252,22 @@ impl TestHost {
         std::fs::read_to_string(self.opt_imfleet().join("log/agent.log")).unwrap_or_default()
     }
 
+    /// Kills the serving agent (the supervisor's child) with SIGKILL, as a
+    /// crash would; returns its pid. The supervisor starts a new one.
+    pub fn kill_serving_agent(&self) -> i32 {
+        let supervisor = self.supervisor_pid().expect("supervisor running");
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap();
+        let serving: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(serving),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        serving
+    }
+
     /// Pid of the agent supervisor running on this host, if any.
     pub fn supervisor_pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.opt_imfleet().join("run/supervisor.pid"))

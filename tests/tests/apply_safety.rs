@@ -81,15 +81,7 @@ fn an_agent_killed_mid_apply_brings_the_previous_deployment_back_when_it_restart
     });
 
     // The agent dies with the old set aside and the new one half started.
-    let supervisor = s.host.supervisor_pid().expect("supervisor running");
-    let children =
-        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
-    let serving: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serving),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    s.host.kill_serving_agent();
     let ended = redeploy.wait().unwrap();
     assert!(
         !ended.success(),

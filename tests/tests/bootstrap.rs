@@ -177,14 +177,7 @@ fn supervisor_restarts_a_crashed_agent_and_ping_reports_a_dead_one() {
     let address = host.address().to_string();
 
     let supervisor = host.supervisor_pid().expect("supervisor running");
-    let children =
-        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
-    let serving: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serving),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let serving = host.kill_serving_agent();
     // Poll until a new agent process answers (the supervisor backs off 1 s first).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {

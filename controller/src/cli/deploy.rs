@@ -11,10 +11,13 @@ use clap::Args;
 use imfleet_controller::bootstrap::bootstrap;
 use imfleet_controller::deployment::portsip::{DEFAULT_DB_IMAGE, DEFAULT_IMAGE};
 use imfleet_controller::deployment::{
-    DeployError, DeployRequest, ImToken, PortsipParams, TokenSource, deploy,
+    DeployError, DeployReport, DeployRequest, ImToken, PortsipParams, TokenSource, deploy,
 };
 use imfleet_controller::fleet::Fleet;
 use imfleet_controller::pbx::{PbxOptions, PbxTrust, Secret, parse_fingerprint};
+use imfleet_controller::preflight::PreflightParams;
+use imfleet_controller::state::ControllerState;
+use imfleet_controller::store::HostRecord;
 
 use super::bootstrap::{AgentArgs, SshArgs};
 use super::output;
@@ -227,6 +230,51 @@ fn token_source(
 
 pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be checked here is checked before the host is touched.
+    let inputs = checked_inputs(&args)?;
+    let (state, _) = super::open_state(dir)?;
+    let progress = output::Progress::new(args.json);
+    let host = bootstrapped_host(&state, &args, &inputs.preflight, &progress).await?;
+    let agent = Fleet::new(&state).connect(&host).await?;
+    let request = DeployRequest {
+        host: host.name.clone(),
+        params: PortsipParams {
+            private_ip: inputs.preflight.private_ip,
+            public_ip: inputs.preflight.public_ip,
+            pbx: inputs.pbx,
+            data_path: inputs.preflight.data_path.clone(),
+            storage_dir: inputs.preflight.storage_dir.clone(),
+            image: args.image.clone(),
+            db_image: args.db_image.clone(),
+            stop_grace_seconds: args.stop_grace,
+        },
+        preflight: inputs.preflight,
+        token: inputs.token,
+        pbx: inputs.pbx_options,
+        force: args.force,
+        image_files: args.image_file.clone(),
+        health_timeout: Duration::from_secs(args.health_timeout.max(1)),
+    };
+    let result = deploy(&state.store, &agent, request, progress.sink()).await;
+    progress.finish();
+    let report = result.map_err(|e| explain_failure(e, args.json))?;
+    if args.json {
+        output::print_json(&report)?;
+    } else {
+        print_report(&report);
+        super::lifecycle::print_status_table(&[(host.name.clone(), Some(report.status))]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the arguments say, read and checked (token and password included).
+struct Inputs {
+    preflight: PreflightParams,
+    pbx_options: Option<PbxOptions>,
+    pbx: IpAddr,
+    token: TokenSource,
+}
+
+fn checked_inputs(args: &DeployArgs) -> anyhow::Result<Inputs> {
     let preflight = args.target.params()?;
     let pbx_options = args.pbx_api.options()?;
     let pbx = match (args.pbx, args.pbx_api.api_ip()) {
@@ -255,88 +303,59 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let (state, _) = super::open_state(dir)?;
-    let progress = output::Progress::new(args.json);
-
-    let host = match state.store.host(&args.host).await? {
-        Some(host) => host,
-        None => {
-            let request = args.agent.bootstrap_request(
-                &args.host,
-                &args.ssh,
-                &preflight.data_path,
-                preflight.storage_dir.as_deref(),
-            )?;
-            let report = bootstrap(&state, &request, progress.sink()).await;
-            if !args.json {
-                progress.suspend(|| {
-                    if let Ok(r) = &report {
-                        eprintln!(
-                            "bootstrapped {} (agent {})",
-                            r.host.name, r.host.agent_version
-                        );
-                    }
-                });
-            }
-            report?.host
-        }
-    };
-    let agent = Fleet::new(&state).connect(&host).await?;
-    let request = DeployRequest {
-        host: host.name.clone(),
-        params: PortsipParams {
-            private_ip: preflight.private_ip,
-            public_ip: preflight.public_ip,
-            pbx,
-            data_path: preflight.data_path.clone(),
-            storage_dir: preflight.storage_dir.clone(),
-            image: args.image.clone(),
-            db_image: args.db_image.clone(),
-            stop_grace_seconds: args.stop_grace,
-        },
+    Ok(Inputs {
         preflight,
+        pbx_options,
+        pbx,
         token,
-        pbx: pbx_options,
-        force: args.force,
-        image_files: args.image_file.clone(),
-        health_timeout: Duration::from_secs(args.health_timeout.max(1)),
-    };
-    let result = deploy(&state.store, &agent, request, progress.sink()).await;
-    progress.finish();
-    let report = match result {
-        Ok(report) => report,
-        Err(DeployError::PreflightFailed { host, checks }) => {
-            if !args.json {
-                print_checks(&checks);
-            }
-            return Err(DeployError::PreflightFailed { host, checks }.into());
-        }
-        Err(DeployError::Apply {
-            host,
-            error,
-            diagnostics,
-            rolled_back,
-        }) => {
-            if !diagnostics.is_empty() {
-                eprintln!("last output of the failing container:");
-                for line in &diagnostics {
-                    eprintln!("  | {line}");
-                }
-            }
-            return Err(DeployError::Apply {
-                host,
-                error,
-                diagnostics,
-                rolled_back,
-            }
-            .into());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if args.json {
-        output::print_json(&report)?;
-        return Ok(ExitCode::SUCCESS);
+    })
+}
+
+/// The host's record, bootstrapping it first when it has no agent yet.
+async fn bootstrapped_host(
+    state: &ControllerState,
+    args: &DeployArgs,
+    preflight: &PreflightParams,
+    progress: &output::Progress,
+) -> anyhow::Result<HostRecord> {
+    if let Some(host) = state.store.host(&args.host).await? {
+        return Ok(host);
     }
+    let request = args.agent.bootstrap_request(
+        &args.host,
+        &args.ssh,
+        &preflight.data_path,
+        preflight.storage_dir.as_deref(),
+    )?;
+    let report = bootstrap(state, &request, progress.sink()).await?;
+    if !args.json {
+        progress.suspend(|| {
+            eprintln!(
+                "bootstrapped {} (agent {})",
+                report.host.name, report.host.agent_version
+            )
+        });
+    }
+    Ok(report.host)
+}
+
+/// Shows what a failure leaves to read (failed checks, the failing
+/// container's last words) and passes the error on.
+fn explain_failure(error: DeployError, json: bool) -> anyhow::Error {
+    match &error {
+        DeployError::PreflightFailed { checks, .. } if !json => print_checks(checks),
+        DeployError::Apply { diagnostics, .. } if !diagnostics.is_empty() => {
+            eprintln!("last output of the failing container:");
+            for line in diagnostics {
+                eprintln!("  | {line}");
+            }
+        }
+        _ => {}
+    }
+    error.into()
+}
+
+fn print_report(report: &DeployReport) {
     if !report.overridden.is_empty() {
         let ids: Vec<&str> = report.overridden.iter().map(|c| c.id).collect();
         println!(
@@ -395,6 +414,4 @@ pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
             "NOT healthy"
         }
     );
-    super::lifecycle::print_status_table(&[(host.name.clone(), Some(report.status))]);
-    Ok(ExitCode::SUCCESS)
 }

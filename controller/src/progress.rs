@@ -28,7 +28,6 @@ pub enum Phase {
     UploadImage,
     Apply,
     Register,
-    Control,
 }
 
 impl Phase {
@@ -51,7 +50,6 @@ impl Phase {
             Phase::UploadImage => "uploading",
             Phase::Apply => "applying",
             Phase::Register => "registering the IM server on the PBX",
-            Phase::Control => "asking the agent to",
         }
     }
 }

@@ -319,16 +319,27 @@ pub async fn serve(
     // before the next change (requests wait for the deployer's lock).
     let deployer = agent.deployer.clone();
     tokio::spawn(async move {
-        for (deployment, result) in deployer.recover_all().await {
-            match result {
-                Ok(steps) if steps.is_empty() => {}
-                Ok(steps) => {
-                    tracing::warn!(%deployment, "recovered an interrupted apply: {}", steps.join("; "))
-                }
-                Err(e) => {
-                    tracing::error!(%deployment, "could not recover an interrupted apply: {e}")
+        // The Engine may not answer yet at boot: retry, backing off to a minute.
+        let mut backoff = std::time::Duration::from_secs(1);
+        loop {
+            let mut failed = false;
+            for (deployment, result) in deployer.recover_all().await {
+                match result {
+                    Ok(steps) if steps.is_empty() => {}
+                    Ok(steps) => {
+                        tracing::warn!(%deployment, "recovered an interrupted apply: {}", steps.join("; "))
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::error!(%deployment, "could not recover an interrupted apply (will retry): {e}")
+                    }
                 }
             }
+            if !failed {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
         }
     });
     let service = AgentServer::with_interceptor(agent, require_controller);

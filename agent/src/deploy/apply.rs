@@ -46,6 +46,22 @@ impl Events {
     }
 }
 
+/// What putting the previous set back achieved.
+#[derive(Debug, Clone, Copy)]
+struct Restored {
+    /// Some old container runs again.
+    any: bool,
+    /// Every old container runs again (true when there were none).
+    all: bool,
+}
+
+impl Restored {
+    const NOTHING: Restored = Restored {
+        any: false,
+        all: true,
+    };
+}
+
 /// What the swap step did, for the conclusion.
 struct Swap {
     previous: Vec<String>,
@@ -91,16 +107,23 @@ impl<C: Containers> Deployer<C> {
             Ok(None) => {}
             Err(e) => return failure(e, &secret_values, false, None),
         }
-        let mut swap = match self.swap(&spec, &secret_values, timeout, &events).await {
-            Ok(swap) => swap,
-            Err((e, rolled_back)) => return failure(e, &secret_values, rolled_back, None),
+        let (outcome, clean) = match self.swap(&spec, &secret_values, timeout, &events).await {
+            Ok(mut swap) => {
+                if swap.result.is_ok() {
+                    swap.result = self.verify(&spec, timeout, &events).await;
+                }
+                self.conclude(&spec, swap, &secret_values, &events).await
+            }
+            Err((e, restored)) => (failure(e, &secret_values, restored.any, None), restored.all),
         };
-        if swap.result.is_ok() {
-            swap.result = self.verify(&spec, timeout, &events).await;
-        }
-        let outcome = self.conclude(&spec, swap, &secret_values, &events).await;
-        if let Err(e) = self.note(&spec.name, |n| *n = None) {
-            tracing::warn!(deployment = %spec.name, "could not clear the apply note: {e}");
+        // A note is dropped only when one whole set runs and nothing is left
+        // aside; otherwise recovery finishes the job (next start or apply).
+        if clean {
+            if let Err(e) = self.note(&spec.name, |n| *n = None) {
+                tracing::warn!(deployment = %spec.name, "could not clear the apply note: {e}");
+            }
+        } else {
+            tracing::warn!(deployment = %spec.name, "apply left containers to sort out; the note is kept for recovery");
         }
         outcome
     }
@@ -182,13 +205,13 @@ impl<C: Containers> Deployer<C> {
         secret_values: &HashMap<String, String>,
         timeout: Duration,
         events: &Events,
-    ) -> Result<Swap, (DeployError, bool)> {
+    ) -> Result<Swap, (DeployError, Restored)> {
         // Noted before anything is stopped, so a crash can be undone.
         let live: Vec<String> = self
             .containers
             .managed(&spec.name)
             .await
-            .map_err(|e| (e.into(), false))?
+            .map_err(|e| (e.into(), Restored::NOTHING))?
             .into_iter()
             .map(|m| m.name)
             .filter(|n| !n.ends_with(PREVIOUS_SUFFIX))
@@ -199,12 +222,12 @@ impl<C: Containers> Deployer<C> {
                 ..Default::default()
             })
         })
-        .map_err(|e| (e, false))?;
+        .map_err(|e| (e, Restored::NOTHING))?;
         let previous = match self.set_aside_previous(spec).await {
             Ok(previous) => previous,
             Err((touched, e)) => {
-                let rolled_back = self.restore_previous(&touched).await;
-                return Err((e, rolled_back));
+                let restored = self.restore_previous(&spec.name, &touched).await;
+                return Err((e, restored));
             }
         };
         if !previous.is_empty() {
@@ -288,14 +311,15 @@ impl<C: Containers> Deployer<C> {
     }
 
     /// Drops the previous set after success; after a failure removes what
-    /// was created and restores the previous set.
+    /// was created and restores the previous set. Also says whether that
+    /// left exactly one set with nothing aside.
     async fn conclude(
         &self,
         spec: &DeploymentSpec,
         swap: Swap,
         secret_values: &HashMap<String, String>,
         events: &Events,
-    ) -> ApplyOutcome {
+    ) -> (ApplyOutcome, bool) {
         let Swap {
             previous,
             created,
@@ -303,29 +327,41 @@ impl<C: Containers> Deployer<C> {
         } = swap;
         match result {
             Ok(()) => {
+                let mut clean = true;
                 for name in &previous {
-                    let _ = self
-                        .containers
-                        .remove(&format!("{name}{PREVIOUS_SUFFIX}"))
-                        .await;
+                    let aside = format!("{name}{PREVIOUS_SUFFIX}");
+                    clean &= self.containers.remove(&aside).await.is_ok();
                 }
                 let status = self.status(&spec.name).await.ok();
                 events.emit("done", "deployment healthy").await;
-                ApplyOutcome {
+                let outcome = ApplyOutcome {
                     success: true,
                     status,
                     ..Default::default()
-                }
+                };
+                (outcome, clean)
             }
             Err(e) => {
                 let diagnostics = match &e {
                     DeployError::Failed { diagnostics, .. } => diagnostics.clone(),
                     _ => Vec::new(),
                 };
+                let mut removed = true;
                 for name in created.iter().rev() {
-                    let _ = self.containers.remove(name).await;
+                    removed &= self.containers.remove(name).await.is_ok();
                 }
-                let rolled_back = self.restore_previous(&previous).await;
+                if removed {
+                    // What is left under these names from now on is the old set.
+                    removed = self
+                        .note(&spec.name, |n| {
+                            if let Some(n) = n {
+                                n.created.clear()
+                            }
+                        })
+                        .is_ok();
+                }
+                let restored = self.restore_previous(&spec.name, &previous).await;
+                let rolled_back = restored.any;
                 events
                     .emit(
                         "rollback",
@@ -342,7 +378,7 @@ impl<C: Containers> Deployer<C> {
                     .iter()
                     .map(|d| secrets::redact(d, secret_values))
                     .collect();
-                outcome
+                (outcome, removed && restored.all)
             }
         }
     }
@@ -505,21 +541,39 @@ impl<C: Containers> Deployer<C> {
     }
 
     /// Renames the previous containers back and starts them, in order.
-    async fn restore_previous(&self, previous: &[String]) -> bool {
-        let mut restored = false;
-        for name in previous {
-            if self
-                .containers
-                .rename(&format!("{name}{PREVIOUS_SUFFIX}"), name)
-                .await
-                .is_ok()
-            {
-                restored = true;
+    /// Only an old container is started: where the new one could not be
+    /// removed, the old copy stays aside for recovery.
+    async fn restore_previous(&self, deployment: &str, previous: &[String]) -> Restored {
+        let found: Vec<String> = match self.containers.managed(deployment).await {
+            Ok(found) => found.into_iter().map(|m| m.name).collect(),
+            Err(_) => {
+                return Restored {
+                    any: false,
+                    all: previous.is_empty(),
+                };
             }
-        }
+        };
+        let mut restored = Restored {
+            any: false,
+            all: true,
+        };
         for name in previous {
-            // A container stopped but not yet renamed only needs starting.
-            restored |= self.containers.start(name).await.is_ok();
+            let aside = format!("{name}{PREVIOUS_SUFFIX}");
+            let old_is_back = if found.contains(&aside) {
+                self.containers.rename(&aside, name).await.is_ok()
+            } else {
+                // Stopped but never renamed: the live one is the old one.
+                found.contains(name)
+            };
+            let started = old_is_back
+                && self
+                    .containers
+                    .start(name)
+                    .await
+                    .or_else(control::already_started)
+                    .is_ok();
+            restored.any |= started;
+            restored.all &= started;
         }
         restored
     }

@@ -40,6 +40,8 @@ struct State {
     boxes: Vec<Box_>,
     images: HashMap<String, String>,
     behaviour: HashMap<String, Behaviour>,
+    /// Removing this container fails (the Engine said no).
+    refuse_remove: Option<String>,
     ops: Vec<String>,
 }
 
@@ -183,6 +185,9 @@ impl Containers for Fake {
     }
     async fn remove(&self, name: &str) -> Result<(), DockerError> {
         let mut state = self.state();
+        if state.refuse_remove.as_deref() == Some(name) {
+            return Err(server_error(500, "device or resource busy"));
+        }
         state.ops.push(format!("remove {name}"));
         state.boxes.retain(|b| b.name != name);
         Ok(())
@@ -337,6 +342,42 @@ async fn a_container_never_ready_fails_at_its_timeout_and_the_previous_set_retur
     );
     // It waited the whole timeout (in paused time), not less.
     assert!(started.elapsed() >= std::time::Duration::from_secs(30));
+    assert_eq!(
+        r.fake.snapshot(),
+        vec![
+            ("svc.app".into(), "h0".into(), "running".into()),
+            ("svc.db".into(), "h0".into(), "running".into()),
+        ]
+    );
+    assert!(no_note(&r.deployer));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_container_that_cannot_be_removed_is_never_started_as_the_old_one() {
+    let r = rig();
+    old_set(&r.fake);
+    {
+        let mut state = r.fake.state();
+        state
+            .behaviour
+            .insert("svc.app".into(), Behaviour::NeverReady);
+        state.refuse_remove = Some("svc.app".into());
+    }
+    let outcome = apply(&r.deployer, spec("h1"), 10).await;
+    assert!(!outcome.success);
+    // The old app stays aside rather than the failing new one being taken for it.
+    assert!(
+        r.fake
+            .snapshot()
+            .contains(&("svc.app.previous".into(), "h0".into(), "exited".into())),
+        "{:?}",
+        r.fake.snapshot()
+    );
+    // The note stays: recovery finishes once the Engine lets go.
+    assert!(!no_note(&r.deployer));
+    r.fake.state().refuse_remove = None;
+    let recovered = r.deployer.recover_all().await;
+    assert!(recovered[0].1.is_ok(), "{recovered:?}");
     assert_eq!(
         r.fake.snapshot(),
         vec![

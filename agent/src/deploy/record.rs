@@ -44,7 +44,9 @@ impl DeploymentRecord {
                 directories.push(d.path.clone());
             }
         }
-        let mut secret_slots = BTreeMap::new();
+        // Slots accumulate too: after a rollback the old containers run
+        // again and must still be redacted where the old spec put secrets.
+        let mut secret_slots = self.secret_slots.clone();
         for c in &spec.containers {
             let mut slots = Vec::new();
             let carries = |s: &str| s.contains("${secret:");
@@ -73,9 +75,11 @@ impl DeploymentRecord {
                 }
             }
             if !slots.is_empty() {
+                let known = secret_slots.entry(c.name.clone()).or_default();
+                known.extend(slots);
                 // The env is a map: a stable order keeps the record stable.
-                slots.sort();
-                secret_slots.insert(c.name.clone(), slots);
+                known.sort();
+                known.dedup();
             }
         }
         DeploymentRecord {
@@ -164,6 +168,10 @@ impl Records {
         tmp.write_all(text.as_bytes()).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(&path).map_err(|e| io(e.error))?;
+        // The rename itself must survive a power loss: recovery reads it.
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
         Ok(())
     }
 
@@ -229,7 +237,7 @@ mod tests {
     }
 
     #[test]
-    fn directories_accumulate_and_slots_follow_the_spec() {
+    fn directories_and_slots_accumulate() {
         let first = DeploymentRecord::default().updated_for(&spec(&["/d", "/d/a"]));
         let second = first.updated_for(&spec(&["/d", "/d/b"]));
         assert_eq!(second.directories, ["/d", "/d/a", "/d/b"]);
@@ -243,6 +251,26 @@ mod tests {
             index: 1,
             template: "-t ${secret:token}".into()
         }));
+        // A spec that moves the secret keeps the old place known (a rollback
+        // brings the old container back).
+        let mut moved = spec(&["/d"]);
+        moved.containers[0].env.clear();
+        moved.containers[0]
+            .env
+            .insert("DB_PASS".into(), "${secret:db}".into());
+        let third = second.updated_for(&moved);
+        let slots = &third.secret_slots["db"];
+        assert_eq!(slots.len(), 3);
+        assert!(
+            slots
+                .iter()
+                .any(|s| matches!(s, SecretSlot::Env { key, .. } if key == "POSTGRES_PASSWORD"))
+        );
+        assert!(
+            slots
+                .iter()
+                .any(|s| matches!(s, SecretSlot::Env { key, .. } if key == "DB_PASS"))
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ pub fn plan(note: Option<&InProgress>, found: &[String]) -> Vec<Step> {
             }
         }
         Some(note) => {
-            for name in note.created.iter().rev().filter(|n| exists(n)) {
+            // A created name is the new container only while its old copy
+            // is still aside (or it never had one): after a rollback that
+            // renamed the old one back, the name is the old one again.
+            let is_new = |n: &str| exists(&aside(n)) || !note.previous.iter().any(|p| p == n);
+            for name in note.created.iter().rev().filter(|n| exists(n) && is_new(n)) {
                 steps.push(Step::Remove(name.clone()));
             }
             let mut back: Vec<String> = note.previous.clone();
@@ -114,6 +118,10 @@ mod tests {
         names.iter().map(|(n, _running)| (*n).to_owned()).collect()
     }
 
+    fn found_names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
     fn note(previous: &[&str], created: &[&str], committed: bool) -> InProgress {
         InProgress {
             previous: previous.iter().map(|s| s.to_string()).collect(),
@@ -150,6 +158,33 @@ mod tests {
         // im was renamed aside, db only stopped; nothing new was created.
         let found = found(&[("im.previous", false), ("db", false)]);
         let steps = plan(Some(&note(&["db", "im"], &[], false)), &found);
+        assert_eq!(
+            steps,
+            vec![
+                rename("im.previous", "im"),
+                Step::Start("db".into()),
+                Step::Start("im".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn died_after_the_rollback_put_the_old_set_back_nothing_is_removed() {
+        // The note still lists the created names, but they are the old
+        // containers again: removing them would delete the only copy.
+        let found = found(&[("db", true), ("im", true)]);
+        let steps = plan(
+            Some(&note(&["db", "im"], &["db", "initdt", "im"], false)),
+            &found,
+        );
+        assert_eq!(
+            steps,
+            vec![Step::Start("db".into()), Step::Start("im".into())]
+        );
+        // Half way through the rollback: im's new copy removed, its old one
+        // still aside; db's old one already back.
+        let found = found_names(&["db", "im.previous"]);
+        let steps = plan(Some(&note(&["db", "im"], &["db", "im"], false)), &found);
         assert_eq!(
             steps,
             vec![

@@ -142,7 +142,8 @@ pub async fn deploy(
 }
 
 /// The deploy steps in order. Nothing on the PBX or the host changes before
-/// the agent, the token and preflight are found good.
+/// the agent and preflight are found good; a new IM token is made last,
+/// right before the apply.
 pub async fn deploy_with(
     store: &Store,
     agent: &impl AgentApi,
@@ -152,9 +153,6 @@ pub async fn deploy_with(
 ) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
     check_agent(agent, request).await?;
-    let (token, token_from_pbx) = progress
-        .phase(Phase::ImToken, "", obtain_token(&request.token, pbx))
-        .await?;
     let gate = progress
         .phase(Phase::Preflight, "", preflight_gate(agent, request))
         .await?;
@@ -166,6 +164,10 @@ pub async fn deploy_with(
     for path in &request.image_files {
         super::upload::upload_image(agent, path, progress).await?;
     }
+    // Last before the apply: a new token revokes the one the running IM uses.
+    let (token, token_from_pbx) = progress
+        .phase(Phase::ImToken, "", obtain_token(&request.token, pbx))
+        .await?;
     let spec = portsip::portsip_spec(&request.params, &token.fingerprint());
     let mut record = deployment_record(request, &gate.failed, &spec.config_hash);
     let applied = progress
@@ -192,16 +194,6 @@ pub async fn deploy_with(
             return Err(e);
         }
     };
-    let pbx_report = match pbx {
-        Some(pbx) => Some(PbxReport {
-            whitelisted,
-            registered: progress
-                .phase(Phase::Register, "", register(pbx, request))
-                .await?,
-            token_from_pbx,
-        }),
-        None => None,
-    };
     record.image_ids = status
         .containers
         .iter()
@@ -213,7 +205,18 @@ pub async fn deploy_with(
     } else {
         Outcome::Applied
     };
+    // Recorded before the PBX is asked: the host runs it either way.
     store.record_apply(&record, outcome, "").await?;
+    let pbx_report = match pbx {
+        Some(pbx) => Some(PbxReport {
+            whitelisted,
+            registered: progress
+                .phase(Phase::Register, "", register(pbx, request))
+                .await?,
+            token_from_pbx,
+        }),
+        None => None,
+    };
     Ok(DeployReport {
         deployment: record,
         status,

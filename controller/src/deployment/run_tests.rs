@@ -289,7 +289,8 @@ async fn failed_preflight_whitelists_nothing_uploads_nothing_applies_nothing() {
     });
     let pbx = FakePbx::default();
     let (_, progress) = recorder();
-    let mut req = request(false, given());
+    // Even a request for a new token rotates nothing when preflight fails.
+    let mut req = request(false, TokenSource::NewFromPbx);
     req.image_files = vec!["/nonexistent/im.tar".into()];
     let err = deploy_with(&store, &agent, &req, Some(&pbx), &progress)
         .await
@@ -417,6 +418,10 @@ async fn the_pbx_must_list_the_addresses_it_was_given() {
     .await
     .unwrap_err();
     assert!(matches!(err, DeployError::NotRegistered { .. }), "{err}");
+    // The host runs the new spec all the same: it is recorded.
+    let revisions = store.revisions("im1", 10).await.unwrap();
+    assert_eq!(revisions[0].outcome, Outcome::Applied);
+    assert!(store.deployment("im1").await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -439,9 +444,9 @@ async fn a_new_token_comes_from_the_pbx_and_the_same_spec_again_is_unchanged() {
     assert_eq!(
         pbx.calls(),
         vec![
+            "whitelist",
+            "whitelist",
             "generate_im_token",
-            "whitelist",
-            "whitelist",
             "set_im_addresses",
             "im_addresses"
         ]
@@ -469,10 +474,10 @@ async fn a_new_token_comes_from_the_pbx_and_the_same_spec_again_is_unchanged() {
     assert_eq!(
         started,
         vec![
-            Phase::ImToken,
             Phase::Preflight,
             Phase::Whitelist,
             Phase::Whitelist,
+            Phase::ImToken,
             Phase::Apply,
             Phase::Register
         ]

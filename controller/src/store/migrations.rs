@@ -83,7 +83,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_at    INTEGER NOT NULL,
         PRIMARY KEY (rollout_id, host)
     );
-    ALTER TABLE events ADD COLUMN rollout_id INTEGER REFERENCES rollouts(id);",
+    ALTER TABLE events ADD COLUMN rollout_id INTEGER REFERENCES rollouts(id);
+    INSERT INTO deployment_revisions (host, name, config_hash, image, db_image, image_ids,
+        params, outcome, detail, at)
+    SELECT host, name, config_hash, image, db_image, image_ids,
+        json_object('host', host, 'name', name, 'private_ip', private_ip,
+            'public_ip', public_ip, 'pbx', pbx, 'data_path', data_path,
+            'storage_dir', storage_dir, 'image', image, 'db_image', db_image,
+            'image_ids', json(image_ids), 'config_hash', config_hash, 'users', users,
+            'overridden', json(overridden), 'deployed_at', deployed_at),
+        'applied', 'recorded before revisions were kept', deployed_at
+    FROM deployments;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -119,6 +129,14 @@ mod tests {
                 [],
             )
             .unwrap();
+            conn.execute_batch(
+                "INSERT INTO hosts VALUES ('im1', '10.0.0.5', 7443, NULL, NULL, '0.1.0', 'ab',
+                    '01', 2000000000, 'systemd', 1, NULL);
+                 INSERT INTO deployments VALUES ('im1', 'portsip-im', '10.0.0.5', '203.0.113.5',
+                    '10.0.0.2', '/var/lib/portsip', NULL, 'portsip/pbx:22',
+                    'portsip/postgresql:14.12', '{\"im\":\"sha256:ab\"}', 'h1', 5000, '[]', 42);",
+            )
+            .unwrap();
         }
         let mut conn = Connection::open(&path).unwrap();
         migrate(&mut conn).unwrap();
@@ -134,5 +152,22 @@ mod tests {
             )
             .unwrap();
         assert_eq!(kept, 1);
+        // The deployment that ran before the upgrade is its first revision.
+        let params: String = conn
+            .query_row(
+                "SELECT params FROM deployment_revisions WHERE host = 'im1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let first: crate::store::DeploymentRecord = serde_json::from_str(&params).unwrap();
+        assert_eq!(
+            (
+                first.config_hash.as_str(),
+                first.image_ids["im"].as_str(),
+                first.deployed_at
+            ),
+            ("h1", "sha256:ab", 42)
+        );
     }
 }

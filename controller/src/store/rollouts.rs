@@ -172,7 +172,9 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let holder = holder.to_owned();
         self.call(move |c| {
-            let tx = c.transaction()?;
+            // Immediate: the check and the insert hold the write lock together,
+            // so a second controller waits and then sees the first one's row.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if let Some((id, holder, started_at)) = tx
                 .query_row(
                     "SELECT id, holder, created_at FROM rollouts WHERE active",

@@ -139,11 +139,6 @@ impl<F: Fn(Progress) + Send + Sync> ProgressSink for F {
     }
 }
 
-/// Progress nobody watches.
-pub fn discard() -> Arc<dyn ProgressSink> {
-    Arc::new(|_: Progress| {})
-}
-
 /// Progress as log lines (for a daemon, or `-v`).
 pub fn to_tracing() -> Arc<dyn ProgressSink> {
     Arc::new(|event: Progress| match &event {

@@ -85,14 +85,15 @@ impl<C: Containers> Deployer<C> {
             0 => DEFAULT_HEALTH_TIMEOUT,
             s => Duration::from_secs(u64::from(s)),
         };
-        if let Err(e) = self.check_and_stage(&spec, &events).await {
-            return failure(e, &secret_values, false, None);
-        }
+        let image_ids = match self.check_and_stage(&spec, &events).await {
+            Ok(ids) => ids,
+            Err(e) => return failure(e, &secret_values, false, None),
+        };
         if let Err(e) = self.prepare_host(&spec, &mut secret_values, &events).await {
             return failure(e, &secret_values, false, None);
         }
         // Containers that already run this very spec healthy are left alone.
-        match self.running_unchanged(&spec).await {
+        match self.running_unchanged(&spec, &image_ids).await {
             Ok(Some(status)) => {
                 events
                     .emit("done", "already running and healthy; nothing changed")
@@ -129,12 +130,12 @@ impl<C: Containers> Deployer<C> {
     }
 
     /// Step 1, changing nothing that runs: the Engine, the spec, an earlier
-    /// apply left unfinished, the record, the images.
+    /// apply left unfinished, the record, the images (their ids returned).
     async fn check_and_stage(
         &self,
         spec: &DeploymentSpec,
         events: &Events,
-    ) -> Result<(), DeployError> {
+    ) -> Result<HashMap<String, String>, DeployError> {
         let done = self
             .containers
             .ensure_engine()
@@ -452,30 +453,29 @@ impl<C: Containers> Deployer<C> {
     async fn running_unchanged(
         &self,
         spec: &DeploymentSpec,
+        image_ids: &HashMap<String, String>,
     ) -> Result<Option<DeploymentStatus>, DeployError> {
         let found = self.containers.managed(&spec.name).await?;
-        let mut image_ids = HashMap::new();
-        for c in &spec.containers {
-            if let Some(id) = self.containers.image_id(&c.image).await? {
-                image_ids.insert(c.image.clone(), id);
-            }
-        }
-        if !unchanged::same(spec, &found, &image_ids) {
+        if !unchanged::same(spec, &found, image_ids) {
             return Ok(None);
         }
         let status = self.status(&spec.name).await?;
         Ok(status.healthy.then_some(status))
     }
 
+    /// Pulls what is missing; the id each image reference resolves to.
     async fn ensure_images(
         &self,
         spec: &DeploymentSpec,
         events: &Events,
-    ) -> Result<(), DeployError> {
-        let mut images: Vec<&str> = spec.containers.iter().map(|c| c.image.as_str()).collect();
-        images.dedup();
-        for image in images {
-            if self.containers.image_id(image).await?.is_none() {
+    ) -> Result<HashMap<String, String>, DeployError> {
+        let mut ids = HashMap::new();
+        for image in spec.containers.iter().map(|c| c.image.as_str()) {
+            if ids.contains_key(image) {
+                continue;
+            }
+            let mut id = self.containers.image_id(image).await?;
+            if id.is_none() {
                 let mut shown = u64::MAX;
                 let mut progress = |done: u64, total: u64| {
                     // One event per 10 MB is plenty; never block the pull on it.
@@ -492,9 +492,13 @@ impl<C: Containers> Deployer<C> {
                         "image {image} is not on the host and could not be pulled ({e}); load it with --image-file"
                     ))
                 })?;
+                id = self.containers.image_id(image).await?;
+            }
+            if let Some(id) = id {
+                ids.insert(image.to_owned(), id);
             }
         }
-        Ok(())
+        Ok(ids)
     }
 
     /// Stops the deployment's current containers and renames them aside. On

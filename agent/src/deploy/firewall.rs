@@ -87,10 +87,10 @@ fn input_chain(ruleset: &str) -> Option<(String, String, String)> {
 /// Runs the plan; the first failing command is an error naming it.
 pub fn open(ports: &[u32]) -> Result<Vec<String>, String> {
     let packages = crate::facts::packages::installed();
-    let info = crate::facts::firewall::collect(&packages);
-    let ruleset = crate::facts::firewall::nft_ruleset();
+    let evidence = crate::facts::firewall::evidence();
+    let info = crate::facts::firewall::judge(&evidence, &packages);
     let mut done = Vec::new();
-    for command in plan(&info, ruleset.as_deref(), ports) {
+    for command in plan(&info, evidence.nft_ruleset.as_deref(), ports) {
         let out = std::process::Command::new(&command[0])
             .args(&command[1..])
             .output()

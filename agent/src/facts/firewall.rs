@@ -126,6 +126,11 @@ fn normalise(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
 }
 
 pub fn collect(packages: &[Package]) -> FirewallInfo {
+    judge(&evidence(), packages)
+}
+
+/// Reads the firewalls' configuration (and the kernel's nftables ruleset).
+pub fn evidence() -> FirewallEvidence {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let firewalld_zones = std::fs::read_dir("/etc/firewalld/zones")
         .map(|rd| {
@@ -139,20 +144,17 @@ pub fn collect(packages: &[Package]) -> FirewallInfo {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "firewalld")
         })
     });
-    judge(
-        &FirewallEvidence {
-            ufw_conf: read("/etc/ufw/ufw.conf"),
-            ufw_user_rules: read("/etc/ufw/user.rules"),
-            firewalld_running,
-            firewalld_zones,
-            nft_ruleset: nft_ruleset(),
-        },
-        packages,
-    )
+    FirewallEvidence {
+        ufw_conf: read("/etc/ufw/ufw.conf"),
+        ufw_user_rules: read("/etc/ufw/user.rules"),
+        firewalld_running,
+        firewalld_zones,
+        nft_ruleset: nft_ruleset(),
+    }
 }
 
 /// The kernel's nftables ruleset (`nft list ruleset`; it lives nowhere else).
-pub fn nft_ruleset() -> Option<String> {
+fn nft_ruleset() -> Option<String> {
     std::process::Command::new("nft")
         .args(["list", "ruleset"])
         .output()

@@ -139,14 +139,6 @@ impl<F: Fn(Progress) + Send + Sync> ProgressSink for F {
     }
 }
 
-/// Progress as log lines (for a daemon, or `-v`).
-pub fn to_tracing() -> Arc<dyn ProgressSink> {
-    Arc::new(|event: Progress| match &event {
-        Progress::BytesSent { .. } => tracing::debug!(?event, "{}", event.text()),
-        _ => tracing::info!(?event, "{}", event.text()),
-    })
-}
-
 /// Reports one host's progress.
 #[derive(Clone)]
 pub struct Reporter {

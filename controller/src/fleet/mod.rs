@@ -60,12 +60,6 @@ impl Fleet {
         }
     }
 
-    /// At most `n` hosts at once (at least one).
-    pub fn with_concurrency(mut self, n: usize) -> Fleet {
-        self.concurrency = n.max(1);
-        self
-    }
-
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -95,11 +89,7 @@ impl Fleet {
     }
 
     pub async fn connect(&self, host: &HostRecord) -> Result<Agent, AgentError> {
-        let address = AgentAddress {
-            host: host.agent_address.clone(),
-            port: host.agent_port,
-        };
-        Agent::connect(&self.identity, &address).await
+        Agent::connect(&self.identity, &address_of(host)).await
     }
 
     /// Connects to each host and runs `op` on it, at most the fleet's
@@ -120,6 +110,14 @@ impl Fleet {
             }
         })
         .await
+    }
+}
+
+/// Where a host's agent listens.
+pub fn address_of(host: &HostRecord) -> AgentAddress {
+    AgentAddress {
+        host: host.agent_address.clone(),
+        port: host.agent_port,
     }
 }
 

@@ -39,11 +39,7 @@ pub async fn ping(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<AgentStatus> {
         let now = crate::now_unix();
         let mut status = AgentStatus {
             host: host.name.clone(),
-            address: crate::agent_client::AgentAddress {
-                host: host.agent_address.clone(),
-                port: host.agent_port,
-            }
-            .to_string(),
+            address: super::address_of(&host).to_string(),
             reachable: false,
             agent_version: None,
             hostname: None,

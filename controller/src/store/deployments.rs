@@ -45,27 +45,14 @@ pub enum Outcome {
     Failed,
 }
 
+named!(Outcome {
+    Applied => "applied",
+    Unchanged => "unchanged",
+    RolledBack => "rolled-back",
+    Failed => "failed",
+});
+
 impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Unchanged => "unchanged",
-            Outcome::RolledBack => "rolled-back",
-            Outcome::Failed => "failed",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Outcome> {
-        [
-            Outcome::Applied,
-            Outcome::Unchanged,
-            Outcome::RolledBack,
-            Outcome::Failed,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == text)
-    }
-
     fn succeeded(self) -> bool {
         matches!(self, Outcome::Applied | Outcome::Unchanged)
     }
@@ -335,13 +322,7 @@ pub(crate) mod tests {
         );
         assert_eq!(revisions[1].detail, "IM unhealthy");
         assert_eq!(revisions[2].deployment, sample("im1", "h1"));
-        let kinds: Vec<EventKind> = store
-            .events("im1", 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = crate::store::tests::kinds(&store, "im1").await;
         assert_eq!(
             kinds,
             vec![

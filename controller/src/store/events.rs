@@ -25,43 +25,20 @@ pub enum EventKind {
     RolloutFinished,
 }
 
-impl EventKind {
-    pub const ALL: [EventKind; 12] = [
-        EventKind::Bootstrap,
-        EventKind::Deploy,
-        EventKind::DeployUnchanged,
-        EventKind::DeployFailed,
-        EventKind::Start,
-        EventKind::Stop,
-        EventKind::Restart,
-        EventKind::Remove,
-        EventKind::Purge,
-        EventKind::RolloutStarted,
-        EventKind::RolloutStep,
-        EventKind::RolloutFinished,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Bootstrap => "bootstrap",
-            EventKind::Deploy => "deploy",
-            EventKind::DeployUnchanged => "deploy-unchanged",
-            EventKind::DeployFailed => "deploy-failed",
-            EventKind::Start => "start",
-            EventKind::Stop => "stop",
-            EventKind::Restart => "restart",
-            EventKind::Remove => "remove",
-            EventKind::Purge => "purge",
-            EventKind::RolloutStarted => "rollout-started",
-            EventKind::RolloutStep => "rollout-step",
-            EventKind::RolloutFinished => "rollout-finished",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<EventKind> {
-        EventKind::ALL.into_iter().find(|k| k.as_str() == text)
-    }
-}
+named!(EventKind {
+    Bootstrap => "bootstrap",
+    Deploy => "deploy",
+    DeployUnchanged => "deploy-unchanged",
+    DeployFailed => "deploy-failed",
+    Start => "start",
+    Stop => "stop",
+    Restart => "restart",
+    Remove => "remove",
+    Purge => "purge",
+    RolloutStarted => "rollout-started",
+    RolloutStep => "rollout-step",
+    RolloutFinished => "rollout-finished",
+});
 
 impl std::fmt::Display for EventKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,7 +130,7 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_by_name() {
-        for kind in EventKind::ALL {
+        for kind in EventKind::ALL.iter().copied() {
             assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
             assert_eq!(
                 serde_json::to_value(kind).unwrap(),

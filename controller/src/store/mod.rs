@@ -7,6 +7,22 @@
 //! any task may use. A change and the event that tells of it are written in
 //! one transaction.
 
+/// Names stored for a field-less enum, `as_str`/`parse`/`ALL`: the names
+/// are the schema and never change meaning.
+macro_rules! named {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+            pub fn parse(text: &str) -> Option<$ty> {
+                match text { $($name => Some($ty::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
 mod deployments;
 mod events;
 mod hosts;
@@ -136,6 +152,12 @@ pub(crate) mod tests {
             bootstrapped_at: 1_700_000_000,
             last_seen_at: None,
         }
+    }
+
+    /// The kinds of a host's recent events, newest first.
+    pub(crate) async fn kinds(store: &Store, host: &str) -> Vec<EventKind> {
+        let events = store.events(host, 100).await.unwrap();
+        events.iter().map(|e| e.kind).collect()
     }
 
     pub(crate) fn open() -> (tempfile::TempDir, Store) {

@@ -8,19 +8,6 @@ use serde::Serialize;
 use super::events::{EventKind, insert_event};
 use super::{Store, StoreError};
 
-macro_rules! named {
-    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
-        impl $ty {
-            pub fn as_str(self) -> &'static str {
-                match self { $($ty::$variant => $name),+ }
-            }
-            pub fn parse(text: &str) -> Option<$ty> {
-                match text { $($name => Some($ty::$variant),)+ _ => None }
-            }
-        }
-    };
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RolloutState {
@@ -435,40 +422,17 @@ mod tests {
             all.iter().map(|r| (r.id, r.state)).collect::<Vec<_>>(),
             vec![(next, RolloutState::Running), (id, RolloutState::Aborted)]
         );
-        let kinds: Vec<EventKind> = store
-            .events("im1", 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = crate::store::tests::kinds(&store, "im1").await;
         assert_eq!(kinds, vec![EventKind::RolloutStep]);
     }
 
     #[test]
     fn names_round_trip() {
-        for s in [
-            RolloutState::Running,
-            RolloutState::Paused,
-            RolloutState::Aborting,
-            RolloutState::Succeeded,
-            RolloutState::Failed,
-            RolloutState::Aborted,
-        ] {
-            assert_eq!(RolloutState::parse(s.as_str()), Some(s));
+        for s in RolloutState::ALL {
+            assert_eq!(RolloutState::parse(s.as_str()), Some(*s));
         }
-        for p in [
-            StepPhase::Pending,
-            StepPhase::Staging,
-            StepPhase::Staged,
-            StepPhase::Swapping,
-            StepPhase::Verifying,
-            StepPhase::Done,
-            StepPhase::RollingBack,
-            StepPhase::RolledBack,
-            StepPhase::Failed,
-        ] {
-            assert_eq!(StepPhase::parse(p.as_str()), Some(p));
+        for p in StepPhase::ALL {
+            assert_eq!(StepPhase::parse(p.as_str()), Some(*p));
         }
     }
 }

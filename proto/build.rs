@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["."])?;
     tonic_prost_build::configure()
         // Messages serialise to JSON for `--json` output of read commands.
-        .type_attribute(".imfleet.agent.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(
+            ".imfleet.agent.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
         .field_attribute(
             ".imfleet.agent.v1.InterfaceAddress.origin",
             "#[serde(serialize_with = \"crate::json::address_origin\")]",

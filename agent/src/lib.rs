@@ -12,6 +12,7 @@
 //! - [`deploy`]: applying and operating deployments on the Docker Engine;
 //!   an apply the agent died in is finished or undone at start-up.
 //! - [`facts`]: measuring the host for inventory and preflight.
+//! - [`health`]: the health stream's samples (host, containers, service, agent).
 //! - [`supervision`]: running under systemd or under the agent's own supervisor.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod config;
 pub mod deploy;
 pub mod facts;
+pub mod health;
 pub mod identity;
 pub mod listener;
 pub mod policy;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HostInventory, ImageChunk,
-    InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, StatusRequest,
-    control_request::Action,
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HealthSample, HostInventory,
+    ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
+    StatusRequest, WatchHealthRequest, control_request::Action,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -52,6 +52,7 @@ pub struct AgentService {
     started: Instant,
     facts: AgentFacts,
     deployer: Arc<Deployer>,
+    monitor: Arc<crate::health::Monitor>,
     audit: Arc<AuditLog>,
 }
 
@@ -66,6 +67,13 @@ impl AgentService {
             state_dir: layout.state_dir(),
             roots,
         })?;
+        let monitor = crate::health::Monitor::new(
+            bollard::Docker::connect_with_unix_defaults().map_err(DeployError::from)?,
+            crate::deploy::record::Records::open(&layout.state_dir()).map_err(DeployError::from)?,
+            deployer.roots().cloned(),
+            facts.certificate_not_after,
+        )
+        .map_err(|e| ServeError::Health(e.to_string()))?;
         let audit_path = layout.audit_log();
         if let Some(dir) = audit_path.parent() {
             std::fs::create_dir_all(dir).map_err(ServeError::Audit)?;
@@ -74,6 +82,7 @@ impl AgentService {
             started: Instant::now(),
             facts,
             deployer: Arc::new(deployer),
+            monitor: Arc::new(monitor),
             audit: Arc::new(AuditLog::open(&audit_path).map_err(ServeError::Audit)?),
         })
     }
@@ -267,6 +276,23 @@ impl Agent for AgentService {
             .map_err(deploy_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    type WatchHealthStream = EventStream<HealthSample>;
+
+    async fn watch_health(
+        &self,
+        request: Request<WatchHealthRequest>,
+    ) -> Result<Response<Self::WatchHealthStream>, Status> {
+        use crate::health::WatchError;
+        let rx = self.monitor.watch(request.get_ref()).map_err(|e| match e {
+            WatchError::Invalid(m) => Status::invalid_argument(m),
+            e @ WatchError::Busy => Status::resource_exhausted(e.to_string()),
+        })?;
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            Ok,
+        ))))
+    }
 }
 
 /// Admits a request only if the TLS peer presented a certificate with
@@ -302,6 +328,8 @@ pub enum ServeError {
     Audit(std::io::Error),
     #[error(transparent)]
     Listener(#[from] crate::listener::ListenerError),
+    #[error("cannot set up health sampling: {0}")]
+    Health(String),
 }
 
 /// Serves the agent API on `listener` until `shutdown` completes.
@@ -342,6 +370,13 @@ pub async fn serve(
             backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
         }
     });
+    // Health streams never end by themselves: end them before the graceful
+    // shutdown waits for open requests.
+    let monitor = agent.monitor.clone();
+    let shutdown = async move {
+        shutdown.await;
+        monitor.close();
+    };
     let service = AgentServer::with_interceptor(agent, require_controller);
     let incoming = ReceiverStream::new(crate::listener::incoming(listener, acceptor));
     Server::builder()

@@ -13,6 +13,9 @@
 //! - [`fleet`]: hosts by name, address or `--all`, one operation on many with
 //!   bounded concurrency; `fleet::ops` are ping, status, control and logs.
 //! - [`progress`]: typed progress events and the sinks they go to.
+//! - [`health`]: fleet health as pure functions (samples to observations to
+//!   events), Prometheus exposition and metrics.
+//! - [`serve`]: the daemon: health streams, history, events, webhook, HTTP.
 //! - [`preflight`]: judging a host's inventory against PortSIP's needs (pure).
 //! - [`deployment`]: the PortSIP spec (pure) and the deploy steps.
 //! - [`pbx`]: the PBX REST API.
@@ -23,9 +26,11 @@ pub mod agent_tls;
 pub mod bootstrap;
 pub mod deployment;
 pub mod fleet;
+pub mod health;
 pub mod pbx;
 pub mod preflight;
 pub mod progress;
+pub mod serve;
 pub mod ssh;
 pub mod state;
 pub mod store;

@@ -172,14 +172,10 @@ impl<C: Containers> Deployer<C> {
             }
             containers.push(status);
         }
-        let healthy = !containers.is_empty()
-            && containers
-                .iter()
-                .all(|c| c.state == "running" && (c.health == "healthy" || c.health == "none"));
         Ok(DeploymentStatus {
             name: deployment.to_owned(),
+            healthy: all_healthy(&containers),
             containers,
-            healthy,
             config_hash,
         })
     }
@@ -202,6 +198,15 @@ impl<C: Containers> Deployer<C> {
     ) -> Result<Vec<String>, images::LoadError> {
         self.spool.load(&self.docker, chunks).await
     }
+}
+
+/// A deployment is healthy when it has containers and every one runs and
+/// is healthy (or has no health check): what Status and health samples say.
+pub fn all_healthy(containers: &[imfleet_proto::agent::v1::ContainerStatus]) -> bool {
+    !containers.is_empty()
+        && containers
+            .iter()
+            .all(|c| c.state == "running" && (c.health == "healthy" || c.health == "none"))
 }
 
 fn check_deployment_name(name: &str) -> Result<(), DeployError> {

@@ -32,6 +32,17 @@ pub struct DeploymentRecord {
     /// the agent died in the middle of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_progress: Option<super::recovery::InProgress>,
+    /// The health gate of the spec applied last: what the health stream
+    /// probes (never a URL a watch request names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateRecord>,
+}
+
+/// A spec's health gate as the agent keeps it (already checked by policy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateRecord {
+    pub http_url: String,
+    pub tcp_ports: Vec<u32>,
 }
 
 impl DeploymentRecord {
@@ -86,6 +97,10 @@ impl DeploymentRecord {
             directories,
             secret_slots,
             in_progress: self.in_progress.clone(),
+            gate: spec.gate.as_ref().map(|g| GateRecord {
+                http_url: g.http_url.clone(),
+                tcp_ports: g.tcp_ports.clone(),
+            }),
         }
     }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentSpec, DeploymentStatus, HostInventory,
-    ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
-    StatusRequest,
+    ApplyEvent, ApplyRequest, ControlRequest, DeploymentSpec, DeploymentStatus, HealthSample,
+    HostInventory, ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
+    PingRequest, StatusRequest, WatchHealthRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -282,6 +282,27 @@ impl Agent {
             |mut c, r| async move { c.logs(r).await },
         )
         .await
+    }
+
+    /// The agent's health stream: a sample at once, then one per `interval`.
+    /// The call has no deadline (it lasts as long as the daemon); the caller
+    /// bounds the wait for each sample instead.
+    pub async fn watch_health(
+        &self,
+        deployment: &str,
+        interval: Duration,
+    ) -> Result<tonic::Streaming<HealthSample>, AgentError> {
+        self.require(Feature::WatchHealth).await?;
+        let request = WatchHealthRequest {
+            interval_ms: interval.as_millis().min(u128::from(u32::MAX)) as u32,
+            deployment: deployment.to_owned(),
+        };
+        self.client
+            .clone()
+            .watch_health(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.status_error(s))
     }
 
     /// Streams an image archive to the agent, which verifies and loads it.

@@ -10,6 +10,8 @@ pub enum Feature {
     Apply,
     /// `rm --purge`: only directories recorded for the deployment (6).
     Purge,
+    /// The health stream `controller serve` follows (8).
+    WatchHealth,
 }
 
 impl Feature {
@@ -18,6 +20,7 @@ impl Feature {
         match self {
             Feature::Apply => 7,
             Feature::Purge => 6,
+            Feature::WatchHealth => 8,
         }
     }
 
@@ -25,6 +28,7 @@ impl Feature {
         match self {
             Feature::Apply => "deploying",
             Feature::Purge => "purging data",
+            Feature::WatchHealth => "streaming health",
         }
     }
 
@@ -50,7 +54,7 @@ mod tests {
         assert_eq!(Feature::Purge.check(5), Err(6));
         assert_eq!(Feature::Purge.check(6), Ok(()));
         // Nothing this build needs is newer than what it speaks itself.
-        for f in [Feature::Apply, Feature::Purge] {
+        for f in [Feature::Apply, Feature::Purge, Feature::WatchHealth] {
             assert!(f.check(imfleet_proto::PROTOCOL_REVISION).is_ok());
         }
     }

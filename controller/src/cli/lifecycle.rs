@@ -135,7 +135,7 @@ pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
 pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let fleet = super::open_fleet(dir).await?;
     let hosts = args.select.resolve(&fleet).await?;
-    let statuses = ops::status(&fleet, &hosts).await;
+    let statuses = ops::status_preferring_daemon(&fleet, dir, &hosts).await;
     if args.json {
         output::print_json(&statuses)?;
     } else {
@@ -146,6 +146,10 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
         print_status_table(&rows);
         for s in statuses.iter().filter(|s| s.error.is_some()) {
             eprintln!("{}: {}", s.host, s.error.as_deref().unwrap_or_default());
+        }
+        let ages = statuses.iter().filter_map(|s| s.sample_age_seconds);
+        if let Some(oldest) = ages.reduce(f64::max) {
+            eprintln!("(from `controller serve`: samples at most {oldest:.1} s old)");
         }
     }
     Ok(if statuses.iter().all(|s| s.healthy) {

@@ -8,6 +8,7 @@ mod init;
 mod lifecycle;
 mod output;
 mod preflight;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +65,13 @@ pub enum Command {
     Rm(lifecycle::RemoveArgs),
     /// Show the IM service's logs.
     Logs(lifecycle::LogsArgs),
+    /// Run the daemon: health streams from every agent, events, history,
+    /// Prometheus metrics (SIGHUP reloads, SIGTERM stops).
+    Serve(serve::ServeArgs),
+    /// Show recorded events (deploys, control, health changes).
+    Events(serve::EventsArgs),
+    /// Show the health history `controller serve` kept for a host.
+    History(serve::HistoryArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -85,6 +93,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => lifecycle::control(&dir, args, Action::Restart).await,
         Command::Rm(args) => lifecycle::remove(&dir, args).await,
         Command::Logs(args) => lifecycle::logs(&dir, args).await,
+        Command::Serve(args) => serve::serve(&dir, args).await,
+        Command::Events(args) => serve::events(&dir, args).await,
+        Command::History(args) => serve::history(&dir, args).await,
     }
 }
 

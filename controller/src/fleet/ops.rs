@@ -88,6 +88,10 @@ pub struct ServiceStatus {
     pub deployment: Option<DeploymentRecord>,
     pub status: Option<DeploymentStatus>,
     pub error: Option<String>,
+    /// Who answered: "agent" (asked now) or "daemon" (its latest sample).
+    pub source: &'static str,
+    /// With the daemon: seconds since the host's last sample.
+    pub sample_age_seconds: Option<f64>,
 }
 
 pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
@@ -107,6 +111,8 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 deployment,
                 status: Some(status),
                 error: None,
+                source: "agent",
+                sample_age_seconds: None,
             },
             Err(e) => ServiceStatus {
                 host: host.name,
@@ -115,10 +121,66 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 deployment,
                 status: None,
                 error: Some(crate::error_chain(&e)),
+                source: "agent",
+                sample_age_seconds: None,
             },
         });
     }
     out
+}
+
+/// The status from the running daemon's latest samples when it watches
+/// every selected host (no agent is asked: milliseconds for any fleet);
+/// from the agents otherwise.
+pub async fn status_preferring_daemon(
+    fleet: &Fleet,
+    state_dir: &std::path::Path,
+    hosts: &[HostRecord],
+) -> Vec<ServiceStatus> {
+    if let Some(snapshots) = crate::serve::http::fetch_hosts(state_dir).await
+        && let Some(statuses) = from_snapshots(fleet, hosts, &snapshots).await
+    {
+        return statuses;
+    }
+    status(fleet, hosts).await
+}
+
+/// `None` when the daemon has not seen one of the hosts yet.
+async fn from_snapshots(
+    fleet: &Fleet,
+    hosts: &[HostRecord],
+    snapshots: &[crate::health::HostSnapshot],
+) -> Option<Vec<ServiceStatus>> {
+    let mut out = Vec::new();
+    for host in hosts {
+        let snap = snapshots.iter().find(|s| s.host == host.name)?;
+        if !snap.agent_up && snap.reconnects == 0 {
+            return None;
+        }
+        let deployment = fleet.store().deployment(&host.name).await.ok().flatten();
+        let status = snap.sample.as_ref().map(|s| DeploymentStatus {
+            name: DEPLOYMENT_NAME.into(),
+            containers: s.containers.clone(),
+            healthy: s.deployment_healthy,
+            config_hash: deployment
+                .as_ref()
+                .map(|d| d.config_hash.clone())
+                .unwrap_or_default(),
+        });
+        out.push(ServiceStatus {
+            host: host.name.clone(),
+            agent_reachable: snap.agent_up,
+            healthy: snap.im_healthy.unwrap_or(false),
+            deployment,
+            status,
+            error: (!snap.agent_up)
+                .then(|| snap.error.clone())
+                .or_else(|| (!snap.im_detail.is_empty()).then(|| snap.im_detail.clone())),
+            source: "daemon",
+            sample_age_seconds: snap.sample_age_seconds,
+        });
+    }
+    Some(out)
 }
 
 /// Start, stop, restart or remove the IM service on each host, recording

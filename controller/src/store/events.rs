@@ -23,6 +23,17 @@ pub enum EventKind {
     RolloutStarted,
     RolloutStep,
     RolloutFinished,
+    /// The daemon lost the host's health stream (or never had it).
+    AgentUnreachable,
+    AgentBack,
+    ImUnhealthy,
+    ImHealthy,
+    ContainerRestarting,
+    /// A data filesystem above 90 % used.
+    DiskFull,
+    DiskOk,
+    /// The agent's certificate expires within 30 days.
+    CertificateExpiring,
 }
 
 named!(EventKind {
@@ -38,6 +49,14 @@ named!(EventKind {
     RolloutStarted => "rollout-started",
     RolloutStep => "rollout-step",
     RolloutFinished => "rollout-finished",
+    AgentUnreachable => "agent-unreachable",
+    AgentBack => "agent-back",
+    ImUnhealthy => "im-unhealthy",
+    ImHealthy => "im-healthy",
+    ContainerRestarting => "container-restarting",
+    DiskFull => "disk-full",
+    DiskOk => "disk-ok",
+    CertificateExpiring => "certificate-expiring",
 });
 
 impl std::fmt::Display for EventKind {
@@ -86,22 +105,42 @@ impl Store {
 
     /// The most recent events of one host, newest first.
     pub async fn events(&self, host: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let host = host.to_owned();
+        let query = EventQuery {
+            host: Some(host.to_owned()),
+            limit,
+            ..Default::default()
+        };
+        let mut events = self.query_events(query).await?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// Events matching `query`, oldest first (the newest `limit` of them).
+    pub async fn query_events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
         self.call(move |c| {
             let mut stmt = c.prepare(
                 "SELECT id, at, host, kind, detail, rollout_id FROM events
-                 WHERE host = ?1 ORDER BY id DESC LIMIT ?2",
+                 WHERE (?1 IS NULL OR host = ?1) AND at >= ?2 AND id > ?3
+                 ORDER BY id DESC LIMIT ?4",
             )?;
-            let rows = stmt.query_map(params![host, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                ))
-            })?;
+            let rows = stmt.query_map(
+                params![
+                    query.host,
+                    query.since,
+                    query.after_id,
+                    query.limit.min(i64::MAX as usize) as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<i64>>(5)?,
+                    ))
+                },
+            )?;
             let mut events = Vec::new();
             for row in rows {
                 let (id, at, host, kind, detail, rollout_id) = row?;
@@ -118,10 +157,22 @@ impl Store {
                     rollout_id,
                 });
             }
+            events.reverse();
             Ok(events)
         })
         .await
     }
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub host: Option<String>,
+    /// Unix seconds; events at or after.
+    pub since: i64,
+    /// Only events with a larger id (to follow the log).
+    pub after_id: i64,
+    pub limit: usize,
 }
 
 #[cfg(test)]

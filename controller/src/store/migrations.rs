@@ -94,6 +94,21 @@ pub(super) const MIGRATIONS: &[&str] = &[
             'overridden', json(overridden), 'deployed_at', deployed_at),
         'applied', 'recorded before revisions were kept', deployed_at
     FROM deployments;",
+    // 4: the daemon's health history, one point per host and minute (older
+    // points thinned to one per ten minutes, see store::health).
+    "CREATE TABLE health_history (
+        host                   TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+        at                     INTEGER NOT NULL,
+        agent_up               INTEGER NOT NULL,
+        im_healthy             INTEGER,
+        cpu_busy               REAL,
+        memory_available_bytes INTEGER,
+        memory_total_bytes     INTEGER,
+        data_used              REAL,
+        load1                  REAL,
+        PRIMARY KEY (host, at)
+    ) WITHOUT ROWID;
+    CREATE INDEX events_by_time ON events(at);",
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -25,6 +25,7 @@ macro_rules! named {
 
 mod deployments;
 mod events;
+mod health;
 mod hosts;
 mod migrations;
 mod rollouts;
@@ -35,7 +36,8 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 
 pub use deployments::{DeploymentRecord, Outcome, Revision};
-pub use events::{Event, EventKind};
+pub use events::{Event, EventKind, EventQuery};
+pub use health::{HealthPoint, STEP_SECONDS as HEALTH_STEP_SECONDS};
 pub use hosts::HostRecord;
 pub use rollouts::{PlannedStep, Rollout, RolloutState, RolloutStep, StepPhase};
 

@@ -1,0 +1,277 @@
+//! The health stream: what `WatchHealth` reports, sampled cheaply. One
+//! long-lived sysinfo `System` for memory and the agent's own process, the
+//! kernel's counter files read once each (`procfs`), container state from
+//! the Engine's event stream (`containers`), the deployment's own gate
+//! probed (`service`). No process is spawned per sample.
+
+pub mod containers;
+pub mod procfs;
+pub mod service;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use imfleet_proto::agent::v1::{
+    AgentMetrics, FilesystemUsage, HealthSample, HostMetrics, WatchHealthRequest,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::deploy::record::Records;
+use crate::facts::storage;
+use crate::policy::Roots;
+
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Health streams served at once (the daemon needs one, a `watch` another).
+pub const MAX_STREAMS: usize = 16;
+
+/// The sampling interval a request asks for: 0 is the default; below the
+/// minimum or above an hour is refused.
+pub fn interval(ms: u32) -> Result<Duration, String> {
+    if ms == 0 {
+        return Ok(DEFAULT_INTERVAL);
+    }
+    let asked = Duration::from_millis(u64::from(ms));
+    if asked < MIN_INTERVAL || asked > MAX_INTERVAL {
+        return Err(format!(
+            "interval {ms} ms is out of range: at least {} ms, at most {} ms",
+            MIN_INTERVAL.as_millis(),
+            MAX_INTERVAL.as_millis()
+        ));
+    }
+    Ok(asked)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{MAX_STREAMS} health streams are open already; close one first")]
+    Busy,
+}
+
+/// Samples the host for every health stream of the agent.
+#[derive(Debug)]
+pub struct Monitor {
+    system: Mutex<sysinfo::System>,
+    containers: containers::ContainerCache,
+    records: Records,
+    roots: Option<Roots>,
+    certificate_not_after: i64,
+    started: Instant,
+    streams: Arc<Semaphore>,
+    /// Turns true when the agent stops: every stream ends (a graceful
+    /// shutdown would otherwise wait for streams that never end).
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Monitor {
+    pub fn new(
+        docker: bollard::Docker,
+        records: Records,
+        roots: Option<Roots>,
+        certificate_not_after: i64,
+    ) -> Result<Monitor, sysinfo::Error> {
+        Ok(Monitor {
+            system: Mutex::new(sysinfo::System::new()?),
+            containers: containers::ContainerCache::new(docker),
+            records,
+            roots,
+            certificate_not_after,
+            started: Instant::now(),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            closing: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// Samples at once, then once per interval, until the receiver is dropped.
+    pub fn watch(
+        self: &Arc<Self>,
+        request: &WatchHealthRequest,
+    ) -> Result<mpsc::Receiver<HealthSample>, WatchError> {
+        let every = interval(request.interval_ms).map_err(WatchError::Invalid)?;
+        if !crate::deploy::validate::valid_name(&request.deployment) {
+            return Err(WatchError::Invalid(format!(
+                "`{}` is not a deployment name",
+                request.deployment.escape_debug()
+            )));
+        }
+        let permit = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WatchError::Busy)?;
+        let (tx, rx) = mpsc::channel(2);
+        let monitor = self.clone();
+        let deployment = request.deployment.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut ticker = tokio::time::interval(every);
+            // A slow reader gets fewer samples, never a burst of stale ones.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for sequence in 0u64.. {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = tx.closed() => break,
+                    _ = closing.wait_for(|c| *c) => break,
+                }
+                let sample = monitor.sample(&deployment, sequence).await;
+                if tx.send(sample).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Ends every stream (the agent is stopping).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// One sample of host, containers, service and agent.
+    pub async fn sample(self: &Arc<Self>, deployment: &str, sequence: u64) -> HealthSample {
+        let mut notes = Vec::new();
+        let me = self.clone();
+        let local = tokio::task::spawn_blocking(move || me.sample_local());
+        let containers = match self.containers.of(deployment).await {
+            Ok(c) => c,
+            Err(e) => {
+                notes.push(format!("Docker Engine: {e}"));
+                Vec::new()
+            }
+        };
+        let gate = match self.records.load(deployment) {
+            Ok(record) => record.and_then(|r| r.gate),
+            Err(e) => {
+                notes.push(e.to_string());
+                None
+            }
+        };
+        let service = service::probe(gate.as_ref()).await;
+        let (host, agent, local_notes) = local.await.unwrap_or_else(|e| {
+            (
+                HostMetrics::default(),
+                AgentMetrics::default(),
+                vec![format!("host sampling failed: {e}")],
+            )
+        });
+        notes.extend(local_notes);
+        HealthSample {
+            sequence,
+            collected_at_ms: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+                / 1_000_000,
+            host: Some(host),
+            deployment_healthy: crate::deploy::all_healthy(&containers),
+            containers,
+            service: Some(service),
+            agent: Some(agent),
+            notes,
+        }
+    }
+
+    /// What is read from the kernel and sysinfo (may block on a hung
+    /// filesystem: run off the async threads).
+    fn sample_local(&self) -> (HostMetrics, AgentMetrics, Vec<String>) {
+        let mut notes = Vec::new();
+        let mut read = |path: &str| {
+            std::fs::read_to_string(path).unwrap_or_else(|e| {
+                notes.push(format!("{path}: {e}"));
+                String::new()
+            })
+        };
+        let cpus = procfs::parse_stat(&read("/proc/stat"));
+        let networks = procfs::parse_net_dev(&read("/proc/net/dev"));
+        let disks = procfs::parse_diskstats(&read("/proc/diskstats"));
+        let mounts = storage::parse_mounts(&read("/proc/self/mounts"));
+        let mut filesystems = Vec::new();
+        if let Some(roots) = &self.roots {
+            let roles = std::iter::once(("data", roots.data_path.as_path()))
+                .chain(roots.storage_dir.as_deref().map(|p| ("storage", p)));
+            for (role, path) in roles {
+                match filesystem(role, path, &mounts) {
+                    Ok(fs) => filesystems.push(fs),
+                    Err(e) => notes.push(format!("{}: {e}", path.display())),
+                }
+            }
+        }
+        let (load1, load5, load15) = match sysinfo::System::load_average() {
+            Ok(l) => (l.one, l.five, l.fifteen),
+            Err(e) => {
+                notes.push(format!("load average: {e}"));
+                (0.0, 0.0, 0.0)
+            }
+        };
+        let mut system = self.system.lock().unwrap_or_else(|p| p.into_inner());
+        system.refresh_memory();
+        let pid = sysinfo::Pid::from_u32(std::process::id());
+        system.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&[pid]),
+            false,
+            sysinfo::ProcessRefreshKind::nothing()
+                .with_memory()
+                .with_cpu(),
+        );
+        let me = system.process(pid);
+        let host = HostMetrics {
+            cpus,
+            memory_total_bytes: system.total_memory(),
+            memory_available_bytes: system.available_memory(),
+            swap_total_bytes: system.total_swap(),
+            swap_free_bytes: system.free_swap(),
+            load1,
+            load5,
+            load15,
+            filesystems,
+            networks,
+            disks,
+        };
+        let agent = AgentMetrics {
+            resident_memory_bytes: me.map(|p| p.memory()).unwrap_or_default(),
+            cpu_seconds: me
+                .map(|p| p.accumulated_cpu_time() as f64 / 1000.0)
+                .unwrap_or_default(),
+            certificate_not_after: self.certificate_not_after,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            version: crate::VERSION.to_owned(),
+        };
+        (host, agent, notes)
+    }
+}
+
+fn filesystem(
+    role: &str,
+    path: &Path,
+    mounts: &[storage::Mount],
+) -> Result<FilesystemUsage, nix::Error> {
+    let stat = nix::sys::statvfs::statvfs(path)?;
+    let unit = stat.fragment_size();
+    let mount = storage::mount_for(path, mounts);
+    Ok(FilesystemUsage {
+        role: role.to_owned(),
+        path: path.display().to_string(),
+        mount_point: mount.map(|m| m.mount_point.clone()).unwrap_or_default(),
+        device: mount.map(|m| m.device.clone()).unwrap_or_default(),
+        fs_type: mount.map(|m| m.fs_type.clone()).unwrap_or_default(),
+        size_bytes: stat.blocks() * unit,
+        available_bytes: stat.blocks_available() * unit,
+        free_bytes: stat.blocks_free() * unit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_default_and_bounds() {
+        assert_eq!(interval(0), Ok(DEFAULT_INTERVAL));
+        assert_eq!(interval(1000), Ok(Duration::from_secs(1)));
+        assert_eq!(interval(2500), Ok(Duration::from_millis(2500)));
+        assert!(interval(999).unwrap_err().contains("at least 1000 ms"));
+        assert!(interval(3_600_001).is_err());
+    }
+}

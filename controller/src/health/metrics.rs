@@ -1,0 +1,285 @@
+//! The fleet as Prometheus metrics: node_exporter's names for host figures,
+//! `imfleet_*` for the agent, the IM and the streams; every sample carries a
+//! `host` label (the imfleet host name; `instance` is the scrape target's).
+
+use super::HostSnapshot;
+use super::exposition::{Family, render};
+
+/// The `/metrics` page for these hosts.
+pub fn page(hosts: &[HostSnapshot]) -> String {
+    let mut f = Families::default();
+    for h in hosts {
+        f.host(h);
+    }
+    render(&f.into_list())
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+struct Families {
+    cpu: Family,
+    mem_total: Family,
+    mem_available: Family,
+    swap_total: Family,
+    swap_free: Family,
+    load1: Family,
+    load5: Family,
+    load15: Family,
+    fs_size: Family,
+    fs_avail: Family,
+    fs_free: Family,
+    net_rx: Family,
+    net_tx: Family,
+    disk_read: Family,
+    disk_written: Family,
+    disk_io: Family,
+    agent_up: Family,
+    im_healthy: Family,
+    container_up: Family,
+    container_healthy: Family,
+    container_restarts: Family,
+    im_stat: Family,
+    tcp_open: Family,
+    cert_expiry: Family,
+    agent_rss: Family,
+    agent_cpu: Family,
+    sample_age: Family,
+    reconnects: Family,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            cpu: Family::counter(
+                "node_cpu_seconds_total",
+                "Seconds the CPUs spent in each mode.",
+            ),
+            mem_total: Family::gauge(
+                "node_memory_MemTotal_bytes",
+                "Memory information field MemTotal_bytes.",
+            ),
+            mem_available: Family::gauge(
+                "node_memory_MemAvailable_bytes",
+                "Memory information field MemAvailable_bytes.",
+            ),
+            swap_total: Family::gauge(
+                "node_memory_SwapTotal_bytes",
+                "Memory information field SwapTotal_bytes.",
+            ),
+            swap_free: Family::gauge(
+                "node_memory_SwapFree_bytes",
+                "Memory information field SwapFree_bytes.",
+            ),
+            load1: Family::gauge("node_load1", "1m load average."),
+            load5: Family::gauge("node_load5", "5m load average."),
+            load15: Family::gauge("node_load15", "15m load average."),
+            fs_size: Family::gauge("node_filesystem_size_bytes", "Filesystem size in bytes."),
+            fs_avail: Family::gauge(
+                "node_filesystem_avail_bytes",
+                "Filesystem space available to non-root users in bytes.",
+            ),
+            fs_free: Family::gauge(
+                "node_filesystem_free_bytes",
+                "Filesystem free space in bytes.",
+            ),
+            net_rx: Family::counter(
+                "node_network_receive_bytes_total",
+                "Network device statistic receive_bytes.",
+            ),
+            net_tx: Family::counter(
+                "node_network_transmit_bytes_total",
+                "Network device statistic transmit_bytes.",
+            ),
+            disk_read: Family::counter(
+                "node_disk_read_bytes_total",
+                "The total number of bytes read successfully.",
+            ),
+            disk_written: Family::counter(
+                "node_disk_written_bytes_total",
+                "The total number of bytes written successfully.",
+            ),
+            disk_io: Family::counter(
+                "node_disk_io_time_seconds_total",
+                "Total seconds spent doing I/Os.",
+            ),
+            agent_up: Family::gauge(
+                "imfleet_agent_up",
+                "Whether the host's agent streams health samples (1) or not (0).",
+            ),
+            im_healthy: Family::gauge(
+                "imfleet_im_healthy",
+                "Whether the IM service is healthy: containers, stats endpoint and ports (1) or not (0).",
+            ),
+            container_up: Family::gauge(
+                "imfleet_container_up",
+                "Whether the container is running.",
+            ),
+            container_healthy: Family::gauge(
+                "imfleet_container_healthy",
+                "Whether the container is running and healthy (or has no health check).",
+            ),
+            container_restarts: Family::counter(
+                "imfleet_container_restarts_total",
+                "Times the Engine restarted the container since it was created.",
+            ),
+            im_stat: Family::gauge(
+                "imfleet_im_stat",
+                "A numeric figure of the IM's /svr_stats answer, by field name.",
+            ),
+            tcp_open: Family::gauge(
+                "imfleet_im_tcp_port_open",
+                "Whether the IM's TCP port accepts connections on the host.",
+            ),
+            cert_expiry: Family::gauge(
+                "imfleet_agent_certificate_expiry_seconds",
+                "Seconds until the agent's certificate expires.",
+            ),
+            agent_rss: Family::gauge(
+                "imfleet_agent_resident_memory_bytes",
+                "Resident memory of the agent process.",
+            ),
+            agent_cpu: Family::counter(
+                "imfleet_agent_cpu_seconds_total",
+                "CPU seconds the agent process used.",
+            ),
+            sample_age: Family::gauge(
+                "imfleet_last_sample_age_seconds",
+                "Seconds since the host's last health sample arrived.",
+            ),
+            reconnects: Family::counter(
+                "imfleet_stream_reconnects_total",
+                "Times the daemon reconnected the host's health stream.",
+            ),
+        }
+    }
+}
+
+impl Families {
+    fn host(&mut self, h: &HostSnapshot) {
+        let host = || -> Labels { vec![("host", h.host.clone())] };
+        let with = |extra: &[(&'static str, &str)]| -> Labels {
+            let mut l = host();
+            l.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            l
+        };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        self.agent_up.push(host(), flag(h.agent_up));
+        self.reconnects.push(host(), h.reconnects as f64);
+        if let Some(age) = h.sample_age_seconds {
+            self.sample_age.push(host(), age);
+        }
+        let Some(sample) = &h.sample else { return };
+        if let Some(healthy) = h.im_healthy {
+            self.im_healthy.push(host(), flag(healthy));
+        }
+        if let Some(m) = &sample.host {
+            for c in &m.cpus {
+                let cpu = c.cpu.to_string();
+                for (mode, v) in [
+                    ("user", c.user),
+                    ("nice", c.nice),
+                    ("system", c.system),
+                    ("idle", c.idle),
+                    ("iowait", c.iowait),
+                    ("irq", c.irq),
+                    ("softirq", c.softirq),
+                    ("steal", c.steal),
+                ] {
+                    self.cpu.push(with(&[("cpu", &cpu), ("mode", mode)]), v);
+                }
+            }
+            self.mem_total.push(host(), m.memory_total_bytes as f64);
+            self.mem_available
+                .push(host(), m.memory_available_bytes as f64);
+            self.swap_total.push(host(), m.swap_total_bytes as f64);
+            self.swap_free.push(host(), m.swap_free_bytes as f64);
+            self.load1.push(host(), m.load1);
+            self.load5.push(host(), m.load5);
+            self.load15.push(host(), m.load15);
+            for fs in &m.filesystems {
+                let l = with(&[
+                    ("device", &fs.device),
+                    ("fstype", &fs.fs_type),
+                    ("mountpoint", &fs.mount_point),
+                    ("role", &fs.role),
+                ]);
+                self.fs_size.push(l.clone(), fs.size_bytes as f64);
+                self.fs_avail.push(l.clone(), fs.available_bytes as f64);
+                self.fs_free.push(l, fs.free_bytes as f64);
+            }
+            for n in &m.networks {
+                let l = with(&[("device", &n.device)]);
+                self.net_rx.push(l.clone(), n.receive_bytes as f64);
+                self.net_tx.push(l, n.transmit_bytes as f64);
+            }
+            for d in &m.disks {
+                let l = with(&[("device", &d.device)]);
+                self.disk_read.push(l.clone(), d.read_bytes as f64);
+                self.disk_written.push(l.clone(), d.written_bytes as f64);
+                self.disk_io.push(l, d.io_time_seconds);
+            }
+        }
+        for c in &sample.containers {
+            let l = with(&[("container", &c.name)]);
+            let running = c.state == "running";
+            self.container_up.push(l.clone(), flag(running));
+            self.container_healthy.push(
+                l.clone(),
+                flag(running && matches!(c.health.as_str(), "healthy" | "none")),
+            );
+            self.container_restarts.push(l, f64::from(c.restart_count));
+        }
+        if let Some(s) = &sample.service {
+            let mut stats: Vec<(&String, &f64)> = s.stats.iter().collect();
+            stats.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, v) in stats {
+                self.im_stat.push(with(&[("name", name)]), *v);
+            }
+            for p in &s.tcp {
+                self.tcp_open
+                    .push(with(&[("port", &p.port.to_string())]), flag(p.open));
+            }
+        }
+        if let Some(a) = &sample.agent {
+            if a.certificate_not_after > 0 {
+                self.cert_expiry
+                    .push(host(), (a.certificate_not_after - h.now_unix) as f64);
+            }
+            self.agent_rss.push(host(), a.resident_memory_bytes as f64);
+            self.agent_cpu.push(host(), a.cpu_seconds);
+        }
+    }
+
+    fn into_list(self) -> Vec<Family> {
+        vec![
+            self.agent_up,
+            self.im_healthy,
+            self.sample_age,
+            self.reconnects,
+            self.cert_expiry,
+            self.agent_rss,
+            self.agent_cpu,
+            self.container_up,
+            self.container_healthy,
+            self.container_restarts,
+            self.im_stat,
+            self.tcp_open,
+            self.cpu,
+            self.mem_total,
+            self.mem_available,
+            self.swap_total,
+            self.swap_free,
+            self.load1,
+            self.load5,
+            self.load15,
+            self.fs_size,
+            self.fs_avail,
+            self.fs_free,
+            self.net_rx,
+            self.net_tx,
+            self.disk_read,
+            self.disk_written,
+            self.disk_io,
+        ]
+    }
+}

@@ -1,0 +1,278 @@
+//! `controller serve`: the long-running daemon on pbx01. It holds a health
+//! stream to every bootstrapped agent (`watcher`), keeps the latest sample
+//! per host in memory (`view`) and a bounded history and the events in
+//! SQLite, notifies a webhook (`webhook`), and serves Prometheus metrics
+//! plus its own liveness/readiness on TCP and the fleet's state to the CLI
+//! on a Unix socket in the state directory (`http`). New hosts are picked
+//! up by rescanning the store; a reload re-reads the controller identity
+//! and restarts every stream.
+
+pub mod http;
+mod view;
+mod watcher;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use imfleet_proto::agent::v1::HealthSample;
+use tokio::sync::mpsc;
+
+use crate::state::{ControllerState, StateError};
+use crate::store::{HostRecord, Store, StoreError};
+use view::{Changes, FleetView};
+use webhook::{Notification, Webhook, WebhookError};
+
+/// Where `/metrics` listens unless told otherwise (loopback only).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9743";
+/// How often the store is read for hosts bootstrapped meanwhile.
+pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The daemon's socket, in the state directory's private `run/`.
+pub const SOCKET: &str = "serve.sock";
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Sampling interval asked of every agent.
+    pub interval: Duration,
+    pub metrics_listen: SocketAddr,
+    /// Serve `/metrics` without TLS on an address other hosts can reach.
+    pub metrics_insecure: bool,
+    pub webhook: Option<String>,
+    /// How long health history is kept.
+    pub retention: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "{0} is reachable from other hosts and metrics are served without TLS; listen on 127.0.0.1 (and scrape through a reverse proxy with TLS), or pass --metrics-insecure to accept plain HTTP"
+    )]
+    InsecureListen(SocketAddr),
+    #[error("interval {0:?} is out of range: 1 s to 1 h")]
+    Interval(Duration),
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("a daemon already serves {0}; stop it first (systemctl stop imfleet-controller)")]
+    AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+}
+
+/// What the watchers, the HTTP handlers and the main loop share.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    config: Arc<ServeConfig>,
+    view: FleetView,
+    store: Store,
+    webhook: Option<Webhook>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    async fn sample(&self, host: &str, sample: HealthSample) {
+        let changes = self.view.sample(host, sample, crate::now_unix());
+        self.persist(host, changes).await;
+    }
+
+    async fn outage(&self, host: &str, why: String) {
+        let changes = self.view.outage(host, why, crate::now_unix());
+        self.persist(host, changes).await;
+    }
+
+    async fn persist(&self, host: &str, changes: Changes) {
+        let now = crate::now_unix();
+        for e in changes.events {
+            tracing::info!(%host, kind = %e.kind, "{}", e.detail);
+            if let Err(err) = self.store.record_event(Some(host), e.kind, &e.detail).await {
+                tracing::error!(%host, "cannot record an event: {err}");
+            }
+            if let Some(webhook) = &self.webhook {
+                webhook.send(Notification {
+                    host: host.to_owned(),
+                    kind: e.kind.as_str().to_owned(),
+                    detail: e.detail,
+                    at: crate::rfc3339(now),
+                    at_unix: now,
+                });
+            }
+        }
+        if let Some(point) = changes.point
+            && let Err(err) = self.store.record_health(point).await
+        {
+            tracing::error!(%host, "cannot record health history: {err}");
+        }
+        if let Some(version) = changes.seen_version
+            && let Err(err) = self.store.mark_seen(host, now, &version).await
+        {
+            tracing::warn!(%host, "cannot record when the host was seen: {err}");
+        }
+    }
+}
+
+/// Checks the configuration before anything is opened.
+pub fn check(config: &ServeConfig) -> Result<(), ServeError> {
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&config.interval) {
+        return Err(ServeError::Interval(config.interval));
+    }
+    if !config.metrics_listen.ip().is_loopback() && !config.metrics_insecure {
+        return Err(ServeError::InsecureListen(config.metrics_listen));
+    }
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` completes; each message on `reload`
+/// re-reads the identity and hosts and reconnects every stream.
+pub async fn run(
+    state_dir: &Path,
+    config: ServeConfig,
+    mut reload: mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    check(&config)?;
+    let (state, _) = ControllerState::open_or_init(state_dir)?;
+    let socket_path = state.run_dir().join(SOCKET);
+    let unix = http::bind_socket(&socket_path).await?;
+    let tcp = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            what: config.metrics_listen.to_string(),
+            source,
+        })?;
+    let webhook = config.webhook.as_deref().map(Webhook::start).transpose()?;
+    let shared = Shared {
+        config: Arc::new(config),
+        view: FleetView::default(),
+        store: state.store.clone(),
+        webhook,
+        ready: Arc::default(),
+    };
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped));
+    tracing::info!(
+        metrics = %shared.config.metrics_listen,
+        socket = %socket_path.display(),
+        interval_ms = shared.config.interval.as_millis() as u64,
+        "serving"
+    );
+    let mut identity = state.identity.clone();
+    let mut watchers: HashMap<String, (HostRecord, tokio::task::AbortHandle)> = HashMap::new();
+    let mut rescan = tokio::time::interval(RESCAN_EVERY);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.recv() => {
+                match ControllerState::open_or_init(state_dir) {
+                    Ok((fresh, _)) => {
+                        identity = fresh.identity.clone();
+                        for (_, (_, task)) in watchers.drain() {
+                            task.abort();
+                        }
+                        tracing::info!("reloaded: identity re-read, every stream reconnects");
+                    }
+                    Err(e) => tracing::error!("reload failed, keeping the old identity: {e}"),
+                }
+                rescan_hosts(&shared, &identity, &mut watchers).await;
+            }
+            _ = rescan.tick() => rescan_hosts(&shared, &identity, &mut watchers).await,
+            _ = prune.tick() => {
+                let keep = shared.config.retention.as_secs().min(i64::MAX as u64) as i64;
+                match shared.store.prune_health(crate::now_unix(), keep).await {
+                    Ok(n) if n > 0 => tracing::debug!(removed = n, "health history pruned"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("cannot prune health history: {e}"),
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    for (_, (_, task)) in watchers.drain() {
+        task.abort();
+    }
+    let _ = stop_http.send(true);
+    let _ = servers.await;
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// Starts a watcher for every host not watched yet (or whose agent moved
+/// or was re-enrolled) and stops those of hosts no longer known.
+async fn rescan_hosts(
+    shared: &Shared,
+    identity: &crate::state::ClientIdentity,
+    watchers: &mut HashMap<String, (HostRecord, tokio::task::AbortHandle)>,
+) {
+    let hosts = match shared.store.hosts().await {
+        Ok(hosts) => hosts,
+        Err(e) => {
+            tracing::error!("cannot read the hosts: {e}");
+            return;
+        }
+    };
+    let same = |a: &HostRecord, b: &HostRecord| {
+        (&a.agent_address, a.agent_port, &a.cert_serial)
+            == (&b.agent_address, b.agent_port, &b.cert_serial)
+    };
+    watchers.retain(|name, (record, task)| {
+        let keep = hosts.iter().any(|h| h.name == *name && same(h, record));
+        if !keep {
+            task.abort();
+            if !hosts.iter().any(|h| h.name == *name) {
+                shared.view.forget(name);
+            }
+        }
+        keep
+    });
+    for host in hosts {
+        if watchers.contains_key(&host.name) {
+            continue;
+        }
+        tracing::info!(host = %host.name, "watching");
+        shared.view.track(host.clone());
+        let task = tokio::spawn(watcher::run(shared.clone(), identity.clone(), host.clone()));
+        watchers.insert(host.name.clone(), (host, task.abort_handle()));
+    }
+    shared.ready.store(true, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str, insecure: bool) -> ServeConfig {
+        ServeConfig {
+            interval: Duration::from_secs(5),
+            metrics_listen: listen.parse().unwrap(),
+            metrics_insecure: insecure,
+            webhook: None,
+            retention: Duration::from_secs(86_400),
+        }
+    }
+
+    #[test]
+    fn metrics_stay_on_loopback_unless_the_operator_says_otherwise() {
+        assert!(check(&config("127.0.0.1:9743", false)).is_ok());
+        assert!(check(&config("[::1]:9743", false)).is_ok());
+        let err = check(&config("0.0.0.0:9743", false)).unwrap_err();
+        assert!(err.to_string().contains("--metrics-insecure"), "{err}");
+        assert!(check(&config("0.0.0.0:9743", true)).is_ok());
+        let mut fast = config("127.0.0.1:9743", false);
+        fast.interval = Duration::from_millis(200);
+        assert!(matches!(check(&fast), Err(ServeError::Interval(_))));
+    }
+}

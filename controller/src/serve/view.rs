@@ -1,0 +1,242 @@
+//! The daemon's picture of the fleet: per host the latest sample, what the
+//! event rules remember, and the bookkeeping for history and metrics. What
+//! a sample or an outage changes here is decided by `health` (pure); this
+//! module only keeps the results and says what to persist.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use imfleet_proto::agent::v1::HealthSample;
+
+use crate::health::{self, HealthEvent, HostSnapshot, Observation, Tracked};
+use crate::store::{HealthPoint, HostRecord};
+
+#[derive(Debug)]
+struct HostState {
+    record: HostRecord,
+    tracked: Tracked,
+    seen: Option<Observation>,
+    sample: Option<HealthSample>,
+    sample_at: Option<Instant>,
+    cpu_busy: Option<f64>,
+    reconnects: u64,
+    /// Unix minute of the last history point written.
+    history_minute: Option<i64>,
+}
+
+/// What a change asks the daemon to persist and send.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub events: Vec<HealthEvent>,
+    pub point: Option<HealthPoint>,
+    /// The agent's version, when the host should be marked seen.
+    pub seen_version: Option<String>,
+}
+
+/// Shared by the watchers, the HTTP handlers and the host rescans.
+#[derive(Debug, Clone, Default)]
+pub struct FleetView {
+    hosts: Arc<RwLock<BTreeMap<String, HostState>>>,
+}
+
+impl FleetView {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, HostState>> {
+        self.hosts.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a host (or replaces its record, keeping what was learnt).
+    pub fn track(&self, record: HostRecord) {
+        let mut hosts = self.write();
+        match hosts.get_mut(&record.name) {
+            Some(state) => state.record = record,
+            None => {
+                hosts.insert(
+                    record.name.clone(),
+                    HostState {
+                        record,
+                        tracked: Tracked::default(),
+                        seen: None,
+                        sample: None,
+                        sample_at: None,
+                        cpu_busy: None,
+                        reconnects: 0,
+                        history_minute: None,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn forget(&self, name: &str) {
+        self.write().remove(name);
+    }
+
+    /// A sample arrived.
+    pub fn sample(&self, name: &str, sample: HealthSample, now: i64) -> Changes {
+        let seen = health::observe(&sample);
+        let mut hosts = self.write();
+        let Some(state) = hosts.get_mut(name) else {
+            return Changes::default();
+        };
+        let cpus = |s: &HealthSample| s.host.as_ref().map(|h| h.cpus.clone()).unwrap_or_default();
+        if let Some(before) = &state.sample {
+            state.cpu_busy = health::cpu_busy(&cpus(before), &cpus(&sample));
+        }
+        let version = sample
+            .agent
+            .as_ref()
+            .map(|a| a.version.clone())
+            .unwrap_or_default();
+        state.sample = Some(sample);
+        state.sample_at = Some(Instant::now());
+        let mut changes = apply(state, seen, now);
+        if changes.point.is_some() {
+            changes.seen_version = Some(version);
+        }
+        changes
+    }
+
+    /// The stream ended or could not be opened; `reconnecting` when the
+    /// daemon is about to try again.
+    pub fn outage(&self, name: &str, error: String, now: i64) -> Changes {
+        let mut hosts = self.write();
+        let Some(state) = hosts.get_mut(name) else {
+            return Changes::default();
+        };
+        state.reconnects += 1;
+        state.cpu_busy = None;
+        apply(state, Observation::unreachable(error), now)
+    }
+
+    /// Every host (or those named), as of now.
+    pub fn snapshots(&self, only: Option<&[String]>) -> Vec<HostSnapshot> {
+        let now = crate::now_unix();
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .values()
+            .filter(|s| only.is_none_or(|names| names.contains(&s.record.name)))
+            .map(|s| snapshot(s, now))
+            .collect()
+    }
+}
+
+fn apply(state: &mut HostState, seen: Observation, now: i64) -> Changes {
+    let events = health::transitions(&mut state.tracked, &seen, now);
+    let minute = now.div_euclid(crate::store::HEALTH_STEP_SECONDS);
+    // One point per minute, and at once when the agent comes or goes.
+    let changed = state
+        .seen
+        .as_ref()
+        .is_none_or(|s| s.agent_up != seen.agent_up);
+    let point = (changed || state.history_minute != Some(minute)).then(|| {
+        let host = state.sample.as_ref().and_then(|s| s.host.as_ref());
+        HealthPoint {
+            host: state.record.name.clone(),
+            at: now,
+            agent_up: seen.agent_up,
+            im_healthy: (seen.agent_up && seen.deployed).then_some(seen.im_healthy),
+            cpu_busy: state.cpu_busy.filter(|_| seen.agent_up),
+            memory_available_bytes: host
+                .map(|h| h.memory_available_bytes)
+                .filter(|_| seen.agent_up),
+            memory_total_bytes: host.map(|h| h.memory_total_bytes).filter(|_| seen.agent_up),
+            data_used: seen.disk_used.get("data").copied(),
+            load1: host.map(|h| h.load1).filter(|_| seen.agent_up),
+        }
+    });
+    if point.is_some() {
+        state.history_minute = Some(minute);
+    }
+    state.seen = Some(seen);
+    Changes {
+        events,
+        point,
+        seen_version: None,
+    }
+}
+
+fn snapshot(s: &HostState, now: i64) -> HostSnapshot {
+    let up = s.seen.as_ref().is_some_and(|o| o.agent_up);
+    HostSnapshot {
+        host: s.record.name.clone(),
+        address: crate::fleet::address_of(&s.record).to_string(),
+        agent_up: up,
+        error: s
+            .seen
+            .as_ref()
+            .map(|o| o.agent_error.clone())
+            .unwrap_or_else(|| "no health sample yet".into()),
+        im_healthy: s
+            .seen
+            .as_ref()
+            .filter(|o| o.agent_up && o.deployed)
+            .map(|o| o.im_healthy),
+        im_detail: s
+            .seen
+            .as_ref()
+            .map(|o| o.im_detail.clone())
+            .unwrap_or_default(),
+        now_unix: now,
+        sample_age_seconds: s.sample_at.map(|t| t.elapsed().as_secs_f64()),
+        reconnects: s.reconnects,
+        cpu_busy: s.cpu_busy.filter(|_| up),
+        sample: s.sample.clone().filter(|_| up),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventKind;
+    use imfleet_proto::agent::v1::ContainerStatus;
+
+    fn sample(healthy: bool) -> HealthSample {
+        HealthSample {
+            containers: vec![ContainerStatus {
+                name: "portsip.instantmessage".into(),
+                state: "running".into(),
+                health: if healthy { "healthy" } else { "unhealthy" }.into(),
+                ..Default::default()
+            }],
+            deployment_healthy: healthy,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn samples_and_outages_become_events_points_and_snapshots() {
+        let view = FleetView::default();
+        view.track(crate::store::tests::host("im1", "10.0.0.5"));
+        // A minute boundary (1.8e9 is a multiple of 600).
+        let t0 = 1_800_000_000;
+        let first = view.sample("im1", sample(true), t0);
+        assert!(first.events.is_empty());
+        assert!(first.point.is_some(), "the first sample is a point");
+        assert!(first.seen_version.is_some());
+        // Same minute, nothing new: no point, no event.
+        let again = view.sample("im1", sample(true), t0 + 5);
+        assert!(again.events.is_empty() && again.point.is_none());
+        let sick = view.sample("im1", sample(false), t0 + 10);
+        assert_eq!(sick.events[0].kind, EventKind::ImUnhealthy);
+        let snap = &view.snapshots(None)[0];
+        assert_eq!((snap.agent_up, snap.im_healthy), (true, Some(false)));
+        assert!(snap.sample.is_some());
+        // The agent goes away: an event and a point at once, no stale sample.
+        let gone = view.outage("im1", "connection refused".into(), t0 + 20);
+        assert_eq!(gone.events[0].kind, EventKind::AgentUnreachable);
+        let point = gone.point.unwrap();
+        assert!(!point.agent_up && point.im_healthy.is_none());
+        let snap = &view.snapshots(None)[0];
+        assert!(!snap.agent_up && snap.sample.is_none() && snap.im_healthy.is_none());
+        assert_eq!(
+            (snap.error.as_str(), snap.reconnects),
+            ("connection refused", 1)
+        );
+        // Unknown hosts are ignored; a selection filters.
+        assert!(view.sample("im9", sample(true), t0).events.is_empty());
+        assert!(view.snapshots(Some(&["im9".to_owned()])).is_empty());
+        view.forget("im1");
+        assert!(view.snapshots(None).is_empty());
+    }
+}

@@ -127,6 +127,33 @@ fn a_stopped_agent_is_down_within_two_intervals_and_up_again_after_restart() {
     .unwrap();
     assert!(reconnects >= 1.0);
 
+    // Killed (SIGKILL, as a crash): down at once, back when its supervisor
+    // restarts it.
+    let before = events(&controller, &address).len();
+    let killed = Instant::now();
+    host.kill_serving_agent();
+    let deadline = killed + Duration::from_secs(2);
+    let new_kinds = loop {
+        let recorded = kinds(&events(&controller, &address));
+        if recorded[before..].contains(&"agent-unreachable".to_owned()) {
+            break recorded;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event within two intervals: {recorded:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(killed.elapsed() < Duration::from_secs(2), "{new_kinds:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kinds(&events(&controller, &address))[before..].contains(&"agent-back".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "not back after the supervisor restarted it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // SIGTERM stops it cleanly; a new daemon still has the history.
     let log = daemon.log();
     assert_eq!(daemon.stop(), Some(0));
@@ -178,7 +205,24 @@ fn a_host_bootstrapped_while_the_daemon_runs_is_picked_up() {
         s["source"] == "daemon" && s["agent_reachable"] == true
     });
     assert!(daemon.log().contains("reloaded"), "{}", daemon.log());
+    // The live view, one frame: the host, up, within 80 columns.
+    let frame = controller.run(&["watch", "--once"]);
+    assert!(frame.success(), "{frame:#?}");
+    let line = frame
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&address))
+        .unwrap_or_else(|| panic!("{}", frame.stdout));
+    assert!(line.contains(" up "), "{line}");
+    assert!(frame.stdout.lines().all(|l| l.chars().count() <= 80));
     assert_eq!(daemon.stop(), Some(0));
+    let without = controller.run(&["watch", "--once"]);
+    assert_eq!(without.status, Some(1));
+    assert!(
+        without.stderr.contains("controller serve"),
+        "{}",
+        without.stderr
+    );
 }
 
 #[test]
@@ -252,4 +296,93 @@ fn an_unhealthy_im_shows_and_fires_the_webhook() {
             .is_some()
     );
     assert!(kinds(&events(&s.controller, &address)).contains(&"im-unhealthy".to_owned()));
+}
+
+/// A small tmpfs, mounted for a test (before the test host's mount
+/// namespace is made, so the host sees it) and unmounted at the end.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(bytes: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "imfleet-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_nearly_full_data_filesystem_raises_the_disk_event() {
+    let disk = Tmpfs::mount(8 << 20);
+    let data = disk.dir.path().join("portsip");
+    std::fs::create_dir(&data).unwrap();
+    let data_arg = data.display().to_string();
+    let (host, controller) = imfleet_tests::bootstrapped_host_with(&["--data-path", &data_arg]);
+    let address = host.address().to_string();
+    let daemon = Daemon::start(&controller, &[]);
+    status_until(&controller, &address, Duration::from_secs(20), |s| {
+        s["source"] == "daemon" && s["agent_reachable"] == true
+    });
+    let page = daemon.scrape();
+    let size = page
+        .lines()
+        .find(|l| {
+            l.starts_with("node_filesystem_size_bytes{")
+                && l.contains(&format!("host=\"{address}\""))
+                && l.contains("role=\"data\"")
+                && l.contains("fstype=\"tmpfs\"")
+        })
+        .unwrap_or_else(|| panic!("no data filesystem on the page: {page}"));
+    assert!(size.ends_with(" 8388608"), "{size}");
+    assert!(!kinds(&events(&controller, &address)).contains(&"disk-full".to_owned()));
+
+    // 95 % used (as the IM's uid would fill it: a file in the data tree).
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![0u8; (8 << 20) * 95 / 100]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let full = loop {
+        let recorded = events(&controller, &address);
+        if let Some(e) = recorded.iter().find(|e| e["kind"] == "disk-full") {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no disk-full event: {recorded:#?}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        full["detail"].as_str().unwrap().contains("data filesystem"),
+        "{full}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kinds(&events(&controller, &address)).contains(&"disk-ok".to_owned()) {
+        assert!(Instant::now() < deadline, "no disk-ok event");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(daemon);
+    drop(host);
 }

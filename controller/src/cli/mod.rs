@@ -9,6 +9,7 @@ mod lifecycle;
 mod output;
 mod preflight;
 mod serve;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,8 @@ pub enum Command {
     Events(serve::EventsArgs),
     /// Show the health history `controller serve` kept for a host.
     History(serve::HistoryArgs),
+    /// The fleet live (from `controller serve`): agent, IM, CPU, memory, disk.
+    Watch(watch::WatchArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -96,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::serve(&dir, args).await,
         Command::Events(args) => serve::events(&dir, args).await,
         Command::History(args) => serve::history(&dir, args).await,
+        Command::Watch(args) => watch::watch(&dir, args).await,
     }
 }
 

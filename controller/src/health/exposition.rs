@@ -44,6 +44,10 @@ impl Family {
         self.samples.push((labels, value));
     }
 
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }

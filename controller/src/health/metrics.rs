@@ -14,6 +14,16 @@ pub fn page(hosts: &[HostSnapshot]) -> String {
     render(&f.into_list())
 }
 
+/// Every metric name the page can hold (what dashboards and alerting
+/// rules may refer to).
+pub fn names() -> Vec<&'static str> {
+    Families::default()
+        .into_list()
+        .iter()
+        .map(Family::name)
+        .collect()
+}
+
 type Labels = Vec<(&'static str, String)>;
 
 struct Families {

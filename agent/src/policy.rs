@@ -267,9 +267,22 @@ fn check_mode(what: &str, path: &Path, mode: u32) -> Result<(), String> {
 
 /// The health gate probes this host only: an `http://` URL to a loopback
 /// address, TCP ports on 127.0.0.1.
+/// Most TCP ports a health gate may list.
+pub const MAX_GATE_PORTS: usize = 8;
+
 pub fn check_gate(gate: &HealthGate) -> Result<(), String> {
     if let Some(port) = gate.tcp_ports.iter().find(|p| **p == 0 || **p > 65535) {
         return Err(format!("gate port {port} is not a TCP port"));
+    }
+    // The health stream probes these on every sample: a few, each once.
+    if gate.tcp_ports.len() > MAX_GATE_PORTS {
+        return Err(format!("at most {MAX_GATE_PORTS} gate ports"));
+    }
+    let mut seen = gate.tcp_ports.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != gate.tcp_ports.len() {
+        return Err("a gate port is listed twice".into());
     }
     if gate.http_url.is_empty() {
         return Ok(());

@@ -380,6 +380,10 @@ pub async fn serve(
     let service = AgentServer::with_interceptor(agent, require_controller);
     let incoming = ReceiverStream::new(crate::listener::incoming(listener, acceptor));
     Server::builder()
+        // A controller that vanished (link down, host gone) is noticed and
+        // its streams freed, rather than held until TCP gives up.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

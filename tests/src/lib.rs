@@ -12,6 +12,7 @@ pub mod fake_pbx;
 pub mod host;
 pub mod inproc;
 pub mod pki;
+pub mod sim_agents;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

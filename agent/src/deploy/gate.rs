@@ -31,11 +31,7 @@ pub async fn wait(gate: &HealthGate, default_timeout: Duration) -> Result<(), De
             }
         }
         for port in &gate.tcp_ports {
-            if ok
-                && tokio::net::TcpStream::connect(("127.0.0.1", *port as u16))
-                    .await
-                    .is_err()
-            {
+            if ok && !port_open(*port).await {
                 ok = false;
                 last = format!("nothing accepts connections on TCP {port}");
             }
@@ -64,9 +60,25 @@ pub async fn http_get_status(url: &str) -> std::io::Result<u16> {
 /// The most of an answer's body [`http_get`] keeps.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Whether something accepts TCP connections on 127.0.0.1:`port` (2 s at most).
+pub async fn port_open(port: u32) -> bool {
+    let Ok(port) = u16::try_from(port) else {
+        return false;
+    };
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), connect).await,
+        Ok(Ok(_))
+    )
+}
+
+/// The whole of one GET (connect, request, answer) takes at most this.
+const EXCHANGE_DEADLINE: Duration = Duration::from_secs(3);
+
 /// GET of a loopback `http://host:port/path`: the status code and up to
-/// `max_body` bytes of the body (chunked answers decoded). Each step is
-/// bounded in time: a service that accepts and then hangs costs 3 s.
+/// `max_body` bytes of the body (chunked answers decoded). One deadline for
+/// the whole exchange; the answer ends at its length, its last chunk or
+/// when the peer closes, whichever comes first.
 pub async fn http_get(url: &str, max_body: usize) -> std::io::Result<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url
@@ -77,45 +89,57 @@ pub async fn http_get(url: &str, max_body: usize) -> std::io::Result<(u16, Vec<u
         .map(|(a, p)| (a.to_owned(), format!("/{p}")))
         .unwrap_or((rest.to_owned(), "/".into()));
     let connect = authority.replace("localhost", "127.0.0.1");
-    let bounded = |what: &'static str| move |_| std::io::Error::other(what);
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio::net::TcpStream::connect(&connect),
-    )
-    .await
-    .map_err(bounded("connect timed out"))??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    // Head plus body, read until the peer closes or the limit is reached.
-    let limit = max_body.max(64) + 16 * 1024;
-    let mut answer = Vec::new();
-    let read = async {
+    let limit = max_body + 16 * 1024;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(&connect).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut answer = Vec::new();
         let mut buf = [0u8; 8192];
         loop {
             let n = stream.read(&mut buf).await?;
             answer.extend_from_slice(&buf[..n]);
-            let head_done = max_body == 0 && answer.windows(2).any(|w| w == b"\r\n");
-            if n == 0 || answer.len() >= limit || head_done {
-                return Ok::<_, std::io::Error>(());
+            if n == 0 || answer.len() >= limit || complete(&answer, max_body) {
+                return Ok::<_, std::io::Error>(answer);
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(3), read)
+    let answer = tokio::time::timeout(EXCHANGE_DEADLINE, exchange)
         .await
-        .map_err(bounded("no answer within 3 s"))??;
+        .map_err(|_| std::io::Error::other("no complete answer within 3 s"))??;
     parse_answer(&answer, max_body)
+}
+
+/// Whether `answer` holds a whole response (only the status line when no
+/// body is wanted).
+fn complete(answer: &[u8], max_body: usize) -> bool {
+    if max_body == 0 {
+        return answer.windows(2).any(|w| w == b"\r\n");
+    }
+    let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase();
+    let body = &answer[head_end + 4..];
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    match length {
+        Some(length) => body.len() >= length,
+        None if head.contains("transfer-encoding: chunked") => body.ends_with(b"0\r\n\r\n"),
+        None => false,
+    }
 }
 
 /// Status code and body of a raw HTTP/1.1 answer.
 fn parse_answer(answer: &[u8], max_body: usize) -> std::io::Result<(u16, Vec<u8>)> {
-    let not_http = || {
-        let start = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
-        std::io::Error::other(format!("not an HTTP answer: {start:?}"))
-    };
+    // What the peer sent is not repeated: it ends up in events and logs.
+    let not_http = || std::io::Error::other("the answer is not HTTP");
     let line_end = answer
         .windows(2)
         .position(|w| w == b"\r\n")
@@ -186,5 +210,52 @@ mod tests {
         // A body beyond the limit is cut, not kept whole.
         let big = [b"HTTP/1.1 200 OK\r\n\r\n".as_slice(), &[b'x'; 100]].concat();
         assert_eq!(parse_answer(&big, 10).unwrap().1.len(), 10);
+    }
+
+    #[test]
+    fn an_answer_is_complete_at_its_length_or_last_chunk() {
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            100
+        ));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok",
+            100
+        ));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            100
+        ));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+            100
+        ));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\n\r\nuntil close", 100));
+        assert!(complete(b"HTTP/1.1 503 x\r\n", 0));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_keeps_the_connection_open_is_read_to_its_length() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"users\":7}")
+                .await
+                .unwrap();
+            // Ignores `Connection: close` and holds the socket open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let started = std::time::Instant::now();
+        let (code, body) = http_get(&format!("http://127.0.0.1:{port}/svr_stats"), MAX_BODY)
+            .await
+            .unwrap();
+        assert_eq!((code, body.as_slice()), (200, b"{\"users\":7}".as_slice()));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(port_open(u32::from(port)).await);
+        assert!(!port_open(70_000).await);
     }
 }

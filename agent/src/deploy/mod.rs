@@ -202,12 +202,7 @@ impl<C: Containers> Deployer<C> {
 
 /// A deployment is healthy when it has containers and every one runs and
 /// is healthy (or has no health check): what Status and health samples say.
-pub fn all_healthy(containers: &[imfleet_proto::agent::v1::ContainerStatus]) -> bool {
-    !containers.is_empty()
-        && containers
-            .iter()
-            .all(|c| c.state == "running" && (c.health == "healthy" || c.health == "none"))
-}
+pub use imfleet_proto::model::health::all_serving as all_healthy;
 
 fn check_deployment_name(name: &str) -> Result<(), DeployError> {
     if validate::valid_name(name) {

@@ -53,16 +53,22 @@ struct Cache {
 /// Shared by every health stream of the agent.
 #[derive(Debug, Clone)]
 pub struct ContainerCache {
+    /// For inspections and listings: a sample must not wait long on them.
     docker: Docker,
+    /// For the event stream, one long request.
+    events: Docker,
     cache: Arc<Mutex<Cache>>,
+    refreshing: Arc<tokio::sync::Mutex<()>>,
     listening: Arc<std::sync::Once>,
 }
 
 impl ContainerCache {
     pub fn new(docker: Docker) -> ContainerCache {
         ContainerCache {
-            docker,
+            docker: docker.clone().with_timeout(Duration::from_secs(3)),
+            events: docker,
             cache: Arc::default(),
+            refreshing: Arc::default(),
             listening: Arc::new(std::sync::Once::new()),
         }
     }
@@ -91,7 +97,7 @@ impl ContainerCache {
                 ),
             ]
             .into();
-            let mut stream = self.docker.events(Some(EventsOptions {
+            let mut stream = self.events.events(Some(EventsOptions {
                 filters: Some(filters),
                 ..Default::default()
             }));
@@ -123,6 +129,8 @@ impl ContainerCache {
     /// out), current as of the last event.
     pub async fn of(&self, deployment: &str) -> Result<Vec<ContainerStatus>, DockerError> {
         self.listen();
+        // One refresh at a time: a second caller waits and sees its result.
+        let _refreshing = self.refreshing.lock().await;
         let (resync, dirty) = {
             let mut cache = self.lock();
             let due = cache
@@ -134,8 +142,16 @@ impl ContainerCache {
         if resync {
             self.resync().await?;
         } else {
-            for name in dirty {
-                let (status, _) = docker::status(&self.docker, &name).await?;
+            for name in &dirty {
+                let status = match docker::status(&self.docker, name).await {
+                    Ok((status, _)) => status,
+                    Err(e) => {
+                        // Nothing seen is forgotten: the next sample lists all.
+                        self.lock().resync = true;
+                        return Err(e);
+                    }
+                };
+                let name = name.clone();
                 let mut cache = self.lock();
                 if status.state == "missing" {
                     cache.known.remove(&name);

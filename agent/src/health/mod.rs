@@ -8,6 +8,7 @@ pub mod containers;
 pub mod procfs;
 pub mod service;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +27,16 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 /// Health streams served at once (the daemon needs one, a `watch` another).
 pub const MAX_STREAMS: usize = 16;
+/// A sample is given to every stream that asks within this time.
+const SHARE_FOR: Duration = Duration::from_millis(900);
+/// The most one sample may take: the stats GET (3 s), the port probes
+/// (2 s, at once) and the Engine's answers. A sample that takes longer is
+/// replaced by a note saying so, and the stream goes on.
+pub const SAMPLE_DEADLINE: Duration = Duration::from_secs(8);
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
 
 /// The sampling interval a request asks for: 0 is the default; below the
 /// minimum or above an hour is refused.
@@ -62,6 +73,9 @@ pub struct Monitor {
     certificate_not_after: i64,
     started: Instant,
     streams: Arc<Semaphore>,
+    /// The last sample per deployment, shared by streams (the lock also
+    /// makes streams wait for a sample already being taken).
+    recent: tokio::sync::Mutex<HashMap<String, (Instant, HealthSample)>>,
     /// Turns true when the agent stops: every stream ends (a graceful
     /// shutdown would otherwise wait for streams that never end).
     closing: tokio::sync::watch::Sender<bool>,
@@ -82,6 +96,7 @@ impl Monitor {
             certificate_not_after,
             started: Instant::now(),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            recent: Default::default(),
             closing: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -113,13 +128,19 @@ impl Monitor {
             // A slow reader gets fewer samples, never a burst of stale ones.
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for sequence in 0u64.. {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = tx.closed() => break,
-                    _ = closing.wait_for(|c| *c) => break,
-                }
-                let sample = monitor.sample(&deployment, sequence).await;
-                if tx.send(sample).await.is_err() {
+                // A caller gone or the agent stopping ends the stream at
+                // once, even in the middle of a sample.
+                let step = async {
+                    ticker.tick().await;
+                    let sample = monitor.sample(&deployment, sequence).await;
+                    tx.send(sample).await.is_ok()
+                };
+                let sent = tokio::select! {
+                    sent = step => sent,
+                    _ = tx.closed() => false,
+                    _ = closing.wait_for(|c| *c) => false,
+                };
+                if !sent {
                     break;
                 }
             }
@@ -132,8 +153,39 @@ impl Monitor {
         self.closing.send_replace(true);
     }
 
-    /// One sample of host, containers, service and agent.
+    /// One sample for a stream: taken fresh, or the one another stream took
+    /// less than a second ago (so many streams cost no more probes).
     pub async fn sample(self: &Arc<Self>, deployment: &str, sequence: u64) -> HealthSample {
+        let mut recent = self.recent.lock().await;
+        let fresh = recent
+            .get(deployment)
+            .filter(|(at, _)| at.elapsed() < SHARE_FOR)
+            .map(|(_, sample)| sample.clone());
+        let mut sample = match fresh {
+            Some(sample) => sample,
+            None => {
+                let taken = match tokio::time::timeout(SAMPLE_DEADLINE, self.take(deployment)).await
+                {
+                    Ok(sample) => sample,
+                    Err(_) => HealthSample {
+                        collected_at_ms: now_ms(),
+                        notes: vec![format!(
+                            "sampling took longer than {} s (a hung Docker Engine or filesystem?)",
+                            SAMPLE_DEADLINE.as_secs()
+                        )],
+                        ..Default::default()
+                    },
+                };
+                recent.insert(deployment.to_owned(), (Instant::now(), taken.clone()));
+                taken
+            }
+        };
+        sample.sequence = sequence;
+        sample
+    }
+
+    /// One sample of host, containers, service and agent.
+    async fn take(self: &Arc<Self>, deployment: &str) -> HealthSample {
         let mut notes = Vec::new();
         let me = self.clone();
         let local = tokio::task::spawn_blocking(move || me.sample_local());
@@ -161,9 +213,8 @@ impl Monitor {
         });
         notes.extend(local_notes);
         HealthSample {
-            sequence,
-            collected_at_ms: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
-                / 1_000_000,
+            sequence: 0,
+            collected_at_ms: now_ms(),
             host: Some(host),
             deployment_healthy: crate::deploy::all_healthy(&containers),
             containers,

@@ -3,7 +3,6 @@
 //! them. Nothing a watch request says is dialled.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use imfleet_proto::agent::v1::{PortProbe, ServiceProbe};
 
@@ -31,14 +30,18 @@ pub async fn probe(gate: Option<&GateRecord>) -> ServiceProbe {
             Err(e) => probe.stats_error = format!("{}: {e}", gate.http_url),
         }
     }
-    for port in gate.tcp_ports.iter().copied().filter(|p| *p <= 65535) {
-        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port as u16));
-        let open = matches!(
-            tokio::time::timeout(Duration::from_secs(2), connect).await,
-            Ok(Ok(_))
-        );
-        probe.tcp.push(PortProbe { port, open });
-    }
+    // Each port once (policy refuses repeats; a record from before may not
+    // have been checked), all at once.
+    let mut ports: Vec<u32> = gate.tcp_ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    ports.truncate(crate::policy::MAX_GATE_PORTS);
+    let open = futures::future::join_all(ports.iter().map(|p| gate::port_open(*p))).await;
+    probe.tcp = ports
+        .into_iter()
+        .zip(open)
+        .map(|(port, open)| PortProbe { port, open })
+        .collect();
     probe
 }
 

@@ -24,7 +24,12 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_insecure: bool,
     /// POST every event as JSON to this URL (retried; never blocks sampling).
-    #[arg(long, value_name = "URL", env = "IMFLEET_WEBHOOK")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "IMFLEET_WEBHOOK",
+        hide_env_values = true
+    )]
     webhook: Option<String>,
     /// How long health history is kept (one point per host and minute for a
     /// day, then one per ten minutes).
@@ -48,6 +53,12 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
             config.metrics_listen
         );
     }
+    // One stream (one socket) per agent: a large fleet needs more than the
+    // default 1024 descriptors.
+    match raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
     let (reload, reloads) = tokio::sync::mpsc::channel(1);
@@ -64,6 +75,17 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     serve::run(dir, config, reloads, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The soft descriptor limit raised as far as the hard one allows (65536 at most).
+fn raise_open_files_limit() -> Result<u64, nix::errno::Errno> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let want = hard.min(65_536);
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard)?;
+    }
+    Ok(want.max(soft))
 }
 
 #[derive(Args)]

@@ -151,9 +151,11 @@ async fn from_snapshots(
     hosts: &[HostRecord],
     snapshots: &[crate::health::HostSnapshot],
 ) -> Option<Vec<ServiceStatus>> {
+    let by_name: std::collections::HashMap<&str, &crate::health::HostSnapshot> =
+        snapshots.iter().map(|s| (s.host.as_str(), s)).collect();
     let mut out = Vec::new();
     for host in hosts {
-        let snap = snapshots.iter().find(|s| s.host == host.name)?;
+        let snap = *by_name.get(host.name.as_str())?;
         if !snap.agent_up && snap.reconnects == 0 {
             return None;
         }

@@ -5,11 +5,29 @@
 use super::HostSnapshot;
 use super::exposition::{Family, render};
 
-/// The `/metrics` page for these hosts.
-pub fn page(hosts: &[HostSnapshot]) -> String {
+/// What the daemon's webhook did so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WebhookCounts {
+    pub delivered: u64,
+    pub failed: u64,
+    pub dropped: u64,
+}
+
+/// The `/metrics` page for these hosts (and the webhook, when there is one).
+pub fn page(hosts: &[HostSnapshot], webhook: Option<WebhookCounts>) -> String {
     let mut f = Families::default();
     for h in hosts {
         f.host(h);
+    }
+    if let Some(w) = webhook {
+        for (outcome, n) in [
+            ("delivered", w.delivered),
+            ("failed", w.failed),
+            ("dropped", w.dropped),
+        ] {
+            f.webhook
+                .push(vec![("outcome", outcome.to_owned())], n as f64);
+        }
     }
     render(&f.into_list())
 }
@@ -55,6 +73,7 @@ struct Families {
     agent_cpu: Family,
     sample_age: Family,
     reconnects: Family,
+    webhook: Family,
 }
 
 impl Default for Families {
@@ -160,6 +179,10 @@ impl Default for Families {
                 "imfleet_stream_reconnects_total",
                 "Times the daemon reconnected the host's health stream.",
             ),
+            webhook: Family::counter(
+                "imfleet_webhook_notifications_total",
+                "Event notifications to the webhook, by outcome (dropped: the queue was full).",
+            ),
         }
     }
 }
@@ -206,12 +229,26 @@ impl Families {
             self.load1.push(host(), m.load1);
             self.load5.push(host(), m.load5);
             self.load15.push(host(), m.load15);
+            // One series per filesystem: the data path and the storage
+            // directory on one mount are one filesystem, with both roles.
+            let mut seen: Vec<(&str, Vec<&str>, &imfleet_proto::agent::v1::FilesystemUsage)> =
+                Vec::new();
             for fs in &m.filesystems {
+                match seen
+                    .iter_mut()
+                    .find(|(mount, _, _)| *mount == fs.mount_point)
+                {
+                    Some((_, roles, _)) => roles.push(&fs.role),
+                    None => seen.push((&fs.mount_point, vec![&fs.role], fs)),
+                }
+            }
+            for (_, roles, fs) in seen {
+                let roles = roles.join(",");
                 let l = with(&[
                     ("device", &fs.device),
                     ("fstype", &fs.fs_type),
                     ("mountpoint", &fs.mount_point),
-                    ("role", &fs.role),
+                    ("role", &roles),
                 ]);
                 self.fs_size.push(l.clone(), fs.size_bytes as f64);
                 self.fs_avail.push(l.clone(), fs.available_bytes as f64);
@@ -235,7 +272,7 @@ impl Families {
             self.container_up.push(l.clone(), flag(running));
             self.container_healthy.push(
                 l.clone(),
-                flag(running && matches!(c.health.as_str(), "healthy" | "none")),
+                flag(imfleet_proto::model::health::container_serving(c)),
             );
             self.container_restarts.push(l, f64::from(c.restart_count));
         }
@@ -245,7 +282,11 @@ impl Families {
             for (name, v) in stats {
                 self.im_stat.push(with(&[("name", name)]), *v);
             }
-            for p in &s.tcp {
+            // A port listed twice is one series (a duplicate spoils the page).
+            let mut ports: Vec<&imfleet_proto::agent::v1::PortProbe> = s.tcp.iter().collect();
+            ports.sort_by_key(|p| p.port);
+            ports.dedup_by_key(|p| p.port);
+            for p in ports {
                 self.tcp_open
                     .push(with(&[("port", &p.port.to_string())]), flag(p.open));
             }
@@ -290,6 +331,63 @@ impl Families {
             self.disk_read,
             self.disk_written,
             self.disk_io,
+            self.webhook,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imfleet_proto::agent::v1::{
+        FilesystemUsage, HealthSample, HostMetrics, PortProbe, ServiceProbe,
+    };
+
+    #[test]
+    fn one_series_per_filesystem_and_port() {
+        let fs = |role: &str| FilesystemUsage {
+            role: role.into(),
+            mount_point: "/".into(),
+            size_bytes: 100,
+            ..Default::default()
+        };
+        let probe = |port| PortProbe { port, open: true };
+        let host = HostSnapshot {
+            host: "im1".into(),
+            agent_up: true,
+            sample: Some(HealthSample {
+                host: Some(HostMetrics {
+                    filesystems: vec![fs("data"), fs("storage")],
+                    ..Default::default()
+                }),
+                service: Some(ServiceProbe {
+                    tcp: vec![probe(8887), probe(8887)],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = page(
+            &[host],
+            Some(WebhookCounts {
+                delivered: 2,
+                ..Default::default()
+            }),
+        );
+        let sizes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("node_filesystem_size_bytes{"))
+            .collect();
+        assert_eq!(sizes.len(), 1, "{text}");
+        assert!(sizes[0].contains("role=\"data,storage\""), "{}", sizes[0]);
+        let ports = text
+            .lines()
+            .filter(|l| l.starts_with("imfleet_im_tcp_port_open{"))
+            .count();
+        assert_eq!(ports, 1);
+        assert!(text.contains("imfleet_webhook_notifications_total{outcome=\"delivered\"} 2"));
+        // Every name the page can hold is known to dashboards' checks.
+        assert!(names().contains(&"imfleet_webhook_notifications_total"));
     }
 }

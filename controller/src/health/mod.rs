@@ -77,7 +77,7 @@ pub fn observe(sample: &HealthSample) -> Observation {
     let mut problems: Vec<String> = sample
         .containers
         .iter()
-        .filter(|c| c.state != "running" || !matches!(c.health.as_str(), "healthy" | "none"))
+        .filter(|c| !imfleet_proto::model::health::container_serving(c))
         .map(|c| format!("{} {} ({})", c.name, c.state, c.health))
         .collect();
     if !service.stats_ok && !service.stats_error.is_empty() {
@@ -214,6 +214,42 @@ pub fn transitions(tracked: &mut Tracked, seen: &Observation, now: i64) -> Vec<H
         tracked.certificate_warned = expiring;
     }
     events
+}
+
+/// What the event log (oldest first) says was last announced of a host, so
+/// a restarted daemon neither repeats an announcement nor misses a change
+/// that happened while it was down.
+pub fn seed(events: &[crate::store::Event]) -> Tracked {
+    let mut t = Tracked::default();
+    for e in events {
+        match e.kind {
+            EventKind::AgentUnreachable => t.agent_up = Some(false),
+            EventKind::AgentBack => t.agent_up = Some(true),
+            EventKind::ImUnhealthy => t.im_healthy = Some(false),
+            EventKind::ImHealthy => t.im_healthy = Some(true),
+            EventKind::DiskFull | EventKind::DiskOk => {
+                if let Some(role) = disk_role(&e.detail) {
+                    if e.kind == EventKind::DiskFull {
+                        t.full_disks.insert(role);
+                    } else {
+                        t.full_disks.remove(&role);
+                    }
+                }
+            }
+            EventKind::CertificateExpiring => t.certificate_warned = true,
+            // A bootstrap may bring a new certificate.
+            EventKind::Bootstrap => t.certificate_warned = false,
+            _ => {}
+        }
+    }
+    t
+}
+
+/// The role named by a disk event's detail ("the data filesystem is ...").
+fn disk_role(detail: &str) -> Option<String> {
+    let rest = detail.strip_prefix("the ")?;
+    rest.split_once(" filesystem")
+        .map(|(role, _)| role.to_owned())
 }
 
 /// Share of CPU time spent busy between two samples of all CPUs (`None`

@@ -199,3 +199,40 @@ fn cpu_busy_from_two_samples() {
     assert_eq!(cpu_busy(&before, &before), None);
     assert_eq!(cpu_busy(&after, &before), None, "counters went back");
 }
+
+#[test]
+fn a_restarted_daemon_remembers_what_it_announced() {
+    let event = |kind: EventKind, detail: &str| crate::store::Event {
+        id: 0,
+        at: NOW,
+        host: Some("im1".into()),
+        kind,
+        detail: detail.into(),
+        rollout_id: None,
+    };
+    let mut seeded = seed(&[
+        event(EventKind::Bootstrap, "x"),
+        event(EventKind::AgentUnreachable, "refused"),
+        event(EventKind::AgentBack, "back"),
+        event(EventKind::ImUnhealthy, "exited"),
+        event(EventKind::DiskFull, "the data filesystem is 95 % full"),
+        event(EventKind::DiskFull, "the storage filesystem is 93 % full"),
+        event(EventKind::DiskOk, "the storage filesystem is 50 % full"),
+        event(EventKind::CertificateExpiring, "soon"),
+    ]);
+    assert_eq!(seeded.agent_up, Some(true));
+    assert_eq!(seeded.im_healthy, Some(false));
+    assert_eq!(seeded.full_disks, ["data".to_owned()].into());
+    assert!(seeded.certificate_warned);
+    // Still sick, still full, still expiring: nothing is announced again.
+    let mut seen = healthy();
+    seen.im_healthy = false;
+    seen.disk_used.insert("data".into(), 0.95);
+    seen.certificate_not_after = Some(NOW + 86_400);
+    assert!(transitions(&mut seeded, &seen, NOW).is_empty());
+    // Healed while the daemon was down: said once.
+    assert_eq!(
+        kinds(&transitions(&mut seeded, &healthy(), NOW)),
+        [EventKind::ImHealthy, EventKind::DiskOk]
+    );
+}

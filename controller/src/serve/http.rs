@@ -33,7 +33,8 @@ fn routes(shared: Shared, with_api: bool) -> Router {
 }
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
-    let page = crate::health::metrics::page(&shared.view.snapshots(None));
+    let webhook = shared.webhook.as_ref().map(|w| w.counts());
+    let page = crate::health::metrics::page(&shared.view.snapshots(None), webhook);
     ([(header::CONTENT_TYPE, METRICS_TYPE)], page)
 }
 

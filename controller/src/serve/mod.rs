@@ -79,29 +79,51 @@ pub(crate) struct Shared {
     store: Store,
     webhook: Option<Webhook>,
     ready: Arc<AtomicBool>,
+    /// Changes go to one persister task in the order they were decided, so
+    /// a watcher aborted by a reload or rescan never loses one.
+    persist: mpsc::UnboundedSender<(String, Changes)>,
 }
 
 impl Shared {
-    async fn sample(&self, host: &str, sample: HealthSample) {
+    fn sample(&self, host: &str, sample: HealthSample) {
         let changes = self.view.sample(host, sample, crate::now_unix());
-        self.persist(host, changes).await;
+        self.queue(host, changes);
     }
 
-    async fn outage(&self, host: &str, why: String) {
+    fn outage(&self, host: &str, why: String) {
         let changes = self.view.outage(host, why, crate::now_unix());
-        self.persist(host, changes).await;
+        self.queue(host, changes);
     }
 
-    async fn persist(&self, host: &str, changes: Changes) {
+    fn too_old(&self, host: &str, why: String) {
+        let changes = self.view.too_old(host, why, crate::now_unix());
+        self.queue(host, changes);
+    }
+
+    fn queue(&self, host: &str, changes: Changes) {
+        if !changes.is_empty() {
+            let _ = self.persist.send((host.to_owned(), changes));
+        }
+    }
+}
+
+/// Writes events, history and "seen" marks, and notifies the webhook, until
+/// every sender is gone.
+async fn persister(
+    store: Store,
+    webhook: Option<Webhook>,
+    mut queue: mpsc::UnboundedReceiver<(String, Changes)>,
+) {
+    while let Some((host, changes)) = queue.recv().await {
         let now = crate::now_unix();
         for e in changes.events {
             tracing::info!(%host, kind = %e.kind, "{}", e.detail);
-            if let Err(err) = self.store.record_event(Some(host), e.kind, &e.detail).await {
+            if let Err(err) = store.record_event(Some(&host), e.kind, &e.detail).await {
                 tracing::error!(%host, "cannot record an event: {err}");
             }
-            if let Some(webhook) = &self.webhook {
+            if let Some(webhook) = &webhook {
                 webhook.send(Notification {
-                    host: host.to_owned(),
+                    host: host.clone(),
                     kind: e.kind.as_str().to_owned(),
                     detail: e.detail,
                     at: crate::rfc3339(now),
@@ -110,12 +132,12 @@ impl Shared {
             }
         }
         if let Some(point) = changes.point
-            && let Err(err) = self.store.record_health(point).await
+            && let Err(err) = store.record_health(point).await
         {
             tracing::error!(%host, "cannot record health history: {err}");
         }
         if let Some(version) = changes.seen_version
-            && let Err(err) = self.store.mark_seen(host, now, &version).await
+            && let Err(err) = store.mark_seen(&host, now, &version).await
         {
             tracing::warn!(%host, "cannot record when the host was seen: {err}");
         }
@@ -152,12 +174,15 @@ pub async fn run(
             source,
         })?;
     let webhook = config.webhook.as_deref().map(Webhook::start).transpose()?;
+    let (persist, queue) = mpsc::unbounded_channel();
+    let persisting = tokio::spawn(persister(state.store.clone(), webhook.clone(), queue));
     let shared = Shared {
         config: Arc::new(config),
         view: FleetView::default(),
         store: state.store.clone(),
         webhook,
         ready: Arc::default(),
+        persist,
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped));
@@ -206,6 +231,9 @@ pub async fn run(
     }
     let _ = stop_http.send(true);
     let _ = servers.await;
+    // Every sender gone: what was decided is written before the exit.
+    drop(shared);
+    let _ = persisting.await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
@@ -228,24 +256,38 @@ async fn rescan_hosts(
         (&a.agent_address, a.agent_port, &a.cert_serial)
             == (&b.agent_address, b.agent_port, &b.cert_serial)
     };
+    let by_name: HashMap<&str, &HostRecord> = hosts.iter().map(|h| (h.name.as_str(), h)).collect();
     watchers.retain(|name, (record, task)| {
-        let keep = hosts.iter().any(|h| h.name == *name && same(h, record));
+        let current = by_name.get(name.as_str());
+        let keep = current.is_some_and(|h| same(h, record));
         if !keep {
             task.abort();
-            if !hosts.iter().any(|h| h.name == *name) {
+            if current.is_none() {
                 shared.view.forget(name);
             }
         }
         keep
     });
-    for host in hosts {
+    for host in &hosts {
         if watchers.contains_key(&host.name) {
             continue;
         }
         tracing::info!(host = %host.name, "watching");
-        shared.view.track(host.clone());
+        if !shared.view.knows(&host.name) {
+            // What the event log says, so a restarted daemon does not
+            // announce again what it announced before.
+            let query = crate::store::EventQuery {
+                host: Some(host.name.clone()),
+                limit: 500,
+                ..Default::default()
+            };
+            let past = shared.store.query_events(query).await.unwrap_or_default();
+            shared.view.track(host.clone(), crate::health::seed(&past));
+        } else {
+            shared.view.track(host.clone(), Default::default());
+        }
         let task = tokio::spawn(watcher::run(shared.clone(), identity.clone(), host.clone()));
-        watchers.insert(host.name.clone(), (host, task.abort_handle()));
+        watchers.insert(host.name.clone(), (host.clone(), task.abort_handle()));
     }
     shared.ready.store(true, Ordering::Relaxed);
 }

@@ -34,6 +34,12 @@ pub struct Changes {
     pub seen_version: Option<String>,
 }
 
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.point.is_none() && self.seen_version.is_none()
+    }
+}
+
 /// Shared by the watchers, the HTTP handlers and the host rescans.
 #[derive(Debug, Clone, Default)]
 pub struct FleetView {
@@ -45,8 +51,16 @@ impl FleetView {
         self.hosts.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a host (or replaces its record, keeping what was learnt).
-    pub fn track(&self, record: HostRecord) {
+    pub fn knows(&self, name: &str) -> bool {
+        self.hosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// Adds a host remembering `tracked` (or replaces the record of a known
+    /// one, keeping what was learnt).
+    pub fn track(&self, record: HostRecord, tracked: Tracked) {
         let mut hosts = self.write();
         match hosts.get_mut(&record.name) {
             Some(state) => state.record = record,
@@ -55,7 +69,7 @@ impl FleetView {
                     record.name.clone(),
                     HostState {
                         record,
-                        tracked: Tracked::default(),
+                        tracked,
                         seen: None,
                         sample: None,
                         sample_at: None,
@@ -109,6 +123,22 @@ impl FleetView {
         apply(state, Observation::unreachable(error), now)
     }
 
+    /// The agent answers but is too old for health streams: up, nothing
+    /// known of its IM (no IM events), and `why` shown.
+    pub fn too_old(&self, name: &str, why: String, now: i64) -> Changes {
+        let mut hosts = self.write();
+        let Some(state) = hosts.get_mut(name) else {
+            return Changes::default();
+        };
+        state.sample = None;
+        let seen = Observation {
+            agent_up: true,
+            im_detail: why,
+            ..Default::default()
+        };
+        apply(state, seen, now)
+    }
+
     /// Every host (or those named), as of now.
     pub fn snapshots(&self, only: Option<&[String]>) -> Vec<HostSnapshot> {
         let now = crate::now_unix();
@@ -124,11 +154,13 @@ impl FleetView {
 fn apply(state: &mut HostState, seen: Observation, now: i64) -> Changes {
     let events = health::transitions(&mut state.tracked, &seen, now);
     let minute = now.div_euclid(crate::store::HEALTH_STEP_SECONDS);
-    // One point per minute, and at once when the agent comes or goes.
-    let changed = state
-        .seen
-        .as_ref()
-        .is_none_or(|s| s.agent_up != seen.agent_up);
+    // One point per minute, and at once when the agent or the IM changes
+    // (the store keeps the worst of a minute).
+    let changed = state.seen.as_ref().is_none_or(|s| {
+        s.agent_up != seen.agent_up
+            || s.deployed != seen.deployed
+            || s.im_healthy != seen.im_healthy
+    });
     let point = (changed || state.history_minute != Some(minute)).then(|| {
         let host = state.sample.as_ref().and_then(|s| s.host.as_ref());
         HealthPoint {
@@ -207,7 +239,10 @@ mod tests {
     #[test]
     fn samples_and_outages_become_events_points_and_snapshots() {
         let view = FleetView::default();
-        view.track(crate::store::tests::host("im1", "10.0.0.5"));
+        view.track(
+            crate::store::tests::host("im1", "10.0.0.5"),
+            Tracked::default(),
+        );
         // A minute boundary (1.8e9 is a multiple of 600).
         let t0 = 1_800_000_000;
         let first = view.sample("im1", sample(true), t0);
@@ -219,6 +254,11 @@ mod tests {
         assert!(again.events.is_empty() && again.point.is_none());
         let sick = view.sample("im1", sample(false), t0 + 10);
         assert_eq!(sick.events[0].kind, EventKind::ImUnhealthy);
+        assert_eq!(
+            sick.point.unwrap().im_healthy,
+            Some(false),
+            "a change is a point at once"
+        );
         let snap = &view.snapshots(None)[0];
         assert_eq!((snap.agent_up, snap.im_healthy), (true, Some(false)));
         assert!(snap.sample.is_some());
@@ -236,7 +276,12 @@ mod tests {
         // Unknown hosts are ignored; a selection filters.
         assert!(view.sample("im9", sample(true), t0).events.is_empty());
         assert!(view.snapshots(Some(&["im9".to_owned()])).is_empty());
+        // An agent too old for streams is up, says why, and has no IM.
+        let old = view.too_old("im1", "revision 7".into(), t0 + 30);
+        assert_eq!(old.events[0].kind, EventKind::AgentBack);
+        let snap = &view.snapshots(None)[0];
+        assert!(snap.agent_up && snap.im_healthy.is_none() && snap.im_detail == "revision 7");
         view.forget("im1");
-        assert!(view.snapshots(None).is_empty());
+        assert!(view.snapshots(None).is_empty() && !view.knows("im1"));
     }
 }

@@ -1,11 +1,11 @@
 //! One host's health stream, held open for as long as the daemon runs:
 //! connect, stream, and on any end reconnect after a capped, jittered
-//! exponential backoff. Every sample and every outage goes to the
-//! [`Daemon`](super::Daemon)'s handler.
+//! exponential backoff. Every sample and every outage goes to the daemon's
+//! view; an agent too old for the stream is asked again rarely.
 
 use std::time::Duration;
 
-use crate::agent_client::Agent;
+use crate::agent_client::{Agent, AgentError};
 use crate::deployment::DEPLOYMENT_NAME;
 use crate::health::backoff::{Backoff, jitter};
 use crate::state::ClientIdentity;
@@ -20,52 +20,70 @@ pub fn reconnect_cap(interval: Duration) -> Duration {
 }
 
 /// A stream that sends nothing for this long counts as lost (an agent that
-/// vanished without closing its connection).
+/// vanished without closing its connection): two intervals plus the most an
+/// agent takes for one sample (it bounds that itself at 8 s).
 pub fn stall_limit(interval: Duration) -> Duration {
-    interval * 2 + Duration::from_secs(1)
+    interval * 2 + Duration::from_secs(10)
+}
+
+/// How often an agent too old for health streams is asked again (it is
+/// upgraded by re-running bootstrap, which the rescan notices sooner).
+const TOO_OLD_RECHECK: Duration = Duration::from_secs(600);
+
+/// How a stream ended.
+enum Ended {
+    /// The agent could not be reached or the stream broke.
+    Lost { got_samples: bool, why: String },
+    /// The agent answers but does not speak the health stream.
+    TooOld(String),
 }
 
 pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostRecord) {
     let interval = shared.config.interval;
+    // A fleet's streams start spread over an interval, not all at once.
+    tokio::time::sleep(interval.min(Duration::from_secs(5)).mul_f64(jitter())).await;
     let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_cap(interval));
     loop {
-        let (got_samples, why) = stream_once(&shared, &identity, &host).await;
-        if got_samples {
-            backoff.reset();
+        match stream_once(&shared, &identity, &host).await {
+            Ended::Lost { got_samples, why } => {
+                if got_samples {
+                    backoff.reset();
+                }
+                shared.outage(&host.name, why);
+                tokio::time::sleep(backoff.next(jitter())).await;
+            }
+            Ended::TooOld(why) => {
+                shared.too_old(&host.name, why);
+                tokio::time::sleep(TOO_OLD_RECHECK).await;
+            }
         }
-        shared.outage(&host.name, why).await;
-        tokio::time::sleep(backoff.next(jitter())).await;
     }
 }
 
-/// Streams until the stream ends: whether any sample came, and why it ended.
-async fn stream_once(
-    shared: &Shared,
-    identity: &ClientIdentity,
-    host: &HostRecord,
-) -> (bool, String) {
+/// Streams until the stream ends.
+async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostRecord) -> Ended {
+    let lost = |got_samples, why| Ended::Lost { got_samples, why };
     let address = crate::fleet::address_of(host);
     let agent = match Agent::connect(identity, &address).await {
         Ok(agent) => agent,
-        Err(e) => return (false, crate::error_chain(&e)),
+        Err(e) => return lost(false, crate::error_chain(&e)),
     };
     let interval = shared.config.interval;
     let mut stream = match agent.watch_health(DEPLOYMENT_NAME, interval).await {
         Ok(stream) => stream,
-        Err(e) => return (false, crate::error_chain(&e)),
+        Err(e @ AgentError::TooOld { .. }) => return Ended::TooOld(e.to_string()),
+        Err(e) => return lost(false, crate::error_chain(&e)),
     };
     let limit = stall_limit(interval);
     let mut got = false;
     loop {
         match tokio::time::timeout(limit, stream.message()).await {
-            Err(_) => {
-                return (got, format!("no health sample for {} s", limit.as_secs()));
-            }
-            Ok(Err(status)) => return (got, crate::error_chain(&agent.stream_error(status))),
-            Ok(Ok(None)) => return (got, "the agent ended the health stream".into()),
+            Err(_) => return lost(got, format!("no health sample for {} s", limit.as_secs())),
+            Ok(Err(status)) => return lost(got, crate::error_chain(&agent.stream_error(status))),
+            Ok(Ok(None)) => return lost(got, "the agent ended the health stream".into()),
             Ok(Ok(Some(sample))) => {
                 got = true;
-                shared.sample(&host.name, sample).await;
+                shared.sample(&host.name, sample);
             }
         }
     }
@@ -82,7 +100,8 @@ mod tests {
         assert_eq!(reconnect_cap(s(5)), s(30));
         assert_eq!(reconnect_cap(s(600)), s(60));
         assert_eq!(reconnect_cap(Duration::from_millis(100)), s(5));
-        // A lost agent is noticed within two intervals and a second.
-        assert_eq!(stall_limit(s(5)), s(11));
+        // A silent stream is given up after two intervals and a slow sample.
+        assert_eq!(stall_limit(s(5)), s(20));
+        assert_eq!(stall_limit(s(1)), s(12));
     }
 }

@@ -27,22 +27,24 @@ pub struct Notification {
 }
 
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub delivered: AtomicU64,
-    pub failed: AtomicU64,
-    pub dropped: AtomicU64,
+struct Counters {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
 pub struct Webhook {
     queue: mpsc::Sender<Notification>,
-    pub counters: Arc<Counters>,
+    counters: Arc<Counters>,
 }
 
+// A webhook URL often carries a token in its path: it is never repeated in
+// messages or logs.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("webhook URL `{0}`: {1}; give an http:// or https:// URL")]
-    BadUrl(String, String),
+    #[error("the webhook URL is not usable ({0}); give an http:// or https:// URL with a host")]
+    BadUrl(String),
     #[error("webhook client: {0}")]
     Client(String),
 }
@@ -50,13 +52,9 @@ pub enum WebhookError {
 impl Webhook {
     /// Checks `url` and starts the delivery worker.
     pub fn start(url: &str) -> Result<Webhook, WebhookError> {
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| WebhookError::BadUrl(url.into(), e.to_string()))?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| WebhookError::BadUrl(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(WebhookError::BadUrl(
-                url.into(),
-                "not an http(s) URL with a host".into(),
-            ));
+            return Err(WebhookError::BadUrl(format!("scheme {}", parsed.scheme())));
         }
         let client = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
@@ -67,6 +65,15 @@ impl Webhook {
         let counters = Arc::new(Counters::default());
         tokio::spawn(deliver(client, parsed, rx, counters.clone()));
         Ok(Webhook { queue, counters })
+    }
+
+    pub fn counts(&self) -> crate::health::metrics::WebhookCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::health::metrics::WebhookCounts {
+            delivered: get(&self.counters.delivered),
+            failed: get(&self.counters.failed),
+            dropped: get(&self.counters.dropped),
+        }
     }
 
     /// Queues a notification; never waits.
@@ -100,7 +107,7 @@ async fn deliver(
                     break;
                 }
                 Ok(r) => outcome = format!("answered {}", r.status()),
-                Err(e) => outcome = crate::error_chain(&e),
+                Err(e) => outcome = crate::error_chain(&e.without_url()),
             }
             if attempt < ATTEMPTS {
                 tokio::time::sleep(backoff.next(jitter())).await;

@@ -118,29 +118,31 @@ impl Store {
     /// Events matching `query`, oldest first (the newest `limit` of them).
     pub async fn query_events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
         self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, at, host, kind, detail, rollout_id FROM events
-                 WHERE (?1 IS NULL OR host = ?1) AND at >= ?2 AND id > ?3
-                 ORDER BY id DESC LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    query.host,
-                    query.since,
-                    query.after_id,
-                    query.limit.min(i64::MAX as usize) as i64
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, Option<i64>>(5)?,
-                    ))
-                },
-            )?;
+            // Two statements, so each uses its index (by host, by time).
+            let (sql, host) = match &query.host {
+                Some(host) => (
+                    "SELECT id, at, host, kind, detail, rollout_id FROM events
+                     WHERE host = ?1 AND at >= ?2 AND id > ?3 ORDER BY id DESC LIMIT ?4",
+                    host.as_str(),
+                ),
+                None => (
+                    "SELECT id, at, host, kind, detail, rollout_id FROM events
+                     WHERE ?1 = '' AND at >= ?2 AND id > ?3 ORDER BY id DESC LIMIT ?4",
+                    "",
+                ),
+            };
+            let mut stmt = c.prepare(sql)?;
+            let limit = query.limit.min(i64::MAX as usize) as i64;
+            let rows = stmt.query_map(params![host, query.since, query.after_id, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })?;
             let mut events = Vec::new();
             for row in rows {
                 let (id, at, host, kind, detail, rollout_id) = row?;

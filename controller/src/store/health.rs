@@ -13,6 +13,20 @@ pub const STEP_SECONDS: i64 = 60;
 pub const FULL_RESOLUTION_SECONDS: i64 = 86_400;
 pub const THIN_STEP_SECONDS: i64 = 600;
 
+/// How a point joins the one already kept for its host and time: a minute
+/// is "up" (or "healthy") only if every sample in it was, so a short outage
+/// is never overwritten by the recovery; figures are the latest known.
+const MERGE: &str = "ON CONFLICT (host, at) DO UPDATE SET
+    agent_up = min(agent_up, excluded.agent_up),
+    im_healthy = CASE WHEN im_healthy IS NULL THEN excluded.im_healthy
+        WHEN excluded.im_healthy IS NULL THEN im_healthy
+        ELSE min(im_healthy, excluded.im_healthy) END,
+    cpu_busy = coalesce(excluded.cpu_busy, cpu_busy),
+    memory_available_bytes = coalesce(excluded.memory_available_bytes, memory_available_bytes),
+    memory_total_bytes = coalesce(excluded.memory_total_bytes, memory_total_bytes),
+    data_used = coalesce(excluded.data_used, data_used),
+    load1 = coalesce(excluded.load1, load1)";
+
 /// One host at one minute.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HealthPoint {
@@ -36,21 +50,12 @@ impl Store {
     pub async fn record_health(&self, point: HealthPoint) -> Result<(), StoreError> {
         self.call(move |c| {
             c.execute(
-                // A minute is "up" (or "healthy") only if every sample in it
-                // was: a short outage is never overwritten by the recovery.
-                "INSERT INTO health_history (host, at, agent_up, im_healthy, cpu_busy,
-                    memory_available_bytes, memory_total_bytes, data_used, load1)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1)
-                 ON CONFLICT (host, at) DO UPDATE SET
-                    agent_up = min(agent_up, excluded.agent_up),
-                    im_healthy = CASE WHEN im_healthy IS NULL THEN excluded.im_healthy
-                        WHEN excluded.im_healthy IS NULL THEN im_healthy
-                        ELSE min(im_healthy, excluded.im_healthy) END,
-                    cpu_busy = coalesce(excluded.cpu_busy, cpu_busy),
-                    memory_available_bytes = coalesce(excluded.memory_available_bytes, memory_available_bytes),
-                    memory_total_bytes = coalesce(excluded.memory_total_bytes, memory_total_bytes),
-                    data_used = coalesce(excluded.data_used, data_used),
-                    load1 = coalesce(excluded.load1, load1)",
+                &format!(
+                    "INSERT INTO health_history (host, at, agent_up, im_healthy, cpu_busy,
+                        memory_available_bytes, memory_total_bytes, data_used, load1)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                     WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1) {MERGE}"
+                ),
                 params![
                     point.host,
                     point.at - point.at.rem_euclid(STEP_SECONDS),
@@ -75,14 +80,30 @@ impl Store {
         retention_seconds: i64,
     ) -> Result<usize, StoreError> {
         self.call(move |c| {
-            let thinned = c.execute(
+            let tx = c.transaction()?;
+            // Each old ten minutes folded into its first minute (down if any
+            // minute was), then the other minutes dropped.
+            tx.execute(
+                &format!(
+                    "INSERT INTO health_history (host, at, agent_up, im_healthy, cpu_busy,
+                        memory_available_bytes, memory_total_bytes, data_used, load1)
+                     SELECT host, at - at % ?2, min(agent_up), min(im_healthy), avg(cpu_busy),
+                        min(memory_available_bytes), max(memory_total_bytes), max(data_used),
+                        max(load1)
+                     FROM health_history WHERE at < ?1 AND at % ?2 != 0
+                     GROUP BY host, at - at % ?2 {MERGE}"
+                ),
+                params![now - FULL_RESOLUTION_SECONDS, THIN_STEP_SECONDS],
+            )?;
+            let thinned = tx.execute(
                 "DELETE FROM health_history WHERE at < ?1 AND at % ?2 != 0",
                 params![now - FULL_RESOLUTION_SECONDS, THIN_STEP_SECONDS],
             )?;
-            let dropped = c.execute(
+            let dropped = tx.execute(
                 "DELETE FROM health_history WHERE at < ?1",
                 params![now - retention_seconds],
             )?;
+            tx.commit()?;
             Ok(thinned + dropped)
         })
         .await
@@ -171,12 +192,21 @@ mod tests {
         for minute in 0..(2 * 1440) {
             store.record_health(point(now - minute * 60)).await.unwrap();
         }
+        // One minute down in an old ten minutes: the ten minutes are down.
+        let mut down = point(now - 2000 * 60 + 180);
+        down.agent_up = false;
+        store.record_health(down).await.unwrap();
         store.prune_health(now, 30 * 86_400).await.unwrap();
         let all = store.health_history("im1", 0).await.unwrap();
+        let folded = all.iter().find(|p| p.at == now - 2000 * 60).unwrap();
+        assert!(!folded.agent_up, "{folded:?}");
+        let old_down = all.iter().filter(|p| !p.agent_up && p.at < now - 86_400);
+        assert_eq!(old_down.count(), 1);
         let recent = all.iter().filter(|p| p.at >= now - 86_400).count();
         let old = all.len() - recent;
         assert_eq!(recent, 1441);
-        assert_eq!(old, 1439 / 10);
+        // Minutes 1441..2879 ago fold into the ten-minute starts 1450..2880.
+        assert_eq!(old, 144);
         // Past the retention nothing is left.
         store
             .prune_health(now + 40 * 86_400, 30 * 86_400)

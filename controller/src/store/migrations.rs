@@ -108,6 +108,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         load1                  REAL,
         PRIMARY KEY (host, at)
     ) WITHOUT ROWID;
+    CREATE INDEX health_by_time ON health_history(at);
     CREATE INDEX events_by_time ON events(at);",
 ];
 

@@ -4,6 +4,7 @@
 //! `models` crate serves its controller and agent).
 
 pub mod firewall;
+pub mod health;
 pub mod layout;
 pub mod os_release;
 pub mod packages;

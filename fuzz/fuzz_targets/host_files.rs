@@ -1,5 +1,6 @@
 //! Files and command output the agent reads on its host, which local users
-//! or packages may have written: none of the parsers may panic. The first
+//! or packages may have written, and what the IM's stats endpoint answers:
+//! none of the parsers may panic. The first
 //! byte picks the parser.
 #![no_main]
 
@@ -8,6 +9,7 @@ use std::net::IpAddr;
 use imfleet_agent::config::AgentConfig;
 use imfleet_agent::facts::net::{self, ConfigKind, NetConfig};
 use imfleet_agent::facts::{packages, sockets, storage};
+use imfleet_agent::health::{procfs, service};
 use imfleet_proto::model::os_release as os;
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let text = String::from_utf8_lossy(rest);
-    match which % 9 {
+    match which % 11 {
         0 => {
             let _ = os::parse_os_release(&text);
         }
@@ -41,6 +43,17 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(config) = toml::from_str::<AgentConfig>(&text) {
                 let _ = config.roots(std::path::Path::new("/opt/imfleet"));
             }
+        }
+        7 => {
+            let _ = procfs::parse_stat(&text);
+            let _ = procfs::parse_diskstats(&text);
+            let _ = procfs::parse_net_dev(&text);
+        }
+        8 => {
+            // The IM's /svr_stats answer: bounded, whatever it is.
+            let fields = service::numeric_fields(rest);
+            assert!(fields.len() <= service::MAX_FIELDS);
+            assert!(fields.keys().all(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')));
         }
         _ => {
             let kind = [

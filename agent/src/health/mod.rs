@@ -10,6 +10,7 @@ pub mod service;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct Monitor {
     /// The last sample per deployment, shared by streams (the lock also
     /// makes streams wait for a sample already being taken).
     recent: tokio::sync::Mutex<HashMap<String, (Instant, HealthSample)>>,
+    /// A host reading is under way (on a blocking thread).
+    local_busy: AtomicBool,
     /// Turns true when the agent stops: every stream ends (a graceful
     /// shutdown would otherwise wait for streams that never end).
     closing: tokio::sync::watch::Sender<bool>,
@@ -97,6 +100,7 @@ impl Monitor {
             started: Instant::now(),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
             recent: Default::default(),
+            local_busy: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -187,8 +191,16 @@ impl Monitor {
     /// One sample of host, containers, service and agent.
     async fn take(self: &Arc<Self>, deployment: &str) -> HealthSample {
         let mut notes = Vec::new();
-        let me = self.clone();
-        let local = tokio::task::spawn_blocking(move || me.sample_local());
+        // A reading stuck on a hung filesystem is not joined by another one
+        // (each would hold a blocking thread for good).
+        let local = (!self.local_busy.swap(true, Ordering::AcqRel)).then(|| {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let reading = me.sample_local();
+                me.local_busy.store(false, Ordering::Release);
+                reading
+            })
+        });
         let containers = match self.containers.of(deployment).await {
             Ok(c) => c,
             Err(e) => {
@@ -204,13 +216,15 @@ impl Monitor {
             }
         };
         let service = service::probe(gate.as_ref()).await;
-        let (host, agent, local_notes) = local.await.unwrap_or_else(|e| {
-            (
-                HostMetrics::default(),
-                AgentMetrics::default(),
-                vec![format!("host sampling failed: {e}")],
-            )
-        });
+        let failed = |why: String| (HostMetrics::default(), AgentMetrics::default(), vec![why]);
+        let (host, agent, local_notes) = match local {
+            Some(reading) => reading
+                .await
+                .unwrap_or_else(|e| failed(format!("host sampling failed: {e}"))),
+            None => failed(
+                "host figures: the previous reading has not finished (a hung filesystem?)".into(),
+            ),
+        };
         notes.extend(local_notes);
         HealthSample {
             sequence: 0,

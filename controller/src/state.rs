@@ -142,7 +142,7 @@ impl ControllerState {
             created.push(files::DATABASE.to_owned());
         }
         let store = Store::open(&db_path)?;
-        ensure_private_dir(&dir.join(files::RUN)).map_err(io(dir))?;
+        ensure_private_dir(&run_dir(dir)).map_err(io(dir))?;
         drop(lock);
 
         let report = InitReport {
@@ -168,8 +168,14 @@ impl ControllerState {
     }
 
     pub fn run_dir(&self) -> PathBuf {
-        self.dir.join(files::RUN)
+        run_dir(&self.dir)
     }
+}
+
+/// The private `run/` directory of a state directory (SSH control sockets
+/// during bootstrap, the daemon's socket).
+pub fn run_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(files::RUN)
 }
 
 fn read(dir: &Path, name: &str) -> Result<Option<String>, StateError> {

@@ -133,17 +133,9 @@ pub fn owner(path: &Path) -> (u32, u32, u32) {
     (m.uid(), m.gid(), m.permissions().mode() & 0o777)
 }
 
+/// The status code the IM's stats port (8902) answers for `url_path`.
 pub fn http_status(url_path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 8902)).ok()?;
-    write!(
-        s,
-        "GET {url_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    crate::daemon::http_get(([127, 0, 0, 1], 8902).into(), url_path).map(|(code, _)| code)
 }
 
 pub fn wait_until_healthy(setup: &Setup) -> serde_json::Value {

@@ -255,17 +255,22 @@ impl TestHost {
     /// Kills the serving agent (the supervisor's child) with SIGKILL, as a
     /// crash would; returns its pid. The supervisor starts a new one.
     pub fn kill_serving_agent(&self) -> i32 {
-        let supervisor = self.supervisor_pid().expect("supervisor running");
-        let children =
-            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-                .unwrap();
-        let serving: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+        let serving = self.serving_agent_pid();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(serving),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
         serving
+    }
+
+    /// Pid of the serving agent: the supervisor's child.
+    pub fn serving_agent_pid(&self) -> i32 {
+        let supervisor = self.supervisor_pid().expect("supervisor running");
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap();
+        children.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     /// Pid of the agent supervisor running on this host, if any.

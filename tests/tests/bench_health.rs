@@ -32,18 +32,11 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-fn serving_agent_pid(host: &imfleet_tests::TestHost) -> i32 {
-    let supervisor = host.supervisor_pid().expect("supervisor");
-    let children =
-        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
-    children.split_whitespace().next().unwrap().parse().unwrap()
-}
-
 #[test]
 #[ignore = "benchmark: bench/health-stream"]
 fn agent_footprint_idle_and_streaming_at_one_second() {
     let (host, controller) = bootstrapped_host();
-    let pid = serving_agent_pid(&host);
+    let pid = host.serving_agent_pid();
     std::thread::sleep(Duration::from_secs(5));
     let idle_rss = rss(pid);
     let daemon = Daemon::start(&controller, &[]);

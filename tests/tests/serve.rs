@@ -41,11 +41,27 @@ fn kinds(events: &[serde_json::Value]) -> Vec<String> {
         .collect()
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+/// The first event of `kind` among the host's events after the first
+/// `skip`, waiting up to `limit` (panics with what was recorded).
+fn event_after(
+    controller: &Controller,
+    host: &str,
+    skip: usize,
+    kind: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let recorded = events(controller, host);
+        if let Some(e) = recorded.iter().skip(skip).find(|e| e["kind"] == kind) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} event within {limit:?}: {recorded:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -81,7 +97,7 @@ fn a_stopped_agent_is_down_within_two_intervals_and_up_again_after_restart() {
 
     // Down: the stream ends at once, status says so within two intervals.
     let stopped = Instant::now();
-    let stopped_at = unix_now();
+    let stopped_at = imfleet_controller::now_unix();
     host.stop_agent();
     let down = status_until(&controller, &address, Duration::from_secs(10), |s| {
         s["agent_reachable"] == false
@@ -132,32 +148,28 @@ fn a_stopped_agent_is_down_within_two_intervals_and_up_again_after_restart() {
     let before = events(&controller, &address).len();
     let killed = Instant::now();
     host.kill_serving_agent();
-    let deadline = killed + Duration::from_secs(2);
-    let new_kinds = loop {
-        let recorded = kinds(&events(&controller, &address));
-        if recorded[before..].contains(&"agent-unreachable".to_owned()) {
-            break recorded;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no event within two intervals: {recorded:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(killed.elapsed() < Duration::from_secs(2), "{new_kinds:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !kinds(&events(&controller, &address))[before..].contains(&"agent-back".to_owned()) {
-        assert!(
-            Instant::now() < deadline,
-            "not back after the supervisor restarted it"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let two_intervals = Duration::from_secs(2);
+    let gone = event_after(
+        &controller,
+        &address,
+        before,
+        "agent-unreachable",
+        two_intervals,
+    );
+    assert!(killed.elapsed() < two_intervals, "{gone}");
+    // Back after the supervisor restarted it.
+    event_after(
+        &controller,
+        &address,
+        before,
+        "agent-back",
+        Duration::from_secs(20),
+    );
 
     // SIGTERM stops it cleanly; a new daemon still has the history.
     let log = daemon.log();
     assert_eq!(daemon.stop(), Some(0));
-    let socket = controller.state.path().join("run/serve.sock");
+    let socket = imfleet_controller::serve::http::socket_path(controller.state.path());
     assert!(!socket.exists(), "socket left behind");
     let history = controller.run(&["history", "--json", &address, "--since", "1h"]);
     let points = history.json();
@@ -360,29 +372,19 @@ fn a_nearly_full_data_filesystem_raises_the_disk_event() {
     // 95 % used (as the IM's uid would fill it: a file in the data tree).
     let filler = data.join("filler");
     std::fs::write(&filler, vec![0u8; (8 << 20) * 95 / 100]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let full = loop {
-        let recorded = events(&controller, &address);
-        if let Some(e) = recorded.iter().find(|e| e["kind"] == "disk-full") {
-            break e.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no disk-full event: {recorded:#?}\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let full = event_after(
+        &controller,
+        &address,
+        0,
+        "disk-full",
+        Duration::from_secs(10),
+    );
     assert!(
         full["detail"].as_str().unwrap().contains("data filesystem"),
         "{full}"
     );
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kinds(&events(&controller, &address)).contains(&"disk-ok".to_owned()) {
-        assert!(Instant::now() < deadline, "no disk-ok event");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    event_after(&controller, &address, 0, "disk-ok", Duration::from_secs(10));
     drop(daemon);
     drop(host);
 }

@@ -23,9 +23,7 @@ use crate::deploy::record::Records;
 use crate::facts::storage;
 use crate::policy::Roots;
 
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
-pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+pub use imfleet_proto::model::health::{DEFAULT_INTERVAL, MAX_INTERVAL, MIN_INTERVAL};
 /// Health streams served at once (the daemon needs one, a `watch` another).
 pub const MAX_STREAMS: usize = 16;
 /// A sample is given to every stream that asks within this time.

@@ -46,7 +46,6 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         webhook: args.webhook,
         retention: args.history,
     };
-    serve::check(&config)?;
     if config.metrics_insecure && !config.metrics_listen.ip().is_loopback() {
         eprintln!(
             "warning: /metrics is served over plain HTTP on {}",

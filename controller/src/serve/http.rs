@@ -34,7 +34,7 @@ fn routes(shared: Shared, with_api: bool) -> Router {
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
     let webhook = shared.webhook.as_ref().map(|w| w.counts());
-    let page = crate::health::metrics::page(&shared.view.snapshots(None), webhook);
+    let page = crate::health::metrics::page(&shared.view.snapshots(), webhook);
     ([(header::CONTENT_TYPE, METRICS_TYPE)], page)
 }
 
@@ -47,7 +47,7 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn hosts(State(shared): State<Shared>) -> impl IntoResponse {
-    axum::Json(shared.view.snapshots(None))
+    axum::Json(shared.view.snapshots())
 }
 
 /// Serves both listeners until `stop` turns true.
@@ -91,7 +91,7 @@ pub(super) async fn bind_socket(path: &Path) -> Result<UnixListener, ServeError>
 
 /// The daemon's socket for a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("run").join(super::SOCKET)
+    crate::state::run_dir(state_dir).join(super::SOCKET)
 }
 
 /// The fleet as the running daemon sees it; `None` when no daemon answers
@@ -102,44 +102,25 @@ pub async fn fetch_hosts(state_dir: &Path) -> Option<Vec<HostSnapshot>> {
 }
 
 async fn get_over_socket(socket: &Path, path: &str) -> Option<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use http_body_util::BodyExt;
     let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: imfleet\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        Some(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()??;
-    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&answer[..head_end]);
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    let body = answer[head_end + 4..].to_vec();
-    // axum answers small JSON bodies with a length; a chunked one is decoded.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return dechunk(&body);
-    }
-    Some(body)
-}
-
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let end = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end]).ok()?.trim(), 16).ok()?;
-        raw = &raw[end + 2..];
-        if size == 0 {
-            return Some(out);
+        let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(connection);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, "imfleet")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let answer = sender.send_request(request).await.ok()?;
+        if answer.status() != http::StatusCode::OK {
+            return None;
         }
-        out.extend_from_slice(raw.get(..size)?);
-        raw = raw.get(size + 2..)?;
-    }
+        Some(answer.into_body().collect().await.ok()?.to_bytes().to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()?
 }

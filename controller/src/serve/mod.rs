@@ -146,7 +146,8 @@ async fn persister(
 
 /// Checks the configuration before anything is opened.
 pub fn check(config: &ServeConfig) -> Result<(), ServeError> {
-    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&config.interval) {
+    use imfleet_proto::model::health::{MAX_INTERVAL, MIN_INTERVAL};
+    if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&config.interval) {
         return Err(ServeError::Interval(config.interval));
     }
     if !config.metrics_listen.ip().is_loopback() && !config.metrics_insecure {
@@ -165,7 +166,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     check(&config)?;
     let (state, _) = ControllerState::open_or_init(state_dir)?;
-    let socket_path = state.run_dir().join(SOCKET);
+    let socket_path = http::socket_path(state_dir);
     let unix = http::bind_socket(&socket_path).await?;
     let tcp = tokio::net::TcpListener::bind(config.metrics_listen)
         .await

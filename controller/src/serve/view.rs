@@ -139,15 +139,11 @@ impl FleetView {
         apply(state, seen, now)
     }
 
-    /// Every host (or those named), as of now.
-    pub fn snapshots(&self, only: Option<&[String]>) -> Vec<HostSnapshot> {
+    /// Every host, as of now.
+    pub fn snapshots(&self) -> Vec<HostSnapshot> {
         let now = crate::now_unix();
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
-        hosts
-            .values()
-            .filter(|s| only.is_none_or(|names| names.contains(&s.record.name)))
-            .map(|s| snapshot(s, now))
-            .collect()
+        hosts.values().map(|s| snapshot(s, now)).collect()
     }
 }
 
@@ -259,7 +255,7 @@ mod tests {
             Some(false),
             "a change is a point at once"
         );
-        let snap = &view.snapshots(None)[0];
+        let snap = &view.snapshots()[0];
         assert_eq!((snap.agent_up, snap.im_healthy), (true, Some(false)));
         assert!(snap.sample.is_some());
         // The agent goes away: an event and a point at once, no stale sample.
@@ -267,21 +263,21 @@ mod tests {
         assert_eq!(gone.events[0].kind, EventKind::AgentUnreachable);
         let point = gone.point.unwrap();
         assert!(!point.agent_up && point.im_healthy.is_none());
-        let snap = &view.snapshots(None)[0];
+        let snap = &view.snapshots()[0];
         assert!(!snap.agent_up && snap.sample.is_none() && snap.im_healthy.is_none());
         assert_eq!(
             (snap.error.as_str(), snap.reconnects),
             ("connection refused", 1)
         );
-        // Unknown hosts are ignored; a selection filters.
+        // Unknown hosts are ignored.
         assert!(view.sample("im9", sample(true), t0).events.is_empty());
-        assert!(view.snapshots(Some(&["im9".to_owned()])).is_empty());
+        assert_eq!(view.snapshots().len(), 1);
         // An agent too old for streams is up, says why, and has no IM.
         let old = view.too_old("im1", "revision 7".into(), t0 + 30);
         assert_eq!(old.events[0].kind, EventKind::AgentBack);
-        let snap = &view.snapshots(None)[0];
+        let snap = &view.snapshots()[0];
         assert!(snap.agent_up && snap.im_healthy.is_none() && snap.im_detail == "revision 7");
         view.forget("im1");
-        assert!(view.snapshots(None).is_empty() && !view.knows("im1"));
+        assert!(view.snapshots().is_empty() && !view.knows("im1"));
     }
 }

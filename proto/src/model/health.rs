@@ -1,7 +1,16 @@
-//! When a container counts as serving: the one rule behind the agent's
-//! `healthy` answers and the controller's health events and metrics.
+//! Health as both sides see it: when a container counts as serving (the
+//! one rule behind the agent's `healthy` answers and the controller's
+//! events and metrics), and the sampling intervals a health stream allows.
+
+use std::time::Duration;
 
 use crate::agent::v1::ContainerStatus;
+
+/// A health stream's interval when the caller names none...
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and the bounds of what it may name.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Running, and healthy where it has a health check.
 pub fn container_serving(c: &ContainerStatus) -> bool {

@@ -19,6 +19,8 @@
 //! - [`preflight`]: judging a host's inventory against PortSIP's needs (pure).
 //! - [`deployment`]: the PortSIP spec (pure) and the deploy steps.
 //! - [`pbx`]: the PBX REST API.
+//! - [`rollout`]: rolling, health-gated upgrades: a persisted state machine
+//!   whose decisions are pure (`rollout::decide`).
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
@@ -30,6 +32,7 @@ pub mod health;
 pub mod pbx;
 pub mod preflight;
 pub mod progress;
+pub mod rollout;
 pub mod serve;
 pub mod ssh;
 pub mod state;

@@ -84,41 +84,16 @@ impl Setup {
 
     /// The `controller deploy` command [`Self::deploy_with`] runs.
     pub fn deploy_command(&self, extra: &[&str], force: bool) -> std::process::Command {
-        let address = self.address();
-        let data = self.data_path().display().to_string();
-        let token = self.token_file().display().to_string();
-        let mut args = vec![
-            "deploy",
-            &address,
-            "-a",
-            &address,
-            "-A",
-            &address,
-            "--pbx",
-            "127.0.0.1",
-            "--db-image",
-            DB_IMAGE,
-            "--data-path",
-            &data,
-            "--users",
-            "5000",
-        ];
-        if force {
-            args.push("--force");
-        }
-        if self.token_file().exists() {
-            args.extend(["--token-file", &token]);
-        }
-        for (flag, default) in [
-            ("--image", IMAGE),
-            ("--health-timeout", "60"),
-            ("--stop-grace", "5"),
-        ] {
-            if !extra.contains(&flag) {
-                args.extend([flag, default]);
-            }
-        }
-        args.extend_from_slice(extra);
+        let token = self.token_file();
+        let token = token.exists().then(|| token.display().to_string());
+        let args = deploy_args(
+            &self.address(),
+            &self.data_path().display().to_string(),
+            token.as_deref(),
+            extra,
+            force,
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.controller.command(&args)
     }
 
@@ -126,6 +101,51 @@ impl Setup {
         let run = self.controller.run(&["status", "--json", &self.address()]);
         serde_json::from_str(&run.stdout).unwrap_or_else(|_| panic!("{run:#?}"))
     }
+}
+
+/// `controller deploy` arguments for a test host at `address`: the test
+/// images, `--force` (test hosts are not Ubuntu 24.04) when asked, short
+/// timeouts; `extra` overrides/extends.
+pub fn deploy_args(
+    address: &str,
+    data: &str,
+    token_file: Option<&str>,
+    extra: &[&str],
+    force: bool,
+) -> Vec<String> {
+    let mut args = vec![
+        "deploy",
+        address,
+        "-a",
+        address,
+        "-A",
+        address,
+        "--pbx",
+        "127.0.0.1",
+        "--db-image",
+        DB_IMAGE,
+        "--data-path",
+        data,
+        "--users",
+        "5000",
+    ];
+    if force {
+        args.push("--force");
+    }
+    if let Some(token) = token_file {
+        args.extend(["--token-file", token]);
+    }
+    for (flag, default) in [
+        ("--image", IMAGE),
+        ("--health-timeout", "60"),
+        ("--stop-grace", "5"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
+    args.extend_from_slice(extra);
+    args.into_iter().map(str::to_owned).collect()
 }
 
 pub fn owner(path: &Path) -> (u32, u32, u32) {

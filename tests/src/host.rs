@@ -40,6 +40,8 @@ pub struct TestHost {
     dir: tempfile::TempDir,
     sshd: Option<Child>,
     _address_lock: File,
+    /// A network namespace and Docker Engine of its own (dropped last).
+    engine: Option<crate::engine::Engine>,
 }
 
 impl TestHost {
@@ -57,10 +59,39 @@ impl TestHost {
             dir,
             sshd: None,
             _address_lock: lock,
+            engine: None,
         };
         host.prepare_files();
         host.spawn_sshd();
         host
+    }
+
+    /// A host in a network namespace of its own with its own Docker Engine
+    /// (holding `images`): sshd, the agent and the IM's containers all live
+    /// there, so several such hosts run the IM side by side.
+    pub fn start_isolated(images: &[&str]) -> TestHost {
+        ensure_test_users();
+        let engine = crate::engine::Engine::start(images);
+        let dir = tempfile::Builder::new()
+            .prefix("imfleet-host-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut host = TestHost {
+            address: engine.address(),
+            dir,
+            sshd: None,
+            _address_lock: engine.lock(),
+            engine: Some(engine),
+        };
+        host.prepare_files();
+        host.spawn_sshd();
+        host
+    }
+
+    /// The host's own engine, for an isolated host.
+    pub fn engine(&self) -> Option<&crate::engine::Engine> {
+        self.engine.as_ref()
     }
 
     pub fn address(&self) -> Ipv4Addr {
@@ -204,12 +235,28 @@ impl TestHost {
         let log = File::create(d.join("sshd.log")).unwrap();
         // A private mount namespace: inside it /opt/imfleet is this host's own
         // directory, for sshd and everything it starts (bootstrap, the agent).
+        // An isolated host's programs see its own engine at the usual socket.
+        let engine_socket = match &self.engine {
+            Some(engine) => format!(
+                "mount --bind '{}' /var/run/docker.sock && ",
+                engine.socket().display()
+            ),
+            None => String::new(),
+        };
         let script = format!(
-            "mount --bind '{opt}' /opt/imfleet && exec /usr/sbin/sshd -D -e -f '{cfg}'",
+            "mount --bind '{opt}' /opt/imfleet && {engine_socket}exec /usr/sbin/sshd -D -e -f '{cfg}'",
             opt = self.opt_imfleet().display(),
             cfg = d.join("sshd_config").display()
         );
-        let child = Command::new("unshare")
+        let enter = self.engine.as_ref().map(|e| e.enter()).unwrap_or_default();
+        let (program, before): (&str, &[String]) = match enter.split_first() {
+            Some((program, rest)) => (program, rest),
+            None => ("unshare", &[]),
+        };
+        let unshare: &[&str] = if enter.is_empty() { &[] } else { &["unshare"] };
+        let child = Command::new(program)
+            .args(before)
+            .args(unshare)
             .args([
                 "--mount",
                 "--propagation",

@@ -8,7 +8,9 @@
 
 pub mod daemon;
 pub mod deploy;
+pub mod engine;
 pub mod fake_pbx;
+pub mod fleet;
 pub mod host;
 pub mod inproc;
 pub mod pki;

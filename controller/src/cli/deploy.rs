@@ -73,7 +73,7 @@ pub struct DeployArgs {
 }
 
 /// Reads a file holding a secret, warning when others may read it too.
-fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
+pub(super) fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("read the {what} from {}", path.display()))?;
@@ -115,7 +115,7 @@ pub struct PbxArgs {
 
 impl PbxArgs {
     /// The API options, reading the password; `None` without --pbx-api.
-    fn options(&self) -> anyhow::Result<Option<PbxOptions>> {
+    pub(super) fn options(&self) -> anyhow::Result<Option<PbxOptions>> {
         let Some(url) = &self.pbx_api else {
             return Ok(None);
         };

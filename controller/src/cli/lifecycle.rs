@@ -147,6 +147,19 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
         for s in statuses.iter().filter(|s| s.error.is_some()) {
             eprintln!("{}: {}", s.host, s.error.as_deref().unwrap_or_default());
         }
+        for s in &statuses {
+            if let Some(r) = &s.rollout {
+                println!(
+                    "{}: rollout {} ({}): {}{}{}",
+                    s.host,
+                    r.id,
+                    r.state.as_str(),
+                    r.phase.as_str(),
+                    if r.detail.is_empty() { "" } else { ": " },
+                    r.detail
+                );
+            }
+        }
         let ages = statuses.iter().filter_map(|s| s.sample_age_seconds);
         if let Some(oldest) = ages.reduce(f64::max) {
             eprintln!("(from `controller serve`: samples at most {oldest:.1} s old)");

@@ -9,6 +9,7 @@ mod lifecycle;
 mod output;
 mod preflight;
 mod serve;
+mod upgrade;
 mod watch;
 
 use std::path::PathBuf;
@@ -75,6 +76,10 @@ pub enum Command {
     History(serve::HistoryArgs),
     /// The fleet live (from `controller serve`): agent, IM, CPU, memory, disk.
     Watch(watch::WatchArgs),
+    /// Rolling, health-gated upgrade with automatic rollback (--resume, --abort).
+    Upgrade(Box<upgrade::UpgradeArgs>),
+    /// Recent rollouts and each host's outcome.
+    Rollouts(upgrade::RolloutsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -100,6 +105,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(args) => serve::events(&dir, args).await,
         Command::History(args) => serve::history(&dir, args).await,
         Command::Watch(args) => watch::watch(&dir, args).await,
+        Command::Upgrade(args) => upgrade::upgrade(&dir, *args).await,
+        Command::Rollouts(args) => upgrade::rollouts(&dir, args).await,
     }
 }
 

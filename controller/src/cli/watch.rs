@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 use imfleet_controller::health::HostSnapshot;
+use imfleet_controller::store::{Rollout, StepPhase};
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -25,6 +26,7 @@ pub struct WatchArgs {
 
 pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdout().is_terminal() && !args.json;
+    let (state, _) = super::open_state(dir)?;
     let mut ticker = tokio::time::interval(args.every.max(Duration::from_millis(200)));
     loop {
         ticker.tick().await;
@@ -43,6 +45,9 @@ pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
                 write!(out, "\x1b[H\x1b[2J")?;
             }
             write!(out, "{}", frame(&hosts, imfleet_controller::now_unix()))?;
+            if let Ok(Some(rollout)) = state.store.active_rollout().await {
+                writeln!(out, "\n{}", rollout_line(&rollout))?;
+            }
             if !terminal {
                 writeln!(out)?;
             }
@@ -115,6 +120,40 @@ pub fn frame(hosts: &[HostSnapshot], now: i64) -> String {
     out
 }
 
+/// The active rollout in one line: how far it is and who is out of service.
+pub fn rollout_line(rollout: &Rollout) -> String {
+    let ended = rollout
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.phase,
+                StepPhase::Done | StepPhase::RolledBack | StepPhase::Failed
+            )
+        })
+        .count();
+    let moving: Vec<String> = rollout
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.phase,
+                StepPhase::Swapping | StepPhase::Verifying | StepPhase::RollingBack
+            )
+        })
+        .map(|s| format!("{} {}", s.host, s.phase.as_str()))
+        .collect();
+    let line = format!(
+        "rollout {} {}: {ended}/{} ended{}{}",
+        rollout.id,
+        rollout.state.as_str(),
+        rollout.steps.len(),
+        if moving.is_empty() { "" } else { "; " },
+        moving.join(", ")
+    );
+    clip(&line, WIDTH)
+}
+
 /// `text` cut to `width` characters (with `~` marking the cut).
 fn clip(text: &str, width: usize) -> String {
     if text.chars().count() <= width {
@@ -128,7 +167,40 @@ fn clip(text: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use imfleet_controller::store::{RolloutState, RolloutStep};
     use imfleet_proto::agent::v1::{FilesystemUsage, HealthSample, HostMetrics};
+
+    #[test]
+    fn the_rollout_line_says_how_far_and_who_is_down() {
+        let step = |host: &str, phase| RolloutStep {
+            host: host.into(),
+            position: 0,
+            batch: 0,
+            canary: false,
+            phase,
+            from_revision: None,
+            to_revision: None,
+            detail: String::new(),
+            updated_at: 0,
+        };
+        let rollout = Rollout {
+            id: 7,
+            state: RolloutState::Running,
+            holder: "pbx01:1".into(),
+            params: serde_json::Value::Null,
+            created_at: 0,
+            updated_at: 0,
+            steps: vec![
+                step("im1", StepPhase::Done),
+                step("im2", StepPhase::Verifying),
+                step(&"x".repeat(90), StepPhase::Staged),
+            ],
+        };
+        assert_eq!(
+            rollout_line(&rollout),
+            "rollout 7 running: 1/3 ended; im2 verifying"
+        );
+    }
 
     #[test]
     fn every_line_fits_80_columns_and_says_what_matters() {

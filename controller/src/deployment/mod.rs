@@ -6,7 +6,7 @@ pub mod api;
 pub mod portsip;
 pub mod run;
 pub mod token;
-mod upload;
+pub(crate) mod upload;
 
 pub use portsip::{DEPLOYMENT_NAME, PortsipParams, portsip_spec};
 pub use run::{DeployError, DeployReport, DeployRequest, deploy};

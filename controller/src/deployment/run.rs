@@ -168,13 +168,51 @@ pub async fn deploy_with(
     let (token, token_from_pbx) = progress
         .phase(Phase::ImToken, "", obtain_token(&request.token, pbx))
         .await?;
+    let installed = install(store, agent, request, &token, pbx, &gate.failed, progress).await?;
+    Ok(DeployReport {
+        deployment: installed.record,
+        status: installed.status,
+        unchanged: installed.unchanged,
+        overridden: gate.failed,
+        warnings: gate.warnings,
+        pbx: installed.registered.map(|registered| PbxReport {
+            whitelisted,
+            registered,
+            token_from_pbx,
+        }),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// What [`install`] did.
+#[derive(Debug)]
+pub(crate) struct Installed {
+    pub record: DeploymentRecord,
+    pub status: DeploymentStatus,
+    pub unchanged: bool,
+    /// What the PBX shows now, when its API was used.
+    pub registered: Option<ImAddresses>,
+}
+
+/// The swap with the token in hand: build the spec, apply it, record the
+/// revision (failed ones too), register on the PBX. Deploy and each host's
+/// step of a rollout (forward or back) go through here.
+pub(crate) async fn install(
+    store: &Store,
+    agent: &impl AgentApi,
+    request: &DeployRequest,
+    token: &ImToken,
+    pbx: Option<&impl PbxApi>,
+    overridden: &[Check],
+    progress: &Reporter,
+) -> Result<Installed, DeployError> {
     let spec = portsip::portsip_spec(&request.params, &token.fingerprint());
-    let mut record = deployment_record(request, &gate.failed, &spec.config_hash);
+    let mut record = deployment_record(request, overridden, &spec.config_hash);
     let applied = progress
         .phase(
             Phase::Apply,
             DEPLOYMENT_NAME,
-            apply(agent, request, spec, &token, progress),
+            apply(agent, request, spec, token, progress),
         )
         .await;
     let (status, unchanged) = match applied {
@@ -207,24 +245,19 @@ pub async fn deploy_with(
     };
     // Recorded before the PBX is asked: the host runs it either way.
     store.record_apply(&record, outcome, "").await?;
-    let pbx_report = match pbx {
-        Some(pbx) => Some(PbxReport {
-            whitelisted,
-            registered: progress
+    let registered = match pbx {
+        Some(pbx) => Some(
+            progress
                 .phase(Phase::Register, "", register(pbx, request))
                 .await?,
-            token_from_pbx,
-        }),
+        ),
         None => None,
     };
-    Ok(DeployReport {
-        deployment: record,
+    Ok(Installed {
+        record,
         status,
         unchanged,
-        overridden: gate.failed,
-        warnings: gate.warnings,
-        pbx: pbx_report,
-        elapsed_ms: started.elapsed().as_millis() as u64,
+        registered,
     })
 }
 
@@ -255,7 +288,10 @@ pub fn check_roots(
 }
 
 /// Step 1: the agent answers, is new enough, and may use the directories.
-async fn check_agent(agent: &impl AgentApi, request: &DeployRequest) -> Result<(), DeployError> {
+pub(crate) async fn check_agent(
+    agent: &impl AgentApi,
+    request: &DeployRequest,
+) -> Result<(), DeployError> {
     let pong = agent.ping().await?;
     agent.require(Feature::Apply).await?;
     check_roots(
@@ -271,7 +307,7 @@ async fn check_agent(agent: &impl AgentApi, request: &DeployRequest) -> Result<(
 }
 
 /// Step 2: the token as given, or from the PBX (new when asked for).
-async fn obtain_token(
+pub(crate) async fn obtain_token(
     source: &TokenSource,
     pbx: Option<&impl PbxApi>,
 ) -> Result<(ImToken, bool), DeployError> {
@@ -290,14 +326,14 @@ async fn obtain_token(
 }
 
 /// What preflight let through.
-struct Gate {
+pub(crate) struct Gate {
     /// Failed checks `--force` overrode.
-    failed: Vec<Check>,
-    warnings: Vec<Check>,
+    pub failed: Vec<Check>,
+    pub warnings: Vec<Check>,
 }
 
 /// Step 3: preflight; failures stop the deploy unless forced.
-async fn preflight_gate(
+pub(crate) async fn preflight_gate(
     agent: &impl AgentApi,
     request: &DeployRequest,
 ) -> Result<Gate, DeployError> {

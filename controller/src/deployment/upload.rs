@@ -10,7 +10,7 @@ const CHUNK: usize = 1024 * 1024;
 
 /// Hashes the archive, then streams it; the agent loads it only if size and
 /// sha256 match.
-pub(super) async fn upload_image(
+pub(crate) async fn upload_image(
     agent: &impl AgentApi,
     path: &std::path::Path,
     progress: &Reporter,

@@ -92,6 +92,37 @@ pub struct ServiceStatus {
     pub source: &'static str,
     /// With the daemon: seconds since the host's last sample.
     pub sample_age_seconds: Option<f64>,
+    /// The host's place in the active rollout, if it is in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<HostRollout>,
+}
+
+/// A host's step in the active rollout, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRollout {
+    pub id: i64,
+    pub state: crate::store::RolloutState,
+    pub phase: crate::store::StepPhase,
+    pub detail: String,
+}
+
+/// Marks each status with its host's step in the active rollout.
+async fn attach_rollout(store: &crate::store::Store, statuses: &mut [ServiceStatus]) {
+    let Ok(Some(rollout)) = store.active_rollout().await else {
+        return;
+    };
+    for status in statuses {
+        status.rollout = rollout
+            .steps
+            .iter()
+            .find(|s| s.host == status.host)
+            .map(|s| HostRollout {
+                id: rollout.id,
+                state: rollout.state,
+                phase: s.phase,
+                detail: s.detail.clone(),
+            });
+    }
 }
 
 pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
@@ -113,6 +144,7 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 error: None,
                 source: "agent",
                 sample_age_seconds: None,
+                rollout: None,
             },
             Err(e) => ServiceStatus {
                 host: host.name,
@@ -123,6 +155,7 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 error: Some(crate::error_chain(&e)),
                 source: "agent",
                 sample_age_seconds: None,
+                rollout: None,
             },
         });
     }
@@ -137,12 +170,16 @@ pub async fn status_preferring_daemon(
     state_dir: &std::path::Path,
     hosts: &[HostRecord],
 ) -> Vec<ServiceStatus> {
-    if let Some(snapshots) = crate::serve::http::fetch_hosts(state_dir).await
-        && let Some(statuses) = from_snapshots(fleet, hosts, &snapshots).await
-    {
-        return statuses;
+    let mut statuses = match crate::serve::http::fetch_hosts(state_dir).await {
+        Some(snapshots) => from_snapshots(fleet, hosts, &snapshots).await,
+        None => None,
+    };
+    if statuses.is_none() {
+        statuses = Some(status(fleet, hosts).await);
     }
-    status(fleet, hosts).await
+    let mut statuses = statuses.unwrap_or_default();
+    attach_rollout(fleet.store(), &mut statuses).await;
+    statuses
 }
 
 /// `None` when the daemon has not seen one of the hosts yet.
@@ -180,6 +217,7 @@ async fn from_snapshots(
                 .or_else(|| (!snap.im_detail.is_empty()).then(|| snap.im_detail.clone())),
             source: "daemon",
             sample_age_seconds: snap.sample_age_seconds,
+            rollout: None,
         });
     }
     Some(out)

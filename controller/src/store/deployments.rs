@@ -240,6 +240,43 @@ impl Store {
         .await
     }
 
+    /// One revision's deployment, by id.
+    pub async fn revision(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.call(move |c| {
+            let params: Option<String> = c
+                .query_row(
+                    "SELECT params FROM deployment_revisions WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            params
+                .map(|p| {
+                    serde_json::from_str(&p).map_err(|_| StoreError::Corrupt {
+                        what: "a revision's parameters",
+                        value: p,
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    /// The newest revision of `host` that ended running healthy.
+    pub async fn last_good_revision(&self, host: &str) -> Result<Option<i64>, StoreError> {
+        let host = host.to_owned();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT id FROM deployment_revisions
+                 WHERE host = ?1 AND outcome IN ('applied', 'unchanged') ORDER BY id DESC LIMIT 1",
+                [host],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
     /// Records a start/stop/restart/remove of a host's deployment; a removal
     /// also forgets the current row (revisions stay as history).
     pub async fn record_control(

@@ -290,6 +290,23 @@ impl Store {
         .await
     }
 
+    /// Replaces a rollout's recorded parameters (a resume accepting the
+    /// failures so far).
+    pub async fn set_rollout_params(
+        &self,
+        rollout: i64,
+        params: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE rollouts SET params = ?2, updated_at = ?3 WHERE id = ?1",
+                params![rollout, params.to_string(), crate::now_unix()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn rollout(&self, id: i64) -> Result<Option<Rollout>, StoreError> {
         self.call(move |c| load(c, id)).await
     }

@@ -11,7 +11,8 @@
 //!   `GET /svr_stats` on 8902. Knobs (image variants set them):
 //!   `FAKE_IM_HEALTH=never` (503 forever), `FAKE_IM_SIGTERM=ignore` (no
 //!   handler: as PID 1 only the kill after the grace period ends it),
-//!   `FAKE_IM_CRASH=start` (exits with an error at once).
+//!   `FAKE_IM_CRASH=start` (exits with an error at once); `FAKE_IM_VERSION`
+//!   is what `/svr_stats` and `initdt.sh`'s `VERSION` file report.
 //! - `initdt.sh -D <dir> --pg-superuser-name <n> --pg-superuser-password <pw>`:
 //!   uid 888; logs in to the database with that password.
 //! - `run_im_websrv.sh websrv serve -n websrv -D <dir>`: uid 888; takes a
@@ -276,7 +277,8 @@ fn serve_stats(stream: TcpStream, healthy: bool, started: Instant) -> std::io::R
             (
                 "200 OK",
                 format!(
-                    "{{\"status\":\"ok\",\"online_users\":0,\"uptime\":{}}}",
+                    "{{\"status\":\"ok\",\"version\":\"{}\",\"online_users\":0,\"uptime\":{}}}",
+                    version(),
                     started.elapsed().as_secs()
                 ),
             )
@@ -311,6 +313,11 @@ fn serve_http(
     )
 }
 
+/// The version the image stands in for (`FAKE_IM_VERSION`, set by the image).
+fn version() -> String {
+    std::env::var("FAKE_IM_VERSION").unwrap_or_else(|_| "22.0.0-fake".into())
+}
+
 fn initdt(args: &[String]) -> Result<(), String> {
     require_uid(PORTSIP_UID, "portsip")?;
     let dir = PathBuf::from(required(args, "-D")?);
@@ -321,7 +328,7 @@ fn initdt(args: &[String]) -> Result<(), String> {
     }
     wait_for_port(5432, Duration::from_secs(60))?;
     db_login(user, password)?;
-    std::fs::write(dir.join("VERSION"), "22.0.0-fake\n")
+    std::fs::write(dir.join("VERSION"), format!("{}\n", version()))
         .map_err(|e| format!("write {}/VERSION: {e}", dir.display()))?;
     eprintln!("initdt: database initialised for {}", dir.display());
     Ok(())

@@ -1,0 +1,355 @@
+//! `controller upgrade` (start, `--resume`, `--abort`, `--dry-run`) and
+//! `controller rollouts`: parsing and presentation of `rollout`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use imfleet_controller::deployment::{ImToken, TokenSource};
+use imfleet_controller::rollout::{
+    self, EventSink, Limits, RolloutEvent, RolloutPlan, Timing, UpgradeRequest,
+};
+use imfleet_controller::store::{Rollout, RolloutState};
+
+use super::deploy::{PbxArgs, read_secret_file};
+use super::output;
+
+#[derive(Args)]
+pub struct UpgradeArgs {
+    /// Hosts to upgrade, in this order.
+    #[arg(required_unless_present_any = ["all", "resume", "abort"])]
+    hosts: Vec<String>,
+    /// Every host with a deployment.
+    #[arg(long, conflicts_with = "hosts")]
+    all: bool,
+    /// New IM server image. Default: the one --image-file names.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// `docker save` archive staged on every host before any swap (repeatable).
+    #[arg(long, value_name = "FILE")]
+    image_file: Vec<PathBuf>,
+    /// New database image. Default: keep each host's.
+    #[arg(long, value_name = "REF")]
+    db_image: Option<String>,
+    /// Hosts out of service at once, rollbacks included.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_parallel: u32,
+    /// Hosts upgraded first, alone; the rest waits until they are done.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    canary: u32,
+    /// A host must stay healthy this long on the new version.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    min_healthy_time: Duration,
+    /// From its swap, a host has this long to be healthy for --min-healthy-time.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    healthy_deadline: Duration,
+    /// From its swap, a host has this long to be done or restored.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    progress_deadline: Duration,
+    /// Failed hosts tolerated before the rollout stops.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_failures: u32,
+    /// Leave a failed host as it is instead of restoring the previous version.
+    #[arg(long)]
+    no_auto_rollback: bool,
+    /// Check every host and print the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Go on with the active rollout where it stopped.
+    #[arg(long, conflicts_with_all = ["hosts", "all", "abort", "dry_run", "image", "image_file", "db_image"])]
+    resume: bool,
+    /// Roll back every host the active rollout changed.
+    #[arg(long, conflicts_with_all = ["hosts", "all", "dry_run", "image", "image_file", "db_image"])]
+    abort: bool,
+    /// File holding the NEW IM token (`-` for stdin). Default:
+    /// IMFLEET_IM_TOKEN, else generated through --pbx-api (read back from it
+    /// for --resume and --abort). Never give it as an argument.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pbx_api: PbxArgs,
+    /// Upgrade despite failed preflight checks.
+    #[arg(long)]
+    force: bool,
+    /// Seconds containers get to stop gracefully.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    stop_grace: u32,
+    /// One JSON object per event on stdout, the rollout last.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RolloutsArgs {
+    /// How many of the newest rollouts.
+    #[arg(long, default_value_t = 10)]
+    limit: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The token from a file, stdin or IMFLEET_IM_TOKEN; `None` when none is given.
+fn given_token(file: Option<&Path>) -> anyhow::Result<Option<ImToken>> {
+    let text = match file {
+        Some(p) if p == Path::new("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("read the IM token from stdin")?;
+            text
+        }
+        Some(p) => read_secret_file(p, "IM token")?,
+        None => match std::env::var("IMFLEET_IM_TOKEN") {
+            Ok(t) => t,
+            Err(_) => return Ok(None),
+        },
+    };
+    Ok(Some(ImToken::parse(&text)?))
+}
+
+pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let pbx = args.pbx_api.options()?;
+    let token = given_token(args.token_file.as_deref())?;
+    let token = match (token, &pbx) {
+        (Some(t), _) => TokenSource::Given(t),
+        (None, Some(_)) if args.resume || args.abort => TokenSource::FromPbx,
+        (None, Some(_)) => TokenSource::NewFromPbx,
+        (None, None) if args.dry_run => TokenSource::FromPbx,
+        (None, None) => bail!(
+            "an upgrade needs the IM token it installs: a NEW one, as the HA guide asks. Generate it in the PBX portal (Servers > IM Servers > Generate Token) and pass --token-file FILE, or give --pbx-api to have it generated (and read back on --resume/--abort)"
+        ),
+    };
+    let (state, _) = super::open_state(dir)?;
+    let events = sink(args.json);
+    let result = if args.resume {
+        rollout::resume(&state, token, pbx, events.sink.clone()).await
+    } else if args.abort {
+        rollout::abort(&state, token, pbx, events.sink.clone()).await
+    } else {
+        let request = UpgradeRequest {
+            selection: super::selection(args.all, &args.hosts),
+            image: args.image.clone(),
+            db_image: args.db_image.clone(),
+            image_files: args.image_file.clone(),
+            canaries: args.canary,
+            limits: Limits {
+                max_parallel: args.max_parallel,
+                max_failures: args.max_failures,
+                auto_rollback: !args.no_auto_rollback,
+                accepted_failures: 0,
+                accepted_canary_failures: 0,
+            },
+            timing: Timing {
+                min_healthy: args.min_healthy_time,
+                healthy_deadline: args.healthy_deadline,
+                progress_deadline: args.progress_deadline,
+            },
+            stop_grace_seconds: args.stop_grace,
+            token,
+            pbx,
+            force: args.force,
+        };
+        if args.dry_run {
+            let plan = rollout::dry_run(&state, &request).await?;
+            if args.json {
+                output::print_json(&plan)?;
+            } else {
+                print_plan(&plan);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        rollout::upgrade(&state, request, events.sink.clone()).await
+    };
+    events.finish();
+    let rollout = result?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "rollout", "rollout": rollout})
+        );
+    } else {
+        print_rollout(&rollout);
+    }
+    let ok = match rollout.state {
+        RolloutState::Succeeded => true,
+        RolloutState::Aborted => args.abort,
+        _ => false,
+    };
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn rollouts(dir: &Path, args: RolloutsArgs) -> anyhow::Result<ExitCode> {
+    let (state, _) = super::open_state(dir)?;
+    let rollouts = state.store.rollouts(args.limit).await?;
+    if args.json {
+        output::print_json(&rollouts)?;
+    } else if rollouts.is_empty() {
+        println!("no rollouts yet");
+    } else {
+        for r in &rollouts {
+            print_rollout(r);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_plan(plan: &RolloutPlan) {
+    println!(
+        "plan: {} host(s), at most {} out of service at once; nothing was changed",
+        plan.lines.len(),
+        plan.max_parallel
+    );
+    let mut table = output::table(&[
+        "batch",
+        "host",
+        "canary",
+        "runs now",
+        "will run",
+        "rollback to",
+    ]);
+    for l in &plan.lines {
+        table.add_row(vec![
+            l.batch.to_string(),
+            l.host.clone(),
+            if l.canary { "yes" } else { "" }.into(),
+            format!("{}\n{}", l.from_image, l.from_db_image),
+            format!("{}\n{}", l.to_image, l.to_db_image),
+            l.from_revision
+                .map_or("-".into(), |r| format!("revision {r}")),
+        ]);
+    }
+    println!("{table}");
+    for (host, check) in &plan.overridden {
+        println!(
+            "{host}: --force overrides failed check {}: {}",
+            check.id, check.observed
+        );
+    }
+    for (host, check) in &plan.warnings {
+        println!("{host}: warning {}: {}", check.id, check.observed);
+    }
+}
+
+fn print_rollout(r: &Rollout) {
+    let image = r.params["image"].as_str().unwrap_or("(images kept)");
+    println!(
+        "rollout {} {} ({image}), started {} by {}",
+        r.id,
+        r.state.as_str(),
+        output::rfc3339(r.created_at),
+        r.holder
+    );
+    let mut table = output::table(&["host", "canary", "phase", "detail"]);
+    for s in &r.steps {
+        table.add_row(vec![
+            s.host.clone(),
+            if s.canary { "yes" } else { "" }.into(),
+            s.phase.as_str().into(),
+            s.detail.clone(),
+        ]);
+    }
+    println!("{table}");
+}
+
+/// Where a rollout's events go: lines (or a spinner) on stderr, or JSON
+/// lines on stdout.
+struct Events {
+    sink: EventSink,
+    bar: indicatif::ProgressBar,
+}
+
+impl Events {
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn overall(ended: usize, total: usize) -> String {
+    let width = 20;
+    let filled = (ended * width).checked_div(total).unwrap_or(width);
+    format!(
+        "[{}{}] {ended}/{total}",
+        "#".repeat(filled),
+        "-".repeat(width - filled)
+    )
+}
+
+fn sink(json: bool) -> Events {
+    if json {
+        let sink: EventSink = Arc::new(|event: RolloutEvent| {
+            if let Ok(line) = serde_json::to_string(&event) {
+                println!("{line}");
+            }
+        });
+        return Events {
+            sink,
+            bar: indicatif::ProgressBar::hidden(),
+        };
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let shown = bar.clone();
+    let sink: EventSink = Arc::new(move |event: RolloutEvent| {
+        let line = match &event {
+            RolloutEvent::Started {
+                rollout,
+                resumed,
+                hosts,
+                ..
+            } => Some(format!(
+                "rollout {rollout} {} for {} host(s)",
+                if *resumed { "taken up" } else { "started" },
+                hosts.len()
+            )),
+            RolloutEvent::Step {
+                host,
+                phase,
+                detail,
+                ended,
+                total,
+                ..
+            } => Some(format!(
+                "{} {host}: {}{}{detail}",
+                overall(*ended, *total),
+                phase.as_str(),
+                if detail.is_empty() { "" } else { ": " }
+            )),
+            RolloutEvent::Finished { state, detail, .. } => {
+                Some(format!("rollout {}: {detail}", state.as_str()))
+            }
+            RolloutEvent::Healthy {
+                host,
+                healthy_ms,
+                needed_ms,
+            } => {
+                shown.set_message(format!(
+                    "{host}: healthy {} s of {} s",
+                    healthy_ms / 1000,
+                    needed_ms / 1000
+                ));
+                None
+            }
+            RolloutEvent::Host { progress } => {
+                shown.set_message(progress.text());
+                None
+            }
+        };
+        if let Some(line) = line {
+            shown.suspend(|| eprintln!("{line}"));
+        }
+    });
+    Events { sink, bar }
+}

@@ -1,0 +1,582 @@
+//! The driver: one process at a time (a lock in the state directory) reads
+//! the recorded rollout, asks `decide` what to do, runs each action as a
+//! host task and goes round again, re-reading the record every second (so
+//! an `--abort` from another terminal is seen). Any error that is not a
+//! host's own outcome stops it with the rollout left active for `--resume`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use super::decide::{Action, Step, decide, is_failure};
+use super::host::{Ctx, HostTarget, HostTask};
+use super::plan::{self, RolloutPlan};
+use super::{EventSink, RolloutEvent, RolloutParams, UpgradeRequest};
+use crate::deployment::run::obtain_token;
+use crate::deployment::{DeployError, ImToken, TokenSource};
+use crate::fleet::{Fleet, FleetError};
+use crate::pbx::{PbxClient, PbxError, PbxOptions};
+use crate::state::ControllerState;
+use crate::store::{HostRecord, Rollout, RolloutState, StepPhase, Store, StoreError};
+
+/// Held by the process driving a rollout, in the state's `run/` directory.
+pub const LOCK_FILE: &str = "rollout.lock";
+/// How often the driver re-reads the record while tasks run.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// How a rollout stands when the command ends.
+pub type RolloutOutcome = Rollout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("image archive {}: {source}", path.display())]
+    ImageFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0} has no healthy IM deployment recorded to upgrade; deploy it first (`controller deploy {0} ...`)"
+    )]
+    NotDeployed(String),
+    #[error("{0}: {1}")]
+    Deploy(String, Box<DeployError>),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pbx(#[from] PbxError),
+    #[error(
+        "rollout {id} is being driven by another controller process right now ({holder}); wait for it, or run `controller upgrade --abort` to have it roll back"
+    )]
+    Busy { id: i64, holder: String },
+    #[error("there is no active rollout to {0}; see `controller rollouts`")]
+    NoActive(&'static str),
+    #[error("the IM token: {0}")]
+    Token(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "rollout {id} stopped: {cause}. Nothing more was started; fix this, then `controller upgrade --resume` (or `--abort`)"
+    )]
+    Stopped { id: i64, cause: Box<RolloutError> },
+}
+
+/// The lock of the process driving rollouts.
+struct RolloutLock(#[allow(dead_code)] File);
+
+fn try_lock(run_dir: &Path) -> Result<Option<RolloutLock>, RolloutError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| RolloutError::Io { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+        .map_err(io(run_dir))?;
+    let path = run_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(RolloutLock(file))),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
+/// `host:pid` of this process, recorded as the rollout's holder.
+fn holder() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "controller".into());
+    format!("{host}:{}", std::process::id())
+}
+
+async fn lock_or_busy(state: &ControllerState) -> Result<RolloutLock, RolloutError> {
+    match try_lock(&state.run_dir())? {
+        Some(lock) => Ok(lock),
+        None => {
+            let active = state.store.active_rollout().await?;
+            Err(RolloutError::Busy {
+                id: active.as_ref().map_or(0, |r| r.id),
+                holder: active.map_or_else(|| "starting".into(), |r| r.holder),
+            })
+        }
+    }
+}
+
+async fn login(options: Option<PbxOptions>) -> Result<Option<PbxClient>, RolloutError> {
+    Ok(match options {
+        Some(options) => Some(PbxClient::login(options).await?),
+        None => None,
+    })
+}
+
+/// The plan for `request`, every host checked; nothing changes.
+pub async fn dry_run(
+    state: &ControllerState,
+    request: &UpgradeRequest,
+) -> Result<RolloutPlan, RolloutError> {
+    let fleet = Fleet::new(state);
+    let hosts = fleet.resolve(&request.selection).await?;
+    Ok(plan::prepare(&fleet, &hosts, request).await?.0)
+}
+
+/// Starts a rollout: checks everything, records the plan, drives it.
+pub async fn upgrade(
+    state: &ControllerState,
+    request: UpgradeRequest,
+    events: EventSink,
+) -> Result<RolloutOutcome, RolloutError> {
+    let _lock = lock_or_busy(state).await?;
+    let store = &state.store;
+    if let Some(active) = store.active_rollout().await? {
+        return Err(StoreError::RolloutActive {
+            id: active.id,
+            holder: active.holder,
+            started_at: active.created_at,
+        }
+        .into());
+    }
+    let fleet = Fleet::new(state);
+    let hosts = fleet.resolve(&request.selection).await?;
+    // The PBX first: an unreachable PBX or bad credentials stop everything.
+    let pbx = login(request.pbx.clone()).await?;
+    let result = async {
+        let (plan, targets) = plan::prepare(&fleet, &hosts, &request).await?;
+        let params = RolloutParams {
+            image: plan.image.clone(),
+            db_image: request.db_image.clone(),
+            image_files: request.image_files.clone(),
+            limits: request.limits,
+            timing: request.timing,
+            stop_grace_seconds: request.stop_grace_seconds,
+            pbx_api: pbx.is_some(),
+        };
+        let id = store
+            .begin_rollout(&holder(), params_json(&params), plan.steps())
+            .await?;
+        events(RolloutEvent::Started {
+            rollout: id,
+            resumed: false,
+            state: RolloutState::Running,
+            hosts: plan.lines.clone(),
+        });
+        Driver::new(&fleet, id, &params, targets, &events, pbx.as_ref())
+            .run(&request.token)
+            .await
+    }
+    .await;
+    if let Some(pbx) = pbx {
+        pbx.logout().await;
+    }
+    result
+}
+
+fn params_json(params: &RolloutParams) -> serde_json::Value {
+    serde_json::to_value(params).unwrap_or_default()
+}
+
+/// The token for resuming or aborting: given, or the PBX's current one.
+fn later_token(token: TokenSource, pbx: bool) -> Result<TokenSource, RolloutError> {
+    match token {
+        TokenSource::Given(_) => Ok(token),
+        _ if pbx => Ok(TokenSource::FromPbx),
+        _ => Err(RolloutError::Token(
+            "going on with a rollout needs the token it installs; pass --token-file, or --pbx-api to read it from the PBX (it is never stored)".into(),
+        )),
+    }
+}
+
+/// Goes on with the active rollout where it stopped. A rollout stopped by
+/// its failure budget goes on with the failures so far accepted.
+pub async fn resume(
+    state: &ControllerState,
+    token: TokenSource,
+    pbx: Option<PbxOptions>,
+    events: EventSink,
+) -> Result<RolloutOutcome, RolloutError> {
+    let _lock = lock_or_busy(state).await?;
+    let store = &state.store;
+    let active = store
+        .active_rollout()
+        .await?
+        .ok_or(RolloutError::NoActive("resume"))?;
+    let token = later_token(token, pbx.is_some())?;
+    let mut params = recorded_params(&active)?;
+    let pbx = login(pbx).await?;
+    let result = async {
+        if active.state == RolloutState::Paused {
+            let phases: Vec<Step> = steps_of(&active);
+            params.limits.accepted_failures =
+                phases.iter().filter(|s| is_failure(s.phase)).count() as u32;
+            params.limits.accepted_canary_failures = phases
+                .iter()
+                .filter(|s| s.canary && is_failure(s.phase))
+                .count() as u32;
+            store
+                .set_rollout_params(active.id, params_json(&params))
+                .await?;
+            store
+                .set_rollout_state(active.id, RolloutState::Running, "resumed")
+                .await?;
+        }
+        let fleet = Fleet::new(state);
+        let targets = targets_of(&fleet, &active, &params).await?;
+        events(started(&active, &targets, true));
+        Driver::new(&fleet, active.id, &params, targets, &events, pbx.as_ref())
+            .run(&token)
+            .await
+    }
+    .await;
+    if let Some(pbx) = pbx {
+        pbx.logout().await;
+    }
+    result
+}
+
+/// Rolls back every host the active rollout changed, under its parallelism
+/// limit. When another process drives the rollout, it is told (through the
+/// record) and this one follows until the rollout ends.
+pub async fn abort(
+    state: &ControllerState,
+    token: TokenSource,
+    pbx: Option<PbxOptions>,
+    events: EventSink,
+) -> Result<RolloutOutcome, RolloutError> {
+    let store = &state.store;
+    let active = store
+        .active_rollout()
+        .await?
+        .ok_or(RolloutError::NoActive("abort"))?;
+    let Some(_lock) = try_lock(&state.run_dir())? else {
+        store
+            .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
+            .await?;
+        return follow(store, active.id, &events).await;
+    };
+    let token = later_token(token, pbx.is_some())?;
+    let params = recorded_params(&active)?;
+    let pbx = login(pbx).await?;
+    let result = async {
+        store
+            .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
+            .await?;
+        let fleet = Fleet::new(state);
+        let targets = targets_of(&fleet, &active, &params).await?;
+        events(started(&active, &targets, true));
+        Driver::new(&fleet, active.id, &params, targets, &events, pbx.as_ref())
+            .run(&token)
+            .await
+    }
+    .await;
+    if let Some(pbx) = pbx {
+        pbx.logout().await;
+    }
+    result
+}
+
+fn recorded_params(rollout: &Rollout) -> Result<RolloutParams, RolloutError> {
+    serde_json::from_value(rollout.params.clone()).map_err(|_| {
+        StoreError::Corrupt {
+            what: "rollout parameters",
+            value: rollout.params.to_string(),
+        }
+        .into()
+    })
+}
+
+fn steps_of(rollout: &Rollout) -> Vec<Step> {
+    rollout
+        .steps
+        .iter()
+        .map(|s| Step {
+            host: s.host.clone(),
+            canary: s.canary,
+            phase: s.phase,
+        })
+        .collect()
+}
+
+async fn targets_of(
+    fleet: &Fleet,
+    rollout: &Rollout,
+    params: &RolloutParams,
+) -> Result<Vec<HostTarget>, RolloutError> {
+    let mut targets = Vec::new();
+    for step in &rollout.steps {
+        let host = fleet.host(&step.host).await?;
+        let from = step
+            .from_revision
+            .ok_or_else(|| RolloutError::NotDeployed(step.host.clone()))?;
+        targets.push(
+            HostTarget::load(
+                fleet.store(),
+                &host,
+                Some(from),
+                params.image.as_deref(),
+                params.db_image.as_deref(),
+            )
+            .await?,
+        );
+    }
+    Ok(targets)
+}
+
+fn started(rollout: &Rollout, targets: &[HostTarget], resumed: bool) -> RolloutEvent {
+    RolloutEvent::Started {
+        rollout: rollout.id,
+        resumed,
+        state: rollout.state,
+        hosts: rollout
+            .steps
+            .iter()
+            .zip(targets)
+            .map(|(s, t)| super::PlanLine {
+                host: s.host.clone(),
+                batch: s.batch,
+                canary: s.canary,
+                from_image: t.from.image.clone(),
+                to_image: t.to.image.clone(),
+                from_db_image: t.from.db_image.clone(),
+                to_db_image: t.to.db_image.clone(),
+                from_revision: s.from_revision,
+            })
+            .collect(),
+    }
+}
+
+/// Reports a rollout another process drives until it ends.
+async fn follow(
+    store: &Store,
+    id: i64,
+    events: &EventSink,
+) -> Result<RolloutOutcome, RolloutError> {
+    let mut seen: BTreeMap<String, (StepPhase, String)> = BTreeMap::new();
+    loop {
+        let rollout = store
+            .rollout(id)
+            .await?
+            .ok_or(RolloutError::NoActive("follow"))?;
+        let total = rollout.steps.len();
+        let ended = rollout
+            .steps
+            .iter()
+            .filter(|s| s.phase == StepPhase::Done || is_failure(s.phase))
+            .count();
+        for step in &rollout.steps {
+            let now = (step.phase, step.detail.clone());
+            if seen.get(&step.host) != Some(&now) {
+                events(RolloutEvent::Step {
+                    rollout: id,
+                    host: step.host.clone(),
+                    phase: step.phase,
+                    detail: step.detail.clone(),
+                    ended,
+                    total,
+                });
+                seen.insert(step.host.clone(), now);
+            }
+        }
+        if !rollout.state.is_active() {
+            return Ok(rollout);
+        }
+        tokio::time::sleep(RECHECK).await;
+    }
+}
+
+/// One process driving one rollout.
+struct Driver<'a> {
+    fleet: &'a Fleet,
+    hosts: BTreeMap<String, HostRecord>,
+    targets: Vec<HostTarget>,
+    ctx: Ctx<'a>,
+}
+
+impl<'a> Driver<'a> {
+    fn new(
+        fleet: &'a Fleet,
+        rollout: i64,
+        params: &'a RolloutParams,
+        targets: Vec<HostTarget>,
+        events: &'a EventSink,
+        pbx: Option<&'a PbxClient>,
+    ) -> Driver<'a> {
+        Driver {
+            fleet,
+            hosts: BTreeMap::new(),
+            targets,
+            ctx: Ctx {
+                store: fleet.store(),
+                rollout,
+                params,
+                pbx,
+                events,
+                phases: Arc::new(Mutex::new(Vec::new())),
+            },
+        }
+    }
+
+    async fn run(mut self, token_source: &TokenSource) -> Result<RolloutOutcome, RolloutError> {
+        let id = self.ctx.rollout;
+        for target in &self.targets {
+            let host = self.fleet.host(&target.host).await?;
+            self.hosts.insert(target.host.clone(), host);
+        }
+        let mut token: Option<ImToken> = None;
+        let mut busy = BTreeSet::new();
+        let mut tried = BTreeSet::new();
+        let mut fatal: Option<RolloutError> = None;
+        let mut tasks = FuturesUnordered::new();
+        let this = &self;
+        loop {
+            let rollout = this
+                .ctx
+                .store
+                .rollout(id)
+                .await?
+                .ok_or(RolloutError::NoActive("drive"))?;
+            *this.ctx.phases.lock().unwrap_or_else(|p| p.into_inner()) = rollout
+                .steps
+                .iter()
+                .map(|s| (s.host.clone(), s.phase))
+                .collect();
+            let aborting = rollout.state == RolloutState::Aborting;
+            if fatal.is_none() {
+                for action in decide(
+                    rollout.state,
+                    &this.ctx.params.limits,
+                    &steps_of(&rollout),
+                    &busy,
+                    &tried,
+                ) {
+                    let host = match &action {
+                        Action::Finish(state, detail) => {
+                            this.ctx.store.set_rollout_state(id, *state, detail).await?;
+                            (this.ctx.events)(RolloutEvent::Finished {
+                                rollout: id,
+                                state: *state,
+                                detail: detail.clone(),
+                            });
+                            return Ok(this.ctx.store.rollout(id).await?.unwrap_or(rollout));
+                        }
+                        Action::Stage(h)
+                        | Action::Observe(h)
+                        | Action::Upgrade(h)
+                        | Action::Verify(h)
+                        | Action::RollBack(h) => h.clone(),
+                    };
+                    let needs_token = !matches!(action, Action::Stage(_));
+                    if needs_token && token.is_none() {
+                        // As late as it can be: a new token revokes the old one.
+                        match obtain_token(token_source, this.ctx.pbx).await {
+                            Ok((t, _)) => token = Some(t),
+                            Err(e) => {
+                                fatal = Some(RolloutError::Token(e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                    busy.insert(host.clone());
+                    tasks.push(this.task(host, action, token.clone(), aborting));
+                }
+            }
+            if tasks.is_empty() {
+                let cause = fatal.take().unwrap_or_else(|| {
+                    RolloutError::Usage(format!(
+                        "rollout {id} is {} with nothing to do",
+                        rollout.state.as_str()
+                    ))
+                });
+                if !rollout.state.is_active() || rollout.state == RolloutState::Paused {
+                    return Ok(rollout);
+                }
+                return Err(RolloutError::Stopped {
+                    id,
+                    cause: Box::new(cause),
+                });
+            }
+            tokio::select! {
+                Some((host, rolled_back, result)) = tasks.next() => {
+                    busy.remove(&host);
+                    if rolled_back {
+                        tried.insert(host);
+                    }
+                    if let Err(e) = result {
+                        fatal.get_or_insert(e);
+                    }
+                }
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+
+    /// One action on one host; says whether it was a rollback.
+    async fn task(
+        &self,
+        host: String,
+        action: Action,
+        token: Option<ImToken>,
+        aborting: bool,
+    ) -> (String, bool, Result<(), RolloutError>) {
+        let rollback = matches!(action, Action::RollBack(_));
+        let result = async {
+            let target = self
+                .targets
+                .iter()
+                .find(|t| t.host == host)
+                .ok_or_else(|| RolloutError::Usage(format!("{host} is not in the rollout")))?;
+            let record = &self.hosts[&host];
+            let agent = self
+                .fleet
+                .connect(record)
+                .await
+                .map_err(|e| RolloutError::Deploy(host.clone(), Box::new(e.into())))?;
+            let task = HostTask {
+                ctx: &self.ctx,
+                target,
+                agent,
+            };
+            let token = || {
+                token
+                    .as_ref()
+                    .ok_or_else(|| RolloutError::Token("not obtained".into()))
+            };
+            match &action {
+                Action::Stage(_) => task.stage().await,
+                Action::Upgrade(_) => task.upgrade(token()?).await,
+                Action::Verify(_) => task.verify(token()?).await,
+                Action::Observe(_) => task.observe(token()?, aborting).await,
+                Action::RollBack(_) => {
+                    let reason = if aborting {
+                        "rollout aborted"
+                    } else {
+                        "restoring the previous version (resumed)"
+                    };
+                    task.roll_back(token()?, reason).await
+                }
+                Action::Finish(..) => Ok(()),
+            }
+        }
+        .await;
+        (host, rollback, result)
+    }
+}

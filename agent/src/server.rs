@@ -12,7 +12,8 @@ use futures::Stream;
 use imfleet_proto::agent::v1::{
     ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HealthSample, HostInventory,
     ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
-    StatusRequest, WatchHealthRequest, control_request::Action,
+    PrepareImagesRequest, PreparedImages, StatusRequest, WatchHealthRequest,
+    control_request::Action,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -278,6 +279,31 @@ impl Agent for AgentService {
     }
 
     type WatchHealthStream = EventStream<HealthSample>;
+
+    async fn prepare_images(
+        &self,
+        request: Request<PrepareImagesRequest>,
+    ) -> Result<Response<PreparedImages>, Status> {
+        let caller = Caller::of(&request);
+        let images = request.into_inner().images;
+        let result = self
+            .deployer
+            .prepare_images(&images)
+            .await
+            .map_err(deploy_status);
+        let detail = match &result {
+            Ok(p) => p
+                .images
+                .iter()
+                .map(|i| format!("{}{}", i.reference, if i.pulled { " (pulled)" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(","),
+            // The refusal itself is the outcome.
+            Err(_) => format!("{} image(s)", images.len()),
+        };
+        self.audit(&caller, "prepare_images", "", detail, outcome_text(&result));
+        result.map(Response::new)
+    }
 
     async fn watch_health(
         &self,

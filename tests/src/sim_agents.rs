@@ -211,5 +211,10 @@ impl Agent for Simulated {
         _: Request<tonic::Streaming<ImageChunk>>,
     ) -> Result<Response<LoadedImage>, Status> {
         Err(Status::unimplemented("simulated"))
+    }    async fn prepare_images(
+        &self,
+        _: Request<imfleet_proto::agent::v1::PrepareImagesRequest>,
+    ) -> Result<Response<imfleet_proto::agent::v1::PreparedImages>, Status> {
+        Err(Status::unimplemented("simulated"))
     }
 }

@@ -268,3 +268,34 @@ async fn purge_removes_only_what_a_deployment_recorded() {
         .count();
     assert_eq!(refused, 4);
 }
+
+#[tokio::test]
+async fn image_staging_takes_only_image_references() {
+    let h = Hostile::start().await;
+    let agent = h.agent().await;
+    for images in [
+        vec!["--config=/etc/shadow".to_owned()],
+        vec!["portsip/pbx:22\nX-Injected: 1".to_owned()],
+        vec!["portsip/pbx:22".to_owned(); 9],
+    ] {
+        let err = agent.prepare_images(images.clone()).await.unwrap_err();
+        assert!(matches!(err, AgentError::Rejected { .. }), "{images:?}: {err}");
+    }
+    // Only the space is asked: no image is touched, the Engine's root is told.
+    let space = agent.prepare_images(Vec::new()).await.unwrap();
+    assert!(space.images.is_empty());
+    assert!(!space.docker_root.is_empty() && space.docker_root_available_bytes > 0);
+    let audit = h.audit();
+    let staged: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|e| e["rpc"] == "prepare_images")
+        .collect();
+    // Every request is audited, one JSON line each (the newline stayed escaped).
+    assert_eq!(staged.len(), 4, "{staged:?}");
+    assert!(
+        staged[..3]
+            .iter()
+            .all(|e| e["outcome"].as_str().unwrap().starts_with("refused")),
+        "{staged:?}"
+    );
+}

@@ -17,6 +17,7 @@ pub mod readiness;
 pub mod record;
 pub mod recovery;
 pub mod secrets;
+pub mod staging;
 pub mod unchanged;
 pub mod validate;
 

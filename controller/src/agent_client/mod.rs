@@ -8,7 +8,7 @@ use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
     ApplyEvent, ApplyRequest, ControlRequest, DeploymentSpec, DeploymentStatus, HealthSample,
     HostInventory, ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
-    PingRequest, StatusRequest, WatchHealthRequest,
+    PingRequest, PrepareImagesRequest, PreparedImages, StatusRequest, WatchHealthRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -29,6 +29,8 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A followed log stream ends after a day.
 const LOGS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// Staging may pull images of several GB over a slow link.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 /// Slack on top of what a long call is computed to wait for.
 const CALL_MARGIN: Duration = Duration::from_secs(600);
 /// Most containers one Control call stops in turn (a deployment plus a
@@ -269,6 +271,16 @@ impl Agent {
         self.call(request, STATUS_TIMEOUT, |mut c, r| async move {
             c.status(r).await
         })
+        .await
+    }
+
+    /// Images on the host (missing ones pulled) and the Engine's free space.
+    pub async fn prepare_images(&self, images: Vec<String>) -> Result<PreparedImages, AgentError> {
+        self.call(
+            PrepareImagesRequest { images },
+            PREPARE_TIMEOUT,
+            |mut c, r| async move { c.prepare_images(r).await },
+        )
         .await
     }
 

@@ -12,6 +12,8 @@ pub enum Feature {
     Purge,
     /// The health stream `controller serve` follows (8).
     WatchHealth,
+    /// Rollouts: images staged and the Engine's free space reported (9).
+    PrepareImages,
 }
 
 impl Feature {
@@ -21,6 +23,7 @@ impl Feature {
             Feature::Apply => 7,
             Feature::Purge => 6,
             Feature::WatchHealth => 8,
+            Feature::PrepareImages => 9,
         }
     }
 
@@ -29,6 +32,7 @@ impl Feature {
             Feature::Apply => "deploying",
             Feature::Purge => "purging data",
             Feature::WatchHealth => "streaming health",
+            Feature::PrepareImages => "rolling upgrades",
         }
     }
 
@@ -54,7 +58,12 @@ mod tests {
         assert_eq!(Feature::Purge.check(5), Err(6));
         assert_eq!(Feature::Purge.check(6), Ok(()));
         // Nothing this build needs is newer than what it speaks itself.
-        for f in [Feature::Apply, Feature::Purge, Feature::WatchHealth] {
+        for f in [
+            Feature::Apply,
+            Feature::Purge,
+            Feature::WatchHealth,
+            Feature::PrepareImages,
+        ] {
             assert!(f.check(imfleet_proto::PROTOCOL_REVISION).is_ok());
         }
     }

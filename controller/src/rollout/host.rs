@@ -234,14 +234,35 @@ impl HostTask<'_> {
             )
             .await?;
         let reporter = self.ctx.reporter(self.host());
+        let failed = |e: DeployError| RolloutError::Deploy(self.host().to_owned(), Box::new(e));
         for path in files {
             upload_image(&self.agent, path, &reporter)
                 .await
-                .map_err(|e| RolloutError::Deploy(self.host().to_owned(), Box::new(e)))?;
+                .map_err(failed)?;
         }
-        self.ctx
-            .set(self.host(), StepPhase::Staged, &self.target.to.image)
+        // Every image the new version runs is on the host now (pulled if
+        // need be), or the rollout stops before any host is touched.
+        let images = vec![self.target.to.image.clone(), self.target.to.db_image.clone()];
+        let prepared = self
+            .agent
+            .prepare_images(images)
             .await
+            .map_err(|e| failed(e.into()))?;
+        let detail = prepared
+            .images
+            .iter()
+            .map(|i| {
+                let short = i.id.trim_start_matches("sha256:");
+                format!(
+                    "{} {}{}",
+                    i.reference,
+                    &short[..short.len().min(12)],
+                    if i.pulled { " (pulled)" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.ctx.set(self.host(), StepPhase::Staged, &detail).await
     }
 
     async fn install(&self, record: &DeploymentRecord, token: &ImToken) -> Result<(), DeployError> {

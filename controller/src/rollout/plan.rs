@@ -11,6 +11,7 @@ use super::decide::batches;
 use super::host::{HostTarget, deploy_request};
 use super::{RolloutError, UpgradeRequest};
 use crate::deployment::run::{Gate, check_agent, preflight_gate};
+use crate::agent_client::Feature;
 use crate::fleet::Fleet;
 use crate::preflight::Check;
 use crate::store::{HostRecord, PlannedStep};
@@ -200,8 +201,48 @@ pub async fn prepare(
     ))
 }
 
-/// One host: its agent answers, may apply in these directories, and the
-/// host passes preflight for the new version (unless forced).
+/// Kept free on the Engine's filesystem beyond what the archives take.
+const SPACE_HEADROOM: u64 = 256 << 20;
+
+/// Whether the Engine's filesystem (`available` bytes free) can take the
+/// archives: each is spooled and then loaded, so twice their size at the
+/// peak when the spool shares the filesystem, plus headroom.
+pub fn check_space(
+    host: &str,
+    root: &str,
+    available: u64,
+    archive_bytes: u64,
+) -> Result<(), RolloutError> {
+    if archive_bytes == 0 {
+        return Ok(());
+    }
+    let needed = archive_bytes.saturating_mul(2).saturating_add(SPACE_HEADROOM);
+    if available >= needed {
+        return Ok(());
+    }
+    Err(RolloutError::NoSpace {
+        host: host.to_owned(),
+        root: if root.is_empty() {
+            "the Docker data root".into()
+        } else {
+            root.to_owned()
+        },
+        needed_mb: needed / 1_000_000,
+        available_mb: available / 1_000_000,
+    })
+}
+
+fn archive_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// One host: its agent answers, may apply in these directories, has room
+/// for the new images, and the host passes preflight for the new version
+/// (unless forced).
 async fn check_host(
     fleet: &Fleet,
     host: &HostRecord,
@@ -221,5 +262,37 @@ async fn check_host(
     )?;
     deploy.force = request.force;
     check_agent(&agent, &deploy).await.map_err(deploy_error)?;
+    let agent_error = |e: crate::agent_client::AgentError| deploy_error(e.into());
+    agent
+        .require(Feature::PrepareImages)
+        .await
+        .map_err(agent_error)?;
+    let space = agent
+        .prepare_images(Vec::new())
+        .await
+        .map_err(agent_error)?;
+    check_space(
+        &host.name,
+        &space.docker_root,
+        space.docker_root_available_bytes,
+        archive_bytes(&request.image_files),
+    )?;
     preflight_gate(&agent, &deploy).await.map_err(deploy_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archives_need_twice_their_size_and_headroom() {
+        let gb = 1_000_000_000;
+        assert!(check_space("im1", "/var/lib/docker", 0, 0).is_ok(), "nothing to load");
+        assert!(check_space("im1", "/var/lib/docker", 3 * gb, gb).is_ok());
+        let err = check_space("im1", "/var/lib/docker", 2 * gb, gb).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("im1") && text.contains("/var/lib/docker"), "{text}");
+        assert!(text.contains("2268 MB") && text.contains("2000 MB"), "{text}");
+        assert!(check_space("im1", "", 10, 1).unwrap_err().to_string().contains("Docker data root"));
+    }
 }

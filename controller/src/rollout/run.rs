@@ -47,6 +47,15 @@ pub enum RolloutError {
     NotDeployed(String),
     #[error("{0}: {1}")]
     Deploy(String, Box<DeployError>),
+    #[error(
+        "{host}: the new images need about {needed_mb} MB in {root} (where the Docker Engine keeps images), {available_mb} MB are free; free some space there first (nothing was changed)"
+    )]
+    NoSpace {
+        host: String,
+        root: String,
+        needed_mb: u64,
+        available_mb: u64,
+    },
     #[error(transparent)]
     Fleet(#[from] FleetError),
     #[error(transparent)]

@@ -23,11 +23,17 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `n` isolated hosts, bootstrapped and deployed healthy.
+    /// `n` isolated hosts, bootstrapped and deployed healthy, every test
+    /// image on each.
     pub fn deployed(n: usize) -> Fleet {
+        Fleet::deployed_with(n, IMAGES)
+    }
+
+    /// [`Fleet::deployed`] with only `images` on each host's engine.
+    pub fn deployed_with(n: usize, images: &[&str]) -> Fleet {
         let fleet = Fleet {
             controller: Controller::new(),
-            hosts: (0..n).map(|_| TestHost::start_isolated(IMAGES)).collect(),
+            hosts: (0..n).map(|_| TestHost::start_isolated(images)).collect(),
             work: tempfile::tempdir().unwrap(),
             tokens: AtomicU32::new(0),
         };

@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use imfleet_tests::deploy::IMAGE;
+use imfleet_tests::deploy::{DB_IMAGE, IMAGE};
 use imfleet_tests::fleet::{Fleet, NEXT_IMAGE, NEXT_NEVER_HEALTHY, most_out_of_service};
 
 fn position(timeline: &[(String, String)], host: &str, phase: &str) -> usize {
@@ -265,6 +265,54 @@ fn max_parallel_two_never_has_more_than_two_hosts_down() {
     assert!(run.success(), "{run:#?}");
     let timeline = fleet.timeline();
     assert_eq!(most_out_of_service(&timeline), 2, "{timeline:?}");
+    for i in 0..3 {
+        assert_eq!(fleet.running(i), (NEXT_IMAGE.to_owned(), true), "host {i}");
+    }
+}
+
+#[test]
+fn a_missing_image_stops_before_any_host_and_an_archive_stages_it_everywhere() {
+    let fleet = Fleet::deployed_with(3, &[IMAGE, DB_IMAGE]);
+    let started: Vec<String> = (0..3).map(|i| fleet.im_started_at(i)).collect();
+    // No registry here: the image can be neither found nor pulled.
+    let run = fleet.upgrade(&["--image", NEXT_IMAGE]);
+    assert!(!run.success(), "{run:#?}");
+    assert!(run.stderr.contains("could not be pulled"), "{run:#?}");
+    assert!(!fleet.timeline().iter().any(|(_, p)| p == "swapping"));
+    for (i, before) in started.iter().enumerate() {
+        assert_eq!(&fleet.im_started_at(i), before, "host {i} was touched");
+    }
+    // Nothing changed, so aborting restores nothing and ends the rollout.
+    let token = fleet.new_token();
+    let abort = fleet.controller.run(&[
+        "upgrade",
+        "--abort",
+        "--token-file",
+        &token.display().to_string(),
+    ]);
+    assert!(abort.success(), "{abort:#?}");
+    assert_eq!(fleet.last_rollout()["state"], "aborted");
+
+    // The archive (a `docker save` of the next version) is streamed to every
+    // host before the first swap.
+    let archive = tempfile::NamedTempFile::new().unwrap();
+    let saved = std::process::Command::new("docker")
+        .args(["save", "-o"])
+        .arg(archive.path())
+        .arg(NEXT_IMAGE)
+        .status()
+        .unwrap();
+    assert!(saved.success());
+    let run = fleet.upgrade(&["--image-file", &archive.path().display().to_string()]);
+    assert!(run.success(), "{run:#?}");
+    let timeline = fleet.timeline();
+    let first_swap = timeline.iter().position(|(_, p)| p == "swapping").unwrap();
+    let staged_before = timeline[..first_swap]
+        .iter()
+        .filter(|(_, p)| p == "staged")
+        .count();
+    // The first rollout never got past staging.
+    assert_eq!(staged_before, 3, "{timeline:?}");
     for i in 0..3 {
         assert_eq!(fleet.running(i), (NEXT_IMAGE.to_owned(), true), "host {i}");
     }

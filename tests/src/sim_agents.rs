@@ -211,7 +211,8 @@ impl Agent for Simulated {
         _: Request<tonic::Streaming<ImageChunk>>,
     ) -> Result<Response<LoadedImage>, Status> {
         Err(Status::unimplemented("simulated"))
-    }    async fn prepare_images(
+    }
+    async fn prepare_images(
         &self,
         _: Request<imfleet_proto::agent::v1::PrepareImagesRequest>,
     ) -> Result<Response<imfleet_proto::agent::v1::PreparedImages>, Status> {

@@ -279,7 +279,10 @@ async fn image_staging_takes_only_image_references() {
         vec!["portsip/pbx:22".to_owned(); 9],
     ] {
         let err = agent.prepare_images(images.clone()).await.unwrap_err();
-        assert!(matches!(err, AgentError::Rejected { .. }), "{images:?}: {err}");
+        assert!(
+            matches!(err, AgentError::Rejected { .. }),
+            "{images:?}: {err}"
+        );
     }
     // Only the space is asked: no image is touched, the Engine's root is told.
     let space = agent.prepare_images(Vec::new()).await.unwrap();

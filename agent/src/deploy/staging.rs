@@ -79,7 +79,7 @@ impl<C: Containers> Deployer<C> {
         };
         let root = info.docker_root_dir.unwrap_or_default();
         let available = nix::sys::statvfs::statvfs(root.as_str())
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
             .unwrap_or(0);
         (root, available)
     }

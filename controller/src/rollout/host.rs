@@ -242,7 +242,10 @@ impl HostTask<'_> {
         }
         // Every image the new version runs is on the host now (pulled if
         // need be), or the rollout stops before any host is touched.
-        let images = vec![self.target.to.image.clone(), self.target.to.db_image.clone()];
+        let images = vec![
+            self.target.to.image.clone(),
+            self.target.to.db_image.clone(),
+        ];
         let prepared = self
             .agent
             .prepare_images(images)

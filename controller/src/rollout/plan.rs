@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::decide::batches;
 use super::host::{HostTarget, deploy_request};
 use super::{RolloutError, UpgradeRequest};
-use crate::deployment::run::{Gate, check_agent, preflight_gate};
 use crate::agent_client::Feature;
+use crate::deployment::run::{Gate, check_agent, preflight_gate};
 use crate::fleet::Fleet;
 use crate::preflight::Check;
 use crate::store::{HostRecord, PlannedStep};
@@ -216,7 +216,9 @@ pub fn check_space(
     if archive_bytes == 0 {
         return Ok(());
     }
-    let needed = archive_bytes.saturating_mul(2).saturating_add(SPACE_HEADROOM);
+    let needed = archive_bytes
+        .saturating_mul(2)
+        .saturating_add(SPACE_HEADROOM);
     if available >= needed {
         return Ok(());
     }
@@ -287,12 +289,26 @@ mod tests {
     #[test]
     fn archives_need_twice_their_size_and_headroom() {
         let gb = 1_000_000_000;
-        assert!(check_space("im1", "/var/lib/docker", 0, 0).is_ok(), "nothing to load");
+        assert!(
+            check_space("im1", "/var/lib/docker", 0, 0).is_ok(),
+            "nothing to load"
+        );
         assert!(check_space("im1", "/var/lib/docker", 3 * gb, gb).is_ok());
         let err = check_space("im1", "/var/lib/docker", 2 * gb, gb).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("im1") && text.contains("/var/lib/docker"), "{text}");
-        assert!(text.contains("2268 MB") && text.contains("2000 MB"), "{text}");
-        assert!(check_space("im1", "", 10, 1).unwrap_err().to_string().contains("Docker data root"));
+        assert!(
+            text.contains("im1") && text.contains("/var/lib/docker"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2268 MB") && text.contains("2000 MB"),
+            "{text}"
+        );
+        assert!(
+            check_space("im1", "", 10, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("Docker data root")
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::deployment::{DeployError, ImToken, TokenSource};
 use crate::fleet::{Fleet, FleetError};
 use crate::pbx::{PbxClient, PbxError, PbxOptions};
 use crate::state::ControllerState;
-use crate::store::{HostRecord, Rollout, RolloutState, StepPhase, Store, StoreError};
+use crate::store::{HostRecord, Rollout, RolloutState, StepPhase, StoreError};
 
 /// Held by the process driving a rollout, in the state's `run/` directory.
 pub const LOCK_FILE: &str = "rollout.lock";
@@ -66,6 +66,10 @@ pub enum RolloutError {
         "rollout {id} is being driven by another controller process right now ({holder}); wait for it, or run `controller upgrade --abort` to have it roll back"
     )]
     Busy { id: i64, holder: String },
+    #[error(
+        "another `controller upgrade` is checking its hosts right now; wait for it to start its rollout (see `controller rollouts`)"
+    )]
+    Starting,
     #[error("there is no active rollout to {0}; see `controller rollouts`")]
     NoActive(&'static str),
     #[error("the IM token: {0}")]
@@ -122,13 +126,13 @@ fn holder() -> String {
 async fn lock_or_busy(state: &ControllerState) -> Result<RolloutLock, RolloutError> {
     match try_lock(&state.run_dir())? {
         Some(lock) => Ok(lock),
-        None => {
-            let active = state.store.active_rollout().await?;
-            Err(RolloutError::Busy {
-                id: active.as_ref().map_or(0, |r| r.id),
-                holder: active.map_or_else(|| "starting".into(), |r| r.holder),
-            })
-        }
+        None => match state.store.active_rollout().await? {
+            Some(active) => Err(RolloutError::Busy {
+                id: active.id,
+                holder: active.holder,
+            }),
+            None => Err(RolloutError::Starting),
+        },
     }
 }
 
@@ -276,13 +280,25 @@ pub async fn abort(
         .active_rollout()
         .await?
         .ok_or(RolloutError::NoActive("abort"))?;
-    let Some(_lock) = try_lock(&state.run_dir())? else {
-        store
-            .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
-            .await?;
-        return follow(store, active.id, &events).await;
-    };
     let token = later_token(token, pbx.is_some())?;
+    let _lock = match try_lock(&state.run_dir())? {
+        Some(lock) => lock,
+        None => {
+            store
+                .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
+                .await?;
+            match follow(state, active.id, &events).await? {
+                Followed::Ended(rollout) => return Ok(rollout),
+                // The driving process went away mid-abort: this one goes on.
+                Followed::Orphaned(lock) => lock,
+            }
+        }
+    };
+    // Read again under the lock: the process that held it may have ended it.
+    let active = store
+        .active_rollout()
+        .await?
+        .ok_or(RolloutError::NoActive("abort"))?;
     let params = recorded_params(&active)?;
     let pbx = login(pbx).await?;
     let result = async {
@@ -373,12 +389,21 @@ fn started(rollout: &Rollout, targets: &[HostTarget], resumed: bool) -> RolloutE
     }
 }
 
-/// Reports a rollout another process drives until it ends.
+/// How following another process's rollout ended.
+enum Followed {
+    Ended(Rollout),
+    /// That process is gone (its lock is free, and now held here).
+    Orphaned(RolloutLock),
+}
+
+/// Reports a rollout another process drives until it ends, or until that
+/// process is gone.
 async fn follow(
-    store: &Store,
+    state: &ControllerState,
     id: i64,
     events: &EventSink,
-) -> Result<RolloutOutcome, RolloutError> {
+) -> Result<Followed, RolloutError> {
+    let store = &state.store;
     let mut seen: BTreeMap<String, (StepPhase, String)> = BTreeMap::new();
     loop {
         let rollout = store
@@ -406,7 +431,19 @@ async fn follow(
             }
         }
         if !rollout.state.is_active() {
-            return Ok(rollout);
+            return Ok(Followed::Ended(rollout));
+        }
+        if let Some(lock) = try_lock(&state.run_dir())? {
+            // It may have ended just before letting go of the lock.
+            let now = store
+                .rollout(id)
+                .await?
+                .ok_or(RolloutError::NoActive("follow"))?;
+            return Ok(if now.state.is_active() {
+                Followed::Orphaned(lock)
+            } else {
+                Followed::Ended(now)
+            });
         }
         tokio::time::sleep(RECHECK).await;
     }

@@ -162,8 +162,9 @@ impl Fleet {
             .inspect("portsip.instantmessage", "{{.State.StartedAt}}")
     }
 
-    /// The recorded rollout steps, oldest first: (host, phase).
+    /// The newest rollout's recorded steps, oldest first: (host, phase).
     pub fn timeline(&self) -> Vec<(String, String)> {
+        let rollout = self.last_rollout()["id"].clone();
         let events = self
             .controller
             .run(&["events", "--json", "-n", "10000"])
@@ -172,7 +173,7 @@ impl Fleet {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|e| e["kind"] == "rollout-step")
+            .filter(|e| e["kind"] == "rollout-step" && e["rollout_id"] == rollout)
             .map(|e| {
                 let detail = e["detail"].as_str().unwrap_or_default();
                 let phase = detail.split(':').next().unwrap_or_default().to_owned();

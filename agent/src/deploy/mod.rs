@@ -178,6 +178,8 @@ impl<C: Containers> Deployer<C> {
             healthy: all_healthy(&containers),
             containers,
             config_hash,
+            // Held by every change: an apply the caller may have lost.
+            applying: self.changes.try_lock().is_err(),
         })
     }
 

@@ -61,10 +61,13 @@ pub struct UpgradeArgs {
     #[arg(long)]
     dry_run: bool,
     /// Go on with the active rollout where it stopped.
-    #[arg(long, conflicts_with_all = ["hosts", "all", "abort", "dry_run", "image", "image_file", "db_image"])]
+    /// The recorded parameters are used; none may be given again.
+    #[arg(long, conflicts_with_all = ["hosts", "all", "abort", "dry_run", "image", "image_file", "db_image",
+        "max_parallel", "canary", "min_healthy_time", "healthy_deadline", "progress_deadline", "max_failures", "no_auto_rollback", "force", "stop_grace"])]
     resume: bool,
     /// Roll back every host the active rollout changed.
-    #[arg(long, conflicts_with_all = ["hosts", "all", "dry_run", "image", "image_file", "db_image"])]
+    #[arg(long, conflicts_with_all = ["hosts", "all", "dry_run", "image", "image_file", "db_image",
+        "max_parallel", "canary", "min_healthy_time", "healthy_deadline", "progress_deadline", "max_failures", "no_auto_rollback", "force", "stop_grace"])]
     abort: bool,
     /// File holding the NEW IM token (`-` for stdin). Default:
     /// IMFLEET_IM_TOKEN, else generated through --pbx-api (read back from it
@@ -119,6 +122,9 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
         (None, Some(_)) if args.resume || args.abort => TokenSource::FromPbx,
         (None, Some(_)) => TokenSource::NewFromPbx,
         (None, None) if args.dry_run => TokenSource::FromPbx,
+        (None, None) if args.resume || args.abort => bail!(
+            "going on with a rollout needs the token it installs: pass --token-file with the token it was started with, or --pbx-api to read it back from the PBX. Do not generate a new one now: that revokes the token the upgraded hosts run"
+        ),
         (None, None) => bail!(
             "an upgrade needs the IM token it installs: a NEW one, as the HA guide asks. Generate it in the PBX portal (Servers > IM Servers > Generate Token) and pass --token-file FILE, or give --pbx-api to have it generated (and read back on --resume/--abort)"
         ),

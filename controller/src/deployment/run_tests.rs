@@ -63,6 +63,7 @@ fn healthy() -> DeploymentStatus {
         }],
         healthy: true,
         config_hash: String::new(),
+        applying: false,
     }
 }
 

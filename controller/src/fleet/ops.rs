@@ -205,6 +205,7 @@ async fn from_snapshots(
                 .as_ref()
                 .map(|d| d.config_hash.clone())
                 .unwrap_or_default(),
+            applying: false,
         });
         out.push(ServiceStatus {
             host: host.name.clone(),

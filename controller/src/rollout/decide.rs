@@ -336,6 +336,17 @@ pub fn reconcile(observed: Observed, auto_rollback: bool, aborting: bool) -> Ste
     }
 }
 
+/// What a host recorded failed is when its rollout is resumed: back on the
+/// previous version and healthy, it was restored after all; healthy on the
+/// new one, it is verified again; anything else stays failed.
+pub fn reexamine(observed: Observed) -> StepPhase {
+    match (observed.runs, observed.healthy) {
+        (Runs::Previous, true) => StepPhase::RolledBack,
+        (Runs::Target, true) => StepPhase::Verifying,
+        _ => StepPhase::Failed,
+    }
+}
+
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;

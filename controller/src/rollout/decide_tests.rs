@@ -329,6 +329,15 @@ fn index(s: &[Step], host: &str) -> usize {
     s.iter().position(|x| x.host == host).unwrap()
 }
 
+#[test]
+fn a_failed_host_is_looked_at_again_on_resume() {
+    let obs = |runs, healthy| Observed { runs, healthy };
+    assert_eq!(reexamine(obs(Runs::Previous, true)), RolledBack);
+    assert_eq!(reexamine(obs(Runs::Target, true)), Verifying);
+    assert_eq!(reexamine(obs(Runs::Target, false)), Failed);
+    assert_eq!(reexamine(obs(Runs::Other, true)), Failed);
+}
+
 /// A small deterministic PRNG: the property test below needs no crate.
 struct Rng(u64);
 

@@ -174,6 +174,17 @@ impl Ctx<'_> {
         Reporter::new(sink, host)
     }
 
+    /// The configuration hash `record` installed with `token` has.
+    pub fn hash_of(
+        &self,
+        host: &str,
+        record: &DeploymentRecord,
+        token: &ImToken,
+    ) -> Result<String, RolloutError> {
+        let request = self.request(host, record)?;
+        Ok(portsip::portsip_spec(&request.params, &token.fingerprint()).config_hash)
+    }
+
     fn request(
         &self,
         host: &str,
@@ -219,8 +230,7 @@ impl HostTask<'_> {
         record: &DeploymentRecord,
         token: &ImToken,
     ) -> Result<String, RolloutError> {
-        let request = self.ctx.request(self.host(), record)?;
-        Ok(portsip::portsip_spec(&request.params, &token.fingerprint()).config_hash)
+        self.ctx.hash_of(self.host(), record, token)
     }
 
     /// Streams the archives to the host; it keeps serving meanwhile.
@@ -300,9 +310,19 @@ impl HostTask<'_> {
         self.ctx
             .set(self.host(), StepPhase::Swapping, &detail)
             .await?;
-        let started = Instant::now();
-        match self.install(&t.to, token).await {
-            Ok(()) => {
+        let timing = self.ctx.params.timing;
+        let give_up = Instant::now() + timing.progress_deadline;
+        let installed =
+            tokio::time::timeout(timing.progress_deadline, self.install(&t.to, token)).await;
+        match installed {
+            Err(_) => {
+                let reason = format!(
+                    "no outcome within --progress-deadline {}",
+                    humantime::format_duration(timing.progress_deadline)
+                );
+                self.failed(token, &reason).await
+            }
+            Ok(Ok(())) => {
                 self.ctx
                     .set(
                         self.host(),
@@ -310,46 +330,53 @@ impl HostTask<'_> {
                         "healthy; checking it stays so",
                     )
                     .await?;
-                self.verify_since(token, started).await
+                self.verify_until(token, give_up).await
             }
-            Err(DeployError::Apply {
+            Ok(Err(DeployError::Apply {
                 error,
                 rolled_back: true,
                 ..
-            }) => {
-                // The agent restarted the previous containers itself.
+            })) => {
+                // The agent restarted the previous containers itself, with
+                // the token they had; the rollout's token replaces it (the
+                // old one was revoked when it was made).
                 let reason = format!("the new version failed: {error}");
+                let restored = self.config_hash(&t.from, token)?;
                 match self.agent.status(DEPLOYMENT_NAME).await {
-                    Ok(s) if s.healthy => {
+                    Ok(s) if s.healthy && s.config_hash == restored => {
+                        let detail = format!("{reason}; the previous containers run healthy again");
                         self.ctx
-                            .set(
-                                self.host(),
-                                StepPhase::RolledBack,
-                                &format!("{reason}; the previous containers run healthy again"),
-                            )
+                            .set(self.host(), StepPhase::RolledBack, &detail)
                             .await
                     }
                     _ => self.failed(token, &reason).await,
                 }
             }
-            Err(e) => self.failed(token, &crate::error_chain(&e)).await,
+            Ok(Err(e)) => self.failed(token, &crate::error_chain(&e)).await,
         }
     }
 
     /// Verifies a host found running the new version after a restart.
     pub async fn verify(&self, token: &ImToken) -> Result<(), RolloutError> {
-        self.verify_since(token, Instant::now()).await
+        let give_up = Instant::now() + self.ctx.params.timing.progress_deadline;
+        self.verify_until(token, give_up).await
     }
 
-    async fn verify_since(&self, token: &ImToken, since: Instant) -> Result<(), RolloutError> {
+    /// From now, the host must be healthy without a break for the minimum
+    /// time within the healthy deadline (and before `give_up`).
+    async fn verify_until(&self, token: &ImToken, give_up: Instant) -> Result<(), RolloutError> {
         let timing = self.ctx.params.timing;
         let want = self.config_hash(&self.target.to, token)?;
-        let deadline = since + timing.healthy_deadline.min(timing.progress_deadline);
+        let deadline = (Instant::now() + timing.healthy_deadline).min(give_up);
         let mut healthy_since: Option<Instant> = None;
         let mut problem = String::from("no answer yet");
         loop {
             let now = Instant::now();
             match self.agent.status(DEPLOYMENT_NAME).await {
+                Ok(s) if s.applying => {
+                    healthy_since = None;
+                    problem = "a change is still under way on the host".into();
+                }
                 Ok(s) if s.healthy && s.config_hash == want => {
                     let since = *healthy_since.get_or_insert(now);
                     let healthy = now - since;
@@ -381,11 +408,9 @@ impl HostTask<'_> {
             }
             if now >= deadline {
                 let reason = format!(
-                    "not healthy for {} within {} of the swap: {problem}",
+                    "not healthy for {} in a row within {}: {problem}",
                     humantime::format_duration(timing.min_healthy),
-                    humantime::format_duration(
-                        timing.healthy_deadline.min(timing.progress_deadline)
-                    )
+                    humantime::format_duration(timing.healthy_deadline)
                 );
                 return self.failed(token, &reason).await;
             }
@@ -440,6 +465,11 @@ impl HostTask<'_> {
         let deadline = Instant::now() + self.ctx.params.timing.healthy_deadline;
         let observed = loop {
             let observed = match self.agent.status(DEPLOYMENT_NAME).await {
+                // An apply the controller lost is still running: wait for it.
+                Ok(s) if s.applying => Observed {
+                    runs: Runs::Other,
+                    healthy: false,
+                },
                 Ok(s) => Observed {
                     runs: if s.config_hash == target {
                         Runs::Target

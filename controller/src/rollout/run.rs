@@ -13,12 +13,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use super::decide::{Action, Step, decide, is_failure};
+use super::decide::{Action, Observed, Runs, Step, decide, is_failure, reexamine};
 use super::host::{Ctx, HostTarget, HostTask};
 use super::plan::{self, RolloutPlan};
 use super::{EventSink, RolloutEvent, RolloutParams, UpgradeRequest};
 use crate::deployment::run::obtain_token;
-use crate::deployment::{DeployError, ImToken, TokenSource};
+use crate::deployment::{DEPLOYMENT_NAME, DeployError, ImToken, TokenSource};
 use crate::fleet::{Fleet, FleetError};
 use crate::pbx::{PbxClient, PbxError, PbxOptions};
 use crate::state::ControllerState;
@@ -208,10 +208,32 @@ fn params_json(params: &RolloutParams) -> serde_json::Value {
     serde_json::to_value(params).unwrap_or_default()
 }
 
-/// The token for resuming or aborting: given, or the PBX's current one.
-fn later_token(token: TokenSource, pbx: bool) -> Result<TokenSource, RolloutError> {
+/// The token for resuming or aborting: given, or from the PBX: a new one
+/// while no host has been swapped yet (none was made), else its current one
+/// (the one the rollout made).
+fn later_token(
+    token: TokenSource,
+    pbx: bool,
+    rollout: &Rollout,
+    params: &RolloutParams,
+) -> Result<TokenSource, RolloutError> {
+    if params.pbx_api && !pbx {
+        return Err(RolloutError::Usage(format!(
+            "rollout {} was started with --pbx-api: give it again (and the PBX password) so hosts are registered and the token read back",
+            rollout.id
+        )));
+    }
+    let untouched = rollout.steps.iter().all(|s| {
+        matches!(
+            s.phase,
+            StepPhase::Pending | StepPhase::Staging | StepPhase::Staged
+        )
+    });
     match token {
         TokenSource::Given(_) => Ok(token),
+        _ if pbx && untouched && rollout.state != RolloutState::Aborting => {
+            Ok(TokenSource::NewFromPbx)
+        }
         _ if pbx => Ok(TokenSource::FromPbx),
         _ => Err(RolloutError::Token(
             "going on with a rollout needs the token it installs; pass --token-file, or --pbx-api to read it from the PBX (it is never stored)".into(),
@@ -233,8 +255,8 @@ pub async fn resume(
         .active_rollout()
         .await?
         .ok_or(RolloutError::NoActive("resume"))?;
-    let token = later_token(token, pbx.is_some())?;
     let mut params = recorded_params(&active)?;
+    let token = later_token(token, pbx.is_some(), &active, &params)?;
     let pbx = login(pbx).await?;
     let result = async {
         if active.state == RolloutState::Paused {
@@ -248,13 +270,25 @@ pub async fn resume(
             store
                 .set_rollout_params(active.id, params_json(&params))
                 .await?;
-            store
-                .set_rollout_state(active.id, RolloutState::Running, "resumed")
+            let moved = store
+                .move_rollout(
+                    active.id,
+                    only(RolloutState::Paused),
+                    RolloutState::Running,
+                    "resumed",
+                )
                 .await?;
+            if !moved {
+                return Err(RolloutError::Usage(format!(
+                    "rollout {} changed while resuming (an --abort?); see `controller rollouts`",
+                    active.id
+                )));
+            }
         }
         let fleet = Fleet::new(state);
         let targets = targets_of(&fleet, &active, &params).await?;
         events(started(&active, &targets, true));
+        reexamine_failed(&fleet, &active, &targets, &events).await?;
         Driver::new(&fleet, active.id, &params, targets, &events, pbx.as_ref())
             .run(&token)
             .await
@@ -264,6 +298,72 @@ pub async fn resume(
         pbx.logout().await;
     }
     result
+}
+
+/// Looks again at the hosts recorded failed: the host, not the record, says
+/// where each stands. What a host runs is told by the configuration its
+/// current deployment record holds (the last apply that succeeded there).
+async fn reexamine_failed(
+    fleet: &Fleet,
+    rollout: &Rollout,
+    targets: &[HostTarget],
+    events: &EventSink,
+) -> Result<(), RolloutError> {
+    for step in rollout
+        .steps
+        .iter()
+        .filter(|s| s.phase == StepPhase::Failed)
+    {
+        let Some(target) = targets.iter().find(|t| t.host == step.host) else {
+            continue;
+        };
+        let host = fleet.host(&step.host).await?;
+        let Ok(agent) = fleet.connect(&host).await else {
+            continue;
+        };
+        let (Ok(status), Some(current)) = (
+            agent.status(DEPLOYMENT_NAME).await,
+            fleet.store().deployment(&step.host).await?,
+        ) else {
+            continue;
+        };
+        let same_images = |r: &crate::store::DeploymentRecord| {
+            current.image == r.image && current.db_image == r.db_image
+        };
+        let runs = if status.applying || status.config_hash != current.config_hash {
+            Runs::Other
+        } else if same_images(&target.to) && !same_images(&target.from) {
+            Runs::Target
+        } else if same_images(&target.from) && !same_images(&target.to) {
+            Runs::Previous
+        } else {
+            Runs::Other
+        };
+        let phase = reexamine(Observed {
+            runs,
+            healthy: status.healthy && !status.applying,
+        });
+        if phase != StepPhase::Failed {
+            let detail = format!("looked at again: {}", step.detail);
+            fleet
+                .store()
+                .set_step(rollout.id, &step.host, phase, None, &detail)
+                .await?;
+            events(RolloutEvent::Step {
+                rollout: rollout.id,
+                host: step.host.clone(),
+                phase,
+                detail,
+                ended: rollout
+                    .steps
+                    .iter()
+                    .filter(|s| s.phase == StepPhase::Done || is_failure(s.phase))
+                    .count(),
+                total: rollout.steps.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rolls back every host the active rollout changed, under its parallelism
@@ -280,13 +380,19 @@ pub async fn abort(
         .active_rollout()
         .await?
         .ok_or(RolloutError::NoActive("abort"))?;
-    let token = later_token(token, pbx.is_some())?;
+    let token = later_token(token, pbx.is_some(), &active, &recorded_params(&active)?)?;
     let _lock = match try_lock(&state.run_dir())? {
         Some(lock) => lock,
         None => {
-            store
-                .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
-                .await?;
+            if !store
+                .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
+                .await?
+            {
+                return store
+                    .rollout(active.id)
+                    .await?
+                    .ok_or(RolloutError::NoActive("abort"));
+            }
             match follow(state, active.id, &events).await? {
                 Followed::Ended(rollout) => return Ok(rollout),
                 // The driving process went away mid-abort: this one goes on.
@@ -303,7 +409,7 @@ pub async fn abort(
     let pbx = login(pbx).await?;
     let result = async {
         store
-            .set_rollout_state(active.id, RolloutState::Aborting, "abort requested")
+            .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
             .await?;
         let fleet = Fleet::new(state);
         let targets = targets_of(&fleet, &active, &params).await?;
@@ -449,6 +555,22 @@ async fn follow(
     }
 }
 
+/// The active states, for conditional moves.
+const ACTIVE: &[RolloutState] = &[
+    RolloutState::Running,
+    RolloutState::Paused,
+    RolloutState::Aborting,
+];
+
+fn only(state: RolloutState) -> &'static [RolloutState] {
+    match state {
+        RolloutState::Running => &[RolloutState::Running],
+        RolloutState::Aborting => &[RolloutState::Aborting],
+        RolloutState::Paused => &[RolloutState::Paused],
+        _ => &[],
+    }
+}
+
 /// One process driving one rollout.
 struct Driver<'a> {
     fleet: &'a Fleet,
@@ -493,7 +615,7 @@ impl<'a> Driver<'a> {
         let mut fatal: Option<RolloutError> = None;
         let mut tasks = FuturesUnordered::new();
         let this = &self;
-        loop {
+        'drive: loop {
             let rollout = this
                 .ctx
                 .store
@@ -516,7 +638,17 @@ impl<'a> Driver<'a> {
                 ) {
                     let host = match &action {
                         Action::Finish(state, detail) => {
-                            this.ctx.store.set_rollout_state(id, *state, detail).await?;
+                            // Only from the state decided on: an --abort
+                            // written meanwhile is not overwritten.
+                            let from = only(rollout.state);
+                            if !this
+                                .ctx
+                                .store
+                                .move_rollout(id, from, *state, detail)
+                                .await?
+                            {
+                                continue 'drive;
+                            }
                             (this.ctx.events)(RolloutEvent::Finished {
                                 rollout: id,
                                 state: *state,
@@ -533,10 +665,14 @@ impl<'a> Driver<'a> {
                     let needs_token = !matches!(action, Action::Stage(_));
                     if needs_token && token.is_none() {
                         // As late as it can be: a new token revokes the old one.
-                        match obtain_token(token_source, this.ctx.pbx).await {
-                            Ok((t, _)) => token = Some(t),
+                        let obtained = match obtain_token(token_source, this.ctx.pbx).await {
+                            Ok((t, _)) => this.check_token(&rollout, &t).await.map(|()| t),
+                            Err(e) => Err(RolloutError::Token(e.to_string())),
+                        };
+                        match obtained {
+                            Ok(t) => token = Some(t),
                             Err(e) => {
-                                fatal = Some(RolloutError::Token(e.to_string()));
+                                fatal = Some(e);
                                 break;
                             }
                         }
@@ -575,6 +711,25 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// A resumed rollout must install the token it started with: hosts it
+    /// finished run it (their recorded configuration says so).
+    async fn check_token(&self, rollout: &Rollout, token: &ImToken) -> Result<(), RolloutError> {
+        for step in rollout.steps.iter().filter(|s| s.phase == StepPhase::Done) {
+            let Some(target) = self.targets.iter().find(|t| t.host == step.host) else {
+                continue;
+            };
+            let recorded = self.ctx.store.deployment(&step.host).await?;
+            let want = self.ctx.hash_of(&step.host, &target.to, token)?;
+            if recorded.is_some_and(|r| r.config_hash != want) {
+                return Err(RolloutError::Token(format!(
+                    "it is not the token this rollout installed on {}; give the one it was started with",
+                    step.host
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// One action on one host; says whether it was a rollback.
     async fn task(
         &self,
@@ -591,11 +746,16 @@ impl<'a> Driver<'a> {
                 .find(|t| t.host == host)
                 .ok_or_else(|| RolloutError::Usage(format!("{host} is not in the rollout")))?;
             let record = &self.hosts[&host];
-            let agent = self
-                .fleet
-                .connect(record)
-                .await
-                .map_err(|e| RolloutError::Deploy(host.clone(), Box::new(e.into())))?;
+            let agent = match self.fleet.connect(record).await {
+                Ok(agent) => agent,
+                // A host caught mid-way that cannot be reached is failed (it
+                // holds its slot); it does not stop the rest for good.
+                Err(e) if !matches!(action, Action::Stage(_) | Action::Upgrade(_)) => {
+                    let detail = format!("agent unreachable: {}", crate::error_chain(&e));
+                    return self.ctx.set(&host, StepPhase::Failed, &detail).await;
+                }
+                Err(e) => return Err(RolloutError::Deploy(host.clone(), Box::new(e.into()))),
+            };
             let task = HostTask {
                 ctx: &self.ctx,
                 target,

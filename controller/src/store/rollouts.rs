@@ -269,9 +269,31 @@ impl Store {
         state: RolloutState,
         detail: &str,
     ) -> Result<(), StoreError> {
+        self.move_rollout(rollout, RolloutState::ALL, state, detail)
+            .await
+            .map(|_| ())
+    }
+
+    /// Moves a rollout to `state` only if it is in one of `from` now (another
+    /// process may have changed it since it was read); whether it moved.
+    pub async fn move_rollout(
+        &self,
+        rollout: i64,
+        from: &'static [RolloutState],
+        state: RolloutState,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
         let detail = detail.to_owned();
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now: Option<String> = tx
+                .query_row("SELECT state FROM rollouts WHERE id = ?1", [rollout], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if !now.is_some_and(|now| from.iter().any(|f| f.as_str() == now)) {
+                return Ok(false);
+            }
             tx.execute(
                 "UPDATE rollouts SET state = ?2, updated_at = ?3 WHERE id = ?1",
                 params![rollout, state.as_str(), crate::now_unix()],
@@ -285,7 +307,8 @@ impl Store {
                     Some(rollout),
                 )?;
             }
-            Ok(tx.commit()?)
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }
@@ -424,6 +447,17 @@ mod tests {
                 .begin_rollout("x", params.clone(), plan(&["im2"]))
                 .await
                 .is_err()
+        );
+        // A move from a state it is not in changes nothing.
+        assert!(
+            !store
+                .move_rollout(id, &[RolloutState::Running], RolloutState::Succeeded, "")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.active_rollout().await.unwrap().unwrap().state,
+            RolloutState::Paused
         );
         store
             .set_rollout_state(id, RolloutState::Aborted, "operator")

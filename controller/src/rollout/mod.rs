@@ -6,7 +6,8 @@
 //!   images) and the plan a new rollout records.
 //! - `host`: one host's operations (stage, swap and verify, roll back,
 //!   observe), each ending in a recorded phase.
-//! - `run`: the driver: the lock, the token, tasks under the decisions.
+//! - `run`: starting, resuming and aborting (the lock, the token, checks);
+//!   `driver`: one process driving a rollout under the decisions.
 //!
 //! Where the IM token comes from: the controller never stores it. A new
 //! rollout takes it from `--token-file` or has the PBX generate a new one
@@ -19,6 +20,7 @@
 //! containers exactly as they were.
 
 pub mod decide;
+mod driver;
 mod host;
 pub mod plan;
 mod run;

@@ -252,40 +252,60 @@ pub async fn resume(
         .ok_or(RolloutError::NoActive("resume"))?;
     let mut params = recorded_params(&active)?;
     let token = later_token(token, pbx.is_some(), &active, &params)?;
+    // The PBX first: a wrong password changes nothing.
     let pbx = login(pbx).await?;
-    let result = async {
-        if active.state == RolloutState::Paused {
-            let phases: Vec<Step> = steps_of(&active);
-            params.limits.accepted_failures =
-                phases.iter().filter(|s| is_failure(s.phase)).count() as u32;
-            params.limits.accepted_canary_failures = phases
-                .iter()
-                .filter(|s| s.canary && is_failure(s.phase))
-                .count() as u32;
-            store
-                .set_rollout_params(active.id, params_json(&params))
-                .await?;
-            let moved = store
-                .move_rollout(
-                    active.id,
-                    only(RolloutState::Paused),
-                    RolloutState::Running,
-                    "resumed",
-                )
-                .await?;
-            if !moved {
-                return Err(RolloutError::Usage(format!(
-                    "rollout {} changed while resuming (an --abort?); see `controller rollouts`",
-                    active.id
-                )));
+    if active.state == RolloutState::Paused {
+        let phases: Vec<Step> = steps_of(&active);
+        params.limits.accepted_failures =
+            phases.iter().filter(|s| is_failure(s.phase)).count() as u32;
+        params.limits.accepted_canary_failures = phases
+            .iter()
+            .filter(|s| s.canary && is_failure(s.phase))
+            .count() as u32;
+        store
+            .set_rollout_params(active.id, params_json(&params))
+            .await?;
+        let moved = store
+            .move_rollout(
+                active.id,
+                only(RolloutState::Paused),
+                RolloutState::Running,
+                "resumed",
+            )
+            .await?;
+        if !moved {
+            if let Some(pbx) = pbx {
+                pbx.logout().await;
             }
+            return Err(RolloutError::Usage(format!(
+                "rollout {} changed while resuming (an --abort?); see `controller rollouts`",
+                active.id
+            )));
         }
+    }
+    go_on(state, &active, &params, &token, pbx, &events, true).await
+}
+
+/// Drives `rollout` on (hosts recorded failed looked at again first when
+/// `reexamine`), then closes the PBX session.
+async fn go_on(
+    state: &ControllerState,
+    rollout: &Rollout,
+    params: &RolloutParams,
+    token: &TokenSource,
+    pbx: Option<PbxClient>,
+    events: &EventSink,
+    reexamine: bool,
+) -> Result<RolloutOutcome, RolloutError> {
+    let result = async {
         let fleet = Fleet::new(state);
-        let targets = targets_of(&fleet, &active, &params).await?;
-        events(started(&active, &targets, true));
-        reexamine_failed(&fleet, &active, &targets, &events).await?;
-        Driver::new(&fleet, active.id, &params, targets, &events, pbx.as_ref())
-            .run(&token)
+        let targets = targets_of(&fleet, rollout, params).await?;
+        events(started(rollout, &targets, true));
+        if reexamine {
+            reexamine_failed(&fleet, rollout, &targets, events).await?;
+        }
+        Driver::new(&fleet, rollout.id, params, targets, events, pbx.as_ref())
+            .run(token)
             .await
     }
     .await;
@@ -402,22 +422,10 @@ pub async fn abort(
         .ok_or(RolloutError::NoActive("abort"))?;
     let params = recorded_params(&active)?;
     let pbx = login(pbx).await?;
-    let result = async {
-        store
-            .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
-            .await?;
-        let fleet = Fleet::new(state);
-        let targets = targets_of(&fleet, &active, &params).await?;
-        events(started(&active, &targets, true));
-        Driver::new(&fleet, active.id, &params, targets, &events, pbx.as_ref())
-            .run(&token)
-            .await
-    }
-    .await;
-    if let Some(pbx) = pbx {
-        pbx.logout().await;
-    }
-    result
+    store
+        .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
+        .await?;
+    go_on(state, &active, &params, &token, pbx, &events, false).await
 }
 
 fn recorded_params(rollout: &Rollout) -> Result<RolloutParams, RolloutError> {

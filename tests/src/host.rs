@@ -49,6 +49,19 @@ impl TestHost {
     pub fn start() -> TestHost {
         ensure_test_users();
         let (address, lock) = allocate_address();
+        TestHost::launch(address, lock, None)
+    }
+
+    /// A host in a network namespace of its own with its own Docker Engine
+    /// (holding `images`): sshd, the agent and the IM's containers all live
+    /// there, so several such hosts run the IM side by side.
+    pub fn start_isolated(images: &[&str]) -> TestHost {
+        ensure_test_users();
+        let engine = crate::engine::Engine::start(images);
+        TestHost::launch(engine.address(), engine.lock(), Some(engine))
+    }
+
+    fn launch(address: Ipv4Addr, lock: File, engine: Option<crate::engine::Engine>) -> TestHost {
         let dir = tempfile::Builder::new()
             .prefix("imfleet-host-")
             .tempdir()
@@ -59,30 +72,7 @@ impl TestHost {
             dir,
             sshd: None,
             _address_lock: lock,
-            engine: None,
-        };
-        host.prepare_files();
-        host.spawn_sshd();
-        host
-    }
-
-    /// A host in a network namespace of its own with its own Docker Engine
-    /// (holding `images`): sshd, the agent and the IM's containers all live
-    /// there, so several such hosts run the IM side by side.
-    pub fn start_isolated(images: &[&str]) -> TestHost {
-        ensure_test_users();
-        let engine = crate::engine::Engine::start(images);
-        let dir = tempfile::Builder::new()
-            .prefix("imfleet-host-")
-            .tempdir()
-            .expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut host = TestHost {
-            address: engine.address(),
-            dir,
-            sshd: None,
-            _address_lock: engine.lock(),
-            engine: Some(engine),
+            engine,
         };
         host.prepare_files();
         host.spawn_sshd();

@@ -194,14 +194,9 @@ fn manual_checklist(private: IpAddr, public: IpAddr) -> String {
     )
 }
 
-/// Reads the token from the file, stdin or the environment; else, with PBX
-/// API access, it comes from the PBX; else the operator is asked for it.
-fn token_source(
-    file: Option<&Path>,
-    have_pbx: bool,
-    private: IpAddr,
-    public: IpAddr,
-) -> anyhow::Result<TokenSource> {
+/// The token from the file (`-` for stdin) or IMFLEET_IM_TOKEN; `None`
+/// when neither is given.
+pub(super) fn given_token(file: Option<&Path>) -> anyhow::Result<Option<ImToken>> {
     let text = match file {
         Some(p) if p == Path::new("-") => {
             let mut text = String::new();
@@ -213,18 +208,33 @@ fn token_source(
         Some(p) => read_secret_file(p, "IM token")?,
         None => match std::env::var("IMFLEET_IM_TOKEN") {
             Ok(t) => t,
-            Err(_) if have_pbx => return Ok(TokenSource::FromPbx),
-            Err(_) => {
-                eprint!("{}", manual_checklist(private, public));
-                if !std::io::stdin().is_terminal() {
-                    bail!(
-                        "no IM token: do the portal steps above, then pass the token with --token-file FILE (or -), or set IMFLEET_IM_TOKEN"
-                    );
-                }
-                rpassword::prompt_password("Paste the IM token (input hidden): ")?
-            }
+            Err(_) => return Ok(None),
         },
     };
+    Ok(Some(ImToken::parse(&text)?))
+}
+
+/// Reads the token from the file, stdin or the environment; else, with PBX
+/// API access, it comes from the PBX; else the operator is asked for it.
+fn token_source(
+    file: Option<&Path>,
+    have_pbx: bool,
+    private: IpAddr,
+    public: IpAddr,
+) -> anyhow::Result<TokenSource> {
+    if let Some(token) = given_token(file)? {
+        return Ok(TokenSource::Given(token));
+    }
+    if have_pbx {
+        return Ok(TokenSource::FromPbx);
+    }
+    eprint!("{}", manual_checklist(private, public));
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "no IM token: do the portal steps above, then pass the token with --token-file FILE (or -), or set IMFLEET_IM_TOKEN"
+        );
+    }
+    let text = rpassword::prompt_password("Paste the IM token (input hidden): ")?;
     Ok(TokenSource::Given(ImToken::parse(&text)?))
 }
 

@@ -7,15 +7,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
-use imfleet_controller::deployment::{ImToken, TokenSource};
+use imfleet_controller::deployment::TokenSource;
 use imfleet_controller::rollout::{
     self, EventSink, Limits, RolloutEvent, RolloutPlan, Timing, UpgradeRequest,
 };
 use imfleet_controller::store::{Rollout, RolloutState};
 
-use super::deploy::{PbxArgs, read_secret_file};
+use super::deploy::{PbxArgs, given_token};
 use super::output;
 
 #[derive(Args)]
@@ -94,24 +94,6 @@ pub struct RolloutsArgs {
     limit: usize,
     #[arg(long)]
     json: bool,
-}
-
-/// The token from a file, stdin or IMFLEET_IM_TOKEN; `None` when none is given.
-fn given_token(file: Option<&Path>) -> anyhow::Result<Option<ImToken>> {
-    let text = match file {
-        Some(p) if p == Path::new("-") => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("read the IM token from stdin")?;
-            text
-        }
-        Some(p) => read_secret_file(p, "IM token")?,
-        None => match std::env::var("IMFLEET_IM_TOKEN") {
-            Ok(t) => t,
-            Err(_) => return Ok(None),
-        },
-    };
-    Ok(Some(ImToken::parse(&text)?))
 }
 
 pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> {

@@ -122,16 +122,7 @@ pub fn frame(hosts: &[HostSnapshot], now: i64) -> String {
 
 /// The active rollout in one line: how far it is and who is out of service.
 pub fn rollout_line(rollout: &Rollout) -> String {
-    let ended = rollout
-        .steps
-        .iter()
-        .filter(|s| {
-            matches!(
-                s.phase,
-                StepPhase::Done | StepPhase::RolledBack | StepPhase::Failed
-            )
-        })
-        .count();
+    let ended = rollout.steps.iter().filter(|s| s.phase.has_ended()).count();
     let moving: Vec<String> = rollout
         .steps
         .iter()

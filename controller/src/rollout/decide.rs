@@ -64,13 +64,6 @@ pub fn is_failure(phase: StepPhase) -> bool {
     matches!(phase, StepPhase::RolledBack | StepPhase::Failed)
 }
 
-fn is_terminal(phase: StepPhase) -> bool {
-    matches!(
-        phase,
-        StepPhase::Done | StepPhase::RolledBack | StepPhase::Failed
-    )
-}
-
 /// The batch each host of a new rollout is in, in the order given: the
 /// canaries first (batch 0, when there are any), then waves of
 /// `max_parallel`. Execution is a sliding window, so batches say only
@@ -178,7 +171,7 @@ fn forward(limits: &Limits, steps: &[Step], busy: &BTreeSet<String>) -> Vec<Acti
         .collect();
     let stop = stop_reason(limits, steps);
     if stop.is_none() {
-        let canaries_open = steps.iter().any(|s| s.canary && !is_terminal(s.phase));
+        let canaries_open = steps.iter().any(|s| s.canary && !s.phase.has_ended());
         let mut slots = free_slots(limits, steps, busy);
         for step in steps.iter().filter(idle) {
             if slots == 0 {

@@ -410,7 +410,7 @@ fn random_rollouts_keep_every_invariant() {
                         let i = index(&s, h);
                         assert_eq!(s[i].phase, Staged, "{ctx}");
                         assert!(
-                            s[i].canary || s.iter().all(|x| !x.canary || is_terminal(x.phase)),
+                            s[i].canary || s.iter().all(|x| !x.canary || x.phase.has_ended()),
                             "{ctx}: {h} started before the canaries ended"
                         );
                     }

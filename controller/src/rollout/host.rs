@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::DeploymentStatus;
 
-use super::decide::{Observed, Runs, is_failure, reconcile};
+use super::decide::{Observed, Runs, reconcile};
 use super::{EventSink, RolloutError, RolloutEvent, RolloutParams};
 use crate::agent_client::Agent;
 use crate::deployment::portsip::{self, DEPLOYMENT_NAME, PortsipParams};
@@ -150,10 +150,7 @@ impl Ctx<'_> {
             if let Some(entry) = phases.iter_mut().find(|(h, _)| h == host) {
                 entry.1 = phase;
             }
-            let ended = phases
-                .iter()
-                .filter(|(_, p)| *p == StepPhase::Done || is_failure(*p))
-                .count();
+            let ended = phases.iter().filter(|(_, p)| p.has_ended()).count();
             (ended, phases.len())
         };
         (self.events)(RolloutEvent::Step {

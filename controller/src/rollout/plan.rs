@@ -30,6 +30,21 @@ pub struct PlanLine {
     pub from_revision: Option<i64>,
 }
 
+impl PlanLine {
+    pub(super) fn of(target: &HostTarget, batch: u32, canary: bool) -> PlanLine {
+        PlanLine {
+            host: target.host.clone(),
+            batch,
+            canary,
+            from_image: target.from.image.clone(),
+            to_image: target.to.image.clone(),
+            from_db_image: target.from.db_image.clone(),
+            to_db_image: target.to.db_image.clone(),
+            from_revision: target.from_revision,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RolloutPlan {
     pub lines: Vec<PlanLine>,
@@ -178,16 +193,7 @@ pub async fn prepare(
     )
     .into_iter()
     .zip(&targets)
-    .map(|((batch, canary), t)| PlanLine {
-        host: t.host.clone(),
-        batch,
-        canary,
-        from_image: t.from.image.clone(),
-        to_image: t.to.image.clone(),
-        from_db_image: t.from.db_image.clone(),
-        to_db_image: t.to.db_image.clone(),
-        from_revision: t.from_revision,
-    })
+    .map(|((batch, canary), t)| PlanLine::of(t, batch, canary))
     .collect();
     Ok((
         RolloutPlan {

@@ -369,11 +369,7 @@ async fn reexamine_failed(
                 host: step.host.clone(),
                 phase,
                 detail,
-                ended: rollout
-                    .steps
-                    .iter()
-                    .filter(|s| s.phase == StepPhase::Done || is_failure(s.phase))
-                    .count(),
+                ended: rollout.steps.iter().filter(|s| s.phase.has_ended()).count(),
                 total: rollout.steps.len(),
             });
         }
@@ -400,7 +396,12 @@ pub async fn abort(
         Some(lock) => lock,
         None => {
             if !store
-                .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
+                .move_rollout(
+                    active.id,
+                    RolloutState::ACTIVE,
+                    RolloutState::Aborting,
+                    "abort requested",
+                )
                 .await?
             {
                 return store
@@ -423,7 +424,12 @@ pub async fn abort(
     let params = recorded_params(&active)?;
     let pbx = login(pbx).await?;
     store
-        .move_rollout(active.id, ACTIVE, RolloutState::Aborting, "abort requested")
+        .move_rollout(
+            active.id,
+            RolloutState::ACTIVE,
+            RolloutState::Aborting,
+            "abort requested",
+        )
         .await?;
     go_on(state, &active, &params, &token, pbx, &events, false).await
 }
@@ -484,16 +490,7 @@ fn started(rollout: &Rollout, targets: &[HostTarget], resumed: bool) -> RolloutE
             .steps
             .iter()
             .zip(targets)
-            .map(|(s, t)| super::PlanLine {
-                host: s.host.clone(),
-                batch: s.batch,
-                canary: s.canary,
-                from_image: t.from.image.clone(),
-                to_image: t.to.image.clone(),
-                from_db_image: t.from.db_image.clone(),
-                to_db_image: t.to.db_image.clone(),
-                from_revision: s.from_revision,
-            })
+            .map(|(s, t)| super::PlanLine::of(t, s.batch, s.canary))
             .collect(),
     }
 }
@@ -520,11 +517,7 @@ async fn follow(
             .await?
             .ok_or(RolloutError::NoActive("follow"))?;
         let total = rollout.steps.len();
-        let ended = rollout
-            .steps
-            .iter()
-            .filter(|s| s.phase == StepPhase::Done || is_failure(s.phase))
-            .count();
+        let ended = rollout.steps.iter().filter(|s| s.phase.has_ended()).count();
         for step in &rollout.steps {
             let now = (step.phase, step.detail.clone());
             if seen.get(&step.host) != Some(&now) {
@@ -557,13 +550,6 @@ async fn follow(
         tokio::time::sleep(RECHECK).await;
     }
 }
-
-/// The active states, for conditional moves.
-const ACTIVE: &[RolloutState] = &[
-    RolloutState::Running,
-    RolloutState::Paused,
-    RolloutState::Aborting,
-];
 
 pub(super) fn only(state: RolloutState) -> &'static [RolloutState] {
     match state {

@@ -23,11 +23,15 @@ named!(RolloutState { Running => "running", Paused => "paused", Aborting => "abo
     Succeeded => "succeeded", Failed => "failed", Aborted => "aborted" });
 
 impl RolloutState {
+    /// The states of a rollout that is not over (at most one at a time).
+    pub const ACTIVE: &'static [RolloutState] = &[
+        RolloutState::Running,
+        RolloutState::Paused,
+        RolloutState::Aborting,
+    ];
+
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            RolloutState::Running | RolloutState::Paused | RolloutState::Aborting
-        )
+        RolloutState::ACTIVE.contains(&self)
     }
 }
 
@@ -47,6 +51,16 @@ pub enum StepPhase {
 named!(StepPhase { Pending => "pending", Staging => "staging", Staged => "staged",
     Swapping => "swapping", Verifying => "verifying", Done => "done",
     RollingBack => "rolling-back", RolledBack => "rolled-back", Failed => "failed" });
+
+impl StepPhase {
+    /// The host is through: upgraded, restored or failed.
+    pub fn has_ended(self) -> bool {
+        matches!(
+            self,
+            StepPhase::Done | StepPhase::RolledBack | StepPhase::Failed
+        )
+    }
+}
 
 /// One host's place and progress in a rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

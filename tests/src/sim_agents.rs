@@ -24,8 +24,22 @@ pub fn address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 78, (i / 250) as u8, (i % 250) as u8 + 1)
 }
 
-/// Starts `count` agents and records them as bootstrapped hosts.
+/// How the simulated IM service behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Healthy,
+    /// Unhealthy in every other sample: an event for the daemon each time.
+    Flapping,
+}
+
+/// Starts `count` agents with a healthy IM and records them as bootstrapped
+/// hosts.
 pub async fn start(ca: &CertificateAuthority, store: &Store, count: usize) {
+    start_with(ca, store, count, Service::Healthy).await
+}
+
+/// [`start`] with the IM service behaving as `service`.
+pub async fn start_with(ca: &CertificateAuthority, store: &Store, count: usize, service: Service) {
     let mut incoming = Vec::new();
     for i in 0..count {
         let ip = address(i).to_string();
@@ -64,14 +78,14 @@ pub async fn start(ca: &CertificateAuthority, store: &Store, count: usize) {
     let all = futures::stream::select_all(incoming);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AgentServer::new(Simulated))
+            .add_service(AgentServer::new(Simulated(service)))
             .serve_with_incoming(all),
     );
 }
 
-struct Simulated;
+struct Simulated(Service);
 
-fn sample(sequence: u64) -> HealthSample {
+fn sample(sequence: u64, service: Service) -> HealthSample {
     let t = sequence as f64;
     HealthSample {
         sequence,
@@ -129,7 +143,7 @@ fn sample(sequence: u64) -> HealthSample {
             ..Default::default()
         })
         .collect(),
-        deployment_healthy: true,
+        deployment_healthy: service == Service::Healthy || sequence % 2 == 1,
         service: Some(ServiceProbe {
             stats_ok: true,
             stats: [
@@ -175,9 +189,10 @@ impl Agent for Simulated {
         let every = Duration::from_millis(u64::from(r.get_ref().interval_ms.max(1000)));
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
         let mut sequence = 0u64;
+        let service = self.0;
         Ok(Response::new(Box::pin(ticks.map(move |_| {
             sequence += 1;
-            Ok(sample(sequence))
+            Ok(sample(sequence, service))
         }))))
     }
     async fn inventory(

@@ -112,19 +112,31 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_time ON events(at);",
 ];
 
+/// Brings the schema up to date. Several processes may open one database at
+/// once: the version is read under the write lock, so each migration runs
+/// exactly once.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
+    let version = |c: &Connection| -> Result<i64, StoreError> {
+        Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    };
+    let found = version(conn)?;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    if found == known {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let found = version(&tx)?;
     if found > known {
         return Err(StoreError::TooNew { found, known });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", index as i64 + 1)?;
-        tx.commit()?;
     }
-    Ok(())
+    Ok(tx.commit()?)
 }
 
 #[cfg(test)]

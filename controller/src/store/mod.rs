@@ -59,6 +59,10 @@ pub enum StoreError {
         "state database schema version {found} is newer than this controller understands ({known}); upgrade the controller"
     )]
     TooNew { found: i64, known: i64 },
+    #[error(
+        "the linked SQLite {0} has the WAL-reset corruption bug (fixed in 3.51.3, 3.50.7 and 3.44.6); rebuild imfleet with its bundled SQLite"
+    )]
+    UnsafeSqlite(&'static str),
     #[error("state database: the store thread has stopped")]
     Closed,
     #[error("state database: {what} holds a value this controller does not know: {value}")]
@@ -73,6 +77,45 @@ pub enum StoreError {
     },
 }
 
+/// The first SQLite releases without the WAL-reset race (two connections
+/// writing or checkpointing one WAL at once could corrupt it, 3.7.0 to
+/// 3.51.2): 3.51.3, and the backports 3.50.7 and 3.44.6.
+const WAL_RESET_FIXED: [(i32, i32); 3] = [
+    (3_051_003, i32::MAX),
+    (3_050_007, 3_051_000),
+    (3_044_006, 3_045_000),
+];
+
+/// Whether SQLite `version` (as `sqlite3_libversion_number`) has the fix.
+pub fn has_wal_reset_fix(version: i32) -> bool {
+    WAL_RESET_FIXED
+        .iter()
+        .any(|&(first, end)| (first..end).contains(&version))
+}
+
+/// How every connection to the state database behaves; the reasons are in
+/// ARCHITECTURE.md ("The state database").
+fn configure(conn: &mut Connection) -> Result<(), StoreError> {
+    // A writer waits for another process's transaction instead of failing.
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Every commit is on disk before it returns: a rollout phase is written
+    // before the side effect it names, and must survive a power cut.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // No memory-mapped I/O: other processes write the same file, and an I/O
+    // error on a mapped page is a SIGBUS instead of an error.
+    conn.pragma_update(None, "mmap_size", 0)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Every transaction takes the write lock when it begins: a deferred one
+    // that read first cannot upgrade once another process has written
+    // (SQLITE_BUSY at once, the busy timeout never consulted).
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+    Ok(())
+}
+
+/// How long a write waits for other processes' transactions.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A handle on the state database, usable from any task.
@@ -85,6 +128,10 @@ impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, then
     /// hands the connection to its own thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let linked = rusqlite::version_number();
+        if !has_wal_reset_fix(linked) {
+            return Err(StoreError::UnsafeSqlite(rusqlite::version()));
+        }
         if !path.exists() {
             imfleet_certs::storage::create_private_file(path).map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
@@ -95,9 +142,7 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        configure(&mut conn)?;
         migrations::migrate(&mut conn)?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -190,6 +235,20 @@ pub(crate) mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn sqlite_releases_with_and_without_the_wal_reset_fix() {
+        for fixed in [
+            3_051_003, 3_054_001, 3_050_007, 3_050_009, 3_044_006, 4_000_000,
+        ] {
+            assert!(has_wal_reset_fix(fixed), "{fixed}");
+        }
+        for broken in [
+            3_007_000, 3_044_005, 3_045_000, 3_050_002, 3_050_006, 3_051_002,
+        ] {
+            assert!(!has_wal_reset_fix(broken), "{broken}");
+        }
     }
 
     #[tokio::test]

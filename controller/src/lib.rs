@@ -37,6 +37,7 @@ pub mod serve;
 pub mod ssh;
 pub mod state;
 pub mod store;
+pub mod text;
 
 /// Version of this controller build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -21,6 +21,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person: never into a log file or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -37,7 +39,9 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Errors quote agents and the PBX: shown safe for the terminal.
+            let text = imfleet_controller::text::printable_lines(&format!("{err:#}"), 4096);
+            eprintln!("error: {text}");
             ExitCode::from(1)
         }
     }

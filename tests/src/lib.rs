@@ -103,6 +103,17 @@ pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
     }
 }
 
+/// Resident memory of a process, in bytes.
+pub fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
 fn read_all(mut r: impl std::io::Read) -> String {
     let mut s = String::new();
     let _ = r.read_to_string(&mut s);

@@ -1,8 +1,10 @@
-//! Many simulated agents in one process, for the daemon benchmark: each on
-//! its own loopback address with its own certificate from the controller's
-//! CA, speaking the real protocol over mutual TLS (the agent's own listener
-//! code), answering Ping and WatchHealth with a fixed, realistic sample.
-//! They cost next to nothing, so what is measured is the daemon.
+//! Many simulated agents in one process, for the daemon's benchmark and its
+//! hostile-agent tests: each on its own loopback address with its own
+//! genuine certificate from the controller's CA, speaking the real protocol
+//! over mutual TLS (the agent's own listener code), answering Ping and
+//! WatchHealth. A healthy one sends a fixed, realistic sample and costs next
+//! to nothing, so what is measured is the daemon; the others send what
+//! root on an IM host could make its agent send ([`Behaviour`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -12,7 +14,7 @@ use futures::Stream;
 use imfleet_agent::identity::ServingIdentity;
 use imfleet_certs::CertificateAuthority;
 use imfleet_controller::store::{HostRecord, Store};
-use imfleet_proto::agent::v1::agent_server::{Agent, AgentServer};
+use imfleet_proto::agent::v1::agent_server::AgentServer;
 use imfleet_proto::agent::v1::*;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -24,24 +26,60 @@ pub fn address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 78, (i / 250) as u8, (i % 250) as u8 + 1)
 }
 
-/// How the simulated IM service behaves.
+/// How a simulated agent behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Service {
+pub enum Behaviour {
     Healthy,
-    /// Unhealthy in every other sample: an event for the daemon each time.
+    /// The IM unhealthy in every other sample: an event each time.
     Flapping,
+    /// Samples as fast as the connection takes them.
+    Flood,
+    /// Samples of about 970 KB, over the daemon's decode limit.
+    Oversized,
+    /// Samples under the decode limit with every list far over its cap,
+    /// duplicates and names no agent makes.
+    Bloated,
+    /// Terminal escape sequences, newlines and bidirectional overrides in
+    /// every text, and an unhealthy IM to put them in events.
+    Escapes,
+    /// NaN and infinities for every number that can hold one.
+    NonFinite,
+    /// A certificate expiry a century away (the real one is 397 days).
+    ClaimsExpiry,
 }
 
-/// Starts `count` agents with a healthy IM and records them as bootstrapped
-/// hosts.
-pub async fn start(ca: &CertificateAuthority, store: &Store, count: usize) {
-    start_with(ca, store, count, Service::Healthy).await
+/// A started simulated agent.
+#[derive(Debug, Clone)]
+pub struct Simulated {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// Expiry of the certificate it presents (Unix seconds).
+    pub certificate_not_after: i64,
 }
 
-/// [`start`] with the IM service behaving as `service`.
-pub async fn start_with(ca: &CertificateAuthority, store: &Store, count: usize, service: Service) {
-    let mut incoming = Vec::new();
-    for i in 0..count {
+/// Starts one agent per entry of `behaviours` on `runtime` (which must
+/// outlive them), recorded as hosts in `controller`'s state.
+pub fn start_for(
+    controller: &crate::Controller,
+    runtime: &tokio::runtime::Runtime,
+    behaviours: &[Behaviour],
+) -> Vec<Simulated> {
+    runtime.block_on(async {
+        let (state, _) =
+            imfleet_controller::state::ControllerState::open_or_init(controller.state.path())
+                .unwrap();
+        start_each(&state.ca, &state.store, behaviours).await
+    })
+}
+
+/// Starts one agent per entry, agent `i` behaving as `behaviours[i]`.
+pub async fn start_each(
+    ca: &CertificateAuthority,
+    store: &Store,
+    behaviours: &[Behaviour],
+) -> Vec<Simulated> {
+    let mut started = Vec::new();
+    for (i, behaviour) in behaviours.iter().copied().enumerate() {
         let ip = address(i).to_string();
         let issued = crate::pki::agent_identity_now(ca, &[&ip]);
         let identity = ServingIdentity {
@@ -71,21 +109,115 @@ pub async fn start_with(ca: &CertificateAuthority, store: &Store, count: usize, 
             .await
             .unwrap();
         let acceptor = imfleet_agent::listener::tls_acceptor(&identity).unwrap();
-        incoming.push(tokio_stream::wrappers::ReceiverStream::new(
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(
             imfleet_agent::listener::incoming(listener, acceptor),
-        ));
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServer::new(Agent(behaviour)))
+                .serve_with_incoming(incoming),
+        );
+        started.push(Simulated {
+            name: format!("sim{i:04}"),
+            address: address(i),
+            certificate_not_after: identity.info.not_after.unix_timestamp(),
+        });
     }
-    let all = futures::stream::select_all(incoming);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServer::new(Simulated(service)))
-            .serve_with_incoming(all),
-    );
+    started
 }
 
-struct Simulated(Service);
+struct Agent(Behaviour);
 
-fn sample(sequence: u64, service: Service) -> HealthSample {
+/// Text root on an IM host would love an operator's terminal to run.
+pub const ESCAPES: &str =
+    "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4K\x07\x1b[31m\nFORGED LOG LINE\r\u{202e}\u{9b}";
+
+fn sample(sequence: u64, behaviour: Behaviour) -> HealthSample {
+    let mut s = healthy_sample(sequence, behaviour == Behaviour::Flapping);
+    match behaviour {
+        Behaviour::Healthy | Behaviour::Flapping | Behaviour::Flood => {}
+        Behaviour::Oversized => {
+            s.containers = (0..9_000)
+                .map(|i| ContainerStatus {
+                    name: format!("c{i}"),
+                    image: "x".repeat(100),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        Behaviour::Bloated => {
+            let host = s.host.as_mut().unwrap();
+            host.cpus = (0..1000)
+                .map(|cpu| CpuTimes {
+                    cpu: cpu % 700,
+                    user: 1.0,
+                    ..Default::default()
+                })
+                .collect();
+            host.networks = (0..2000)
+                .map(|i| NetworkCounters {
+                    device: if i % 3 == 0 {
+                        format!("bad name {i}")
+                    } else {
+                        format!("e{}", i % 900)
+                    },
+                    ..Default::default()
+                })
+                .collect();
+            s.containers = (0..500)
+                .map(|i| ContainerStatus {
+                    name: format!("c{}", i % 300),
+                    state: "running".into(),
+                    health: "healthy".into(),
+                    ..Default::default()
+                })
+                .collect();
+            let service = s.service.as_mut().unwrap();
+            service.stats = (0..1000).map(|i| (format!("figure_{i}"), 1.0)).collect();
+        }
+        Behaviour::Escapes => {
+            for c in &mut s.containers {
+                c.state = format!("{ESCAPES}running");
+                c.image = format!("portsip/pbx:22{ESCAPES}");
+                c.health = ESCAPES.into();
+            }
+            s.containers.push(ContainerStatus {
+                name: ESCAPES.into(),
+                ..Default::default()
+            });
+            s.deployment_healthy = false;
+            let service = s.service.as_mut().unwrap();
+            service.stats_ok = false;
+            service.stats_error = format!("gate{ESCAPES}");
+            service.stats.insert(ESCAPES.into(), 1.0);
+            s.agent.as_mut().unwrap().version = format!("0.1{ESCAPES}");
+            s.notes = vec![ESCAPES.into()];
+        }
+        Behaviour::NonFinite => {
+            let host = s.host.as_mut().unwrap();
+            host.load1 = f64::NAN;
+            host.load5 = f64::INFINITY;
+            host.load15 = f64::NEG_INFINITY;
+            for c in &mut host.cpus {
+                c.user = f64::NAN;
+                c.idle = f64::INFINITY;
+            }
+            host.disks[0].io_time_seconds = f64::NAN;
+            let service = s.service.as_mut().unwrap();
+            for v in service.stats.values_mut() {
+                *v = f64::NAN;
+            }
+            s.agent.as_mut().unwrap().cpu_seconds = f64::NAN;
+        }
+        Behaviour::ClaimsExpiry => {
+            s.agent.as_mut().unwrap().certificate_not_after =
+                imfleet_controller::now_unix() + 100 * 365 * 86_400;
+        }
+    }
+    s
+}
+
+fn healthy_sample(sequence: u64, flapping: bool) -> HealthSample {
     let t = sequence as f64;
     HealthSample {
         sequence,
@@ -143,7 +275,7 @@ fn sample(sequence: u64, service: Service) -> HealthSample {
             ..Default::default()
         })
         .collect(),
-        deployment_healthy: service == Service::Healthy || sequence % 2 == 1,
+        deployment_healthy: !flapping || sequence % 2 == 1,
         service: Some(ServiceProbe {
             stats_ok: true,
             stats: [
@@ -171,7 +303,7 @@ fn sample(sequence: u64, service: Service) -> HealthSample {
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl Agent for Simulated {
+impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
     async fn ping(&self, r: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
         Ok(Response::new(PingReply {
             nonce: r.into_inner().nonce,
@@ -187,12 +319,21 @@ impl Agent for Simulated {
         r: Request<WatchHealthRequest>,
     ) -> Result<Response<Self::WatchHealthStream>, Status> {
         let every = Duration::from_millis(u64::from(r.get_ref().interval_ms.max(1000)));
+        let behaviour = self.0;
+        if behaviour == Behaviour::Flood {
+            let mut sequence = 0u64;
+            return Ok(Response::new(Box::pin(futures::stream::repeat_with(
+                move || {
+                    sequence += 1;
+                    Ok(sample(sequence, behaviour))
+                },
+            ))));
+        }
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
         let mut sequence = 0u64;
-        let service = self.0;
         Ok(Response::new(Box::pin(ticks.map(move |_| {
             sequence += 1;
-            Ok(sample(sequence, service))
+            Ok(sample(sequence, behaviour))
         }))))
     }
     async fn inventory(

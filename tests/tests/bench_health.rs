@@ -5,18 +5,7 @@
 use std::time::{Duration, Instant};
 
 use imfleet_tests::daemon::Daemon;
-use imfleet_tests::{Controller, bootstrapped_host};
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
+use imfleet_tests::{Controller, bootstrapped_host, rss};
 
 /// User plus system CPU seconds a process used so far.
 fn cpu_seconds(pid: i32) -> f64 {
@@ -98,12 +87,8 @@ fn daemon_with_many_simulated_agents_at_one_second() {
     let controller = Controller::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let started = Instant::now();
-    runtime.block_on(async {
-        let (state, _) =
-            imfleet_controller::state::ControllerState::open_or_init(controller.state.path())
-                .unwrap();
-        imfleet_tests::sim_agents::start(&state.ca, &state.store, count).await;
-    });
+    let healthy = vec![imfleet_tests::sim_agents::Behaviour::Healthy; count];
+    imfleet_tests::sim_agents::start_for(&controller, &runtime, &healthy);
     println!(
         "bench: {count} simulated agents up in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -143,6 +143,10 @@ async fn a_spec_asking_for_more_than_a_deployment_needs_is_refused_and_changes_n
         ),
         ("setuid", Box::new(|s| s.directories[1].mode = 0o4777)),
         (
+            "not an image reference",
+            Box::new(|s| s.containers[0].image = "x/../../containers/victim".into()),
+        ),
+        (
             "loopback",
             Box::new(|s| {
                 s.gate = Some(HealthGate {
@@ -277,6 +281,9 @@ async fn image_staging_takes_only_image_references() {
         vec!["--config=/etc/shadow".to_owned()],
         vec!["portsip/pbx:22\nX-Injected: 1".to_owned()],
         vec!["portsip/pbx:22".to_owned(); 9],
+        // Out of /images/ in the Engine's URL, to another container.
+        vec!["x/../../containers/victim".to_owned()],
+        vec!["pbx%2F..%2F..%2Fcontainers%2Fvictim".to_owned()],
     ] {
         let err = agent.prepare_images(images.clone()).await.unwrap_err();
         assert!(
@@ -294,9 +301,9 @@ async fn image_staging_takes_only_image_references() {
         .filter(|e| e["rpc"] == "prepare_images")
         .collect();
     // Every request is audited, one JSON line each (the newline stayed escaped).
-    assert_eq!(staged.len(), 4, "{staged:?}");
+    assert_eq!(staged.len(), 6, "{staged:?}");
     assert!(
-        staged[..3]
+        staged[..5]
             .iter()
             .all(|e| e["outcome"].as_str().unwrap().starts_with("refused")),
         "{staged:?}"

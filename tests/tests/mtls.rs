@@ -325,3 +325,66 @@ async fn idle_connections_neither_spin_the_agent_nor_delay_the_controller() {
         "the agent used {ticks} ticks of CPU in {seconds:.1} s with idle clients connected"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_flood_from_another_address_never_evicts_the_controller() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let agent = start_agent(&ca, &["127.0.0.1"]).await;
+    // 300 sockets from 127.0.0.2 that say nothing and reconnect the moment
+    // the agent drops one: more than every handshake slot there is.
+    let script = format!(
+        "import select, socket, sys\n\
+         def connect():\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.bind(('127.0.0.2', 0))\n\
+         \x20   s.connect(('127.0.0.1', {port}))\n\
+         \x20   return s\n\
+         held = [connect() for _ in range(300)]\n\
+         print('ready', flush=True)\n\
+         reconnects = 0\n\
+         while not select.select([sys.stdin], [], [], 0)[0]:\n\
+         \x20   dropped, _, _ = select.select(held, [], [], 0.05)\n\
+         \x20   for s in dropped:\n\
+         \x20       held.remove(s)\n\
+         \x20       s.close()\n\
+         \x20       held.append(connect())\n\
+         \x20       reconnects += 1\n\
+         print(reconnects, flush=True)\n",
+        port = agent.addr.port()
+    );
+    let mut flood = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let me = controller(&ca);
+    let mut failed = Vec::new();
+    for _ in 0..20 {
+        if let Err(e) = call(&me, &agent.address("127.0.0.1")).await {
+            failed.push(imfleet_controller::error_chain(&e));
+        }
+    }
+    use std::io::Write;
+    flood.stdin.take().unwrap().write_all(b"stop\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = flood.wait();
+    let reconnects: u64 = line.trim().parse().unwrap();
+    assert!(
+        reconnects > 300,
+        "the flood was not evicting: {reconnects} reconnects"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of 20 pings failed: {failed:?}",
+        failed.len()
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use imfleet_tests::Controller;
 use imfleet_tests::daemon::Daemon;
-use imfleet_tests::sim_agents::{self, Service};
+use imfleet_tests::sim_agents::{self, Behaviour};
 
 const WRITERS: usize = 4;
 const SECONDS: u64 = 10;
@@ -35,12 +35,11 @@ fn daemon_and_writers_on_one_database_lose_nothing_and_corrupt_nothing() {
     assert!(controller.run(&["init"]).success());
     let db = controller.state.path().join("state.db");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let (state, _) =
-            imfleet_controller::state::ControllerState::open_or_init(controller.state.path())
-                .unwrap();
-        sim_agents::start_with(&state.ca, &state.store, FLAPPING_HOSTS, Service::Flapping).await;
-    });
+    sim_agents::start_for(
+        &controller,
+        &runtime,
+        &[Behaviour::Flapping; FLAPPING_HOSTS],
+    );
     let daemon = Daemon::start(&controller, &[]);
 
     let writers: Vec<_> = (0..WRITERS)

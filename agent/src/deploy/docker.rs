@@ -100,9 +100,24 @@ pub async fn owner_of(docker: &Docker, name: &str) -> Result<Option<Option<Strin
     }
 }
 
+/// `image` as it may stand in an Engine URL path (`/images/{image}/json`,
+/// which bollard does not encode): Docker's reference grammar only, which
+/// has no `..`, `?`, `#`, `%` or space, so the path cannot leave `/images/`.
+/// Requests are checked on entry; this holds for every other source too.
+fn engine_image(image: &str) -> Result<&str, DockerError> {
+    if imfleet_proto::model::reference::valid_image_reference(image) {
+        Ok(image)
+    } else {
+        Err(DockerError::DockerResponseServerError {
+            status_code: 400,
+            message: format!("`{}` is not an image reference", image.escape_debug()),
+        })
+    }
+}
+
 /// The id (`sha256:...`) of a local image, if present.
 pub async fn image_id(docker: &Docker, image: &str) -> Result<Option<String>, DockerError> {
-    match docker.inspect_image(image).await {
+    match docker.inspect_image(engine_image(image)?).await {
         Ok(i) => Ok(i.id),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(e),
@@ -110,7 +125,7 @@ pub async fn image_id(docker: &Docker, image: &str) -> Result<Option<String>, Do
 }
 
 pub async fn image_present(docker: &Docker, image: &str) -> Result<bool, DockerError> {
-    match docker.inspect_image(image).await {
+    match docker.inspect_image(engine_image(image)?).await {
         Ok(_) => Ok(true),
         Err(e) if is_not_found(&e) => Ok(false),
         Err(e) => Err(e),
@@ -369,9 +384,12 @@ pub async fn status(
         .unwrap_or(0);
     let config = c.config.clone().unwrap_or_default();
     let image_id = c.image.clone().unwrap_or_default();
-    let image_version = match docker.inspect_image(&image_id).await {
-        Ok(img) => img
-            .config
+    let image_version = match engine_image(&image_id) {
+        Ok(image) => docker
+            .inspect_image(image)
+            .await
+            .ok()
+            .and_then(|img| img.config)
             .and_then(|cfg| cfg.labels)
             .and_then(|l| l.get("version").cloned())
             .unwrap_or_default(),

@@ -45,9 +45,14 @@ pub fn judge(observed: &ContainerStatus, one_shot: bool, now: i64) -> Readiness 
     }
     // This apply created the container: any restart means it stopped on its own.
     if state == "restarting" || observed.restart_count > 0 {
+        // Once it runs again the Engine has reset its exit code to 0.
+        let exit = if state == "running" {
+            String::new()
+        } else {
+            format!("it exited with status {} and ", observed.exit_code)
+        };
         return Readiness::Failed(format!(
-            "is crash-looping: it exited with status {} and the Engine restarted it {} time(s)",
-            observed.exit_code,
+            "is crash-looping: {exit}the Engine restarted it {} time(s)",
             observed.restart_count.max(1)
         ));
     }
@@ -120,15 +125,21 @@ mod tests {
 
     #[test]
     fn crash_loops_fail_at_once_whatever_the_moment_observed() {
-        // Between restarts, while restarting, and running again after one.
+        // Between restarts and while restarting: its exit status is told.
         for observed in [
             seen("restarting", "starting", 3, 1),
-            seen("running", "starting", 3, 2),
             seen("exited", "none", 3, 0),
         ] {
             let why = failed(judge(&observed, false));
             assert!(why.contains("status 3"), "{why}");
         }
+        // Running again after one: the Engine has reset the status to 0,
+        // which is not told as the reason.
+        let why = failed(judge(&seen("running", "starting", 0, 2), false));
+        assert!(
+            why.contains("crash-looping") && !why.contains("status"),
+            "{why}"
+        );
         assert!(failed(judge(&seen("running", "starting", 1, 4), false)).contains("4 time(s)"));
         let mut oom = seen("running", "starting", 137, 1);
         oom.oom_killed = true;

@@ -10,17 +10,8 @@ use super::{DeployError, Deployer};
 /// At most this many references per request.
 pub const MAX_IMAGES: usize = 8;
 
-/// Whether `reference` looks like an image reference (`name[:tag][@digest]`,
-/// registry and path included) and nothing else: no option, no space, no
-/// control character reaches the Engine.
-pub fn valid_reference(reference: &str) -> bool {
-    !reference.is_empty()
-        && reference.len() <= 255
-        && !reference.starts_with(['-', '.', '/', ':', '@'])
-        && reference
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
-}
+/// Docker's reference grammar: nothing else reaches an Engine URL.
+pub use imfleet_proto::model::reference::valid_image_reference as valid_reference;
 
 /// The request's references, checked.
 pub fn check(images: &[String]) -> Result<(), String> {
@@ -94,7 +85,7 @@ mod tests {
         for good in [
             "portsip/pbx:22",
             "registry.example.com:5000/portsip/pbx:23.1",
-            "pbx@sha256:0123abcd",
+            "pbx@sha256:0123456789abcdef0123456789abcdef",
             "imfleet-test/pbx:23-never-healthy",
         ] {
             assert!(valid_reference(good), "{good}");
@@ -107,6 +98,7 @@ mod tests {
             "pbx:22\n",
             "/etc/passwd",
             "pbx;rm",
+            "x/../../containers/victim",
             &"a".repeat(256),
         ] {
             assert!(!valid_reference(bad), "{bad:?}");

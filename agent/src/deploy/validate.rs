@@ -8,13 +8,7 @@ use imfleet_proto::agent::v1::DeploymentSpec;
 
 use super::PREVIOUS_SUFFIX;
 
-/// Docker-safe names: they end up in Engine API URLs and container names.
-pub fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && name.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
+pub use imfleet_proto::model::names::valid_container_name as valid_name;
 
 /// The spec's own consistency: names, images, duplicates, nested mounts.
 pub fn check(spec: &DeploymentSpec, exists: impl Fn(&Path) -> bool) -> Result<(), String> {
@@ -32,8 +26,12 @@ pub fn check(spec: &DeploymentSpec, exists: impl Fn(&Path) -> bool) -> Result<()
                 c.name
             ));
         }
-        if c.image.is_empty() {
-            return Err(format!("container `{}` names no image", c.name));
+        if !imfleet_proto::model::reference::valid_image_reference(&c.image) {
+            return Err(format!(
+                "container `{}`: `{}` is not an image reference (name[:tag][@digest])",
+                c.name,
+                c.image.escape_debug()
+            ));
         }
     }
     let declared: HashSet<PathBuf> = spec

@@ -309,8 +309,11 @@ impl Agent {
             interval_ms: interval.as_millis().min(u128::from(u32::MAX)) as u32,
             deployment: deployment.to_owned(),
         };
+        // A sample at every cap fits with room; a hostile agent's giant
+        // message ends the stream instead of filling pbx01's memory.
         self.client
             .clone()
+            .max_decoding_message_size(crate::health::ingest::MAX_MESSAGE_BYTES)
             .watch_health(request)
             .await
             .map(tonic::Response::into_inner)

@@ -65,7 +65,7 @@ fn render(statuses: &[AgentStatus]) {
     println!("{table}");
     for s in statuses.iter().filter(|s| !s.reachable) {
         if let Some(err) = &s.error {
-            eprintln!("{}: {err}", s.host);
+            eprintln!("{}: {}", s.host, output::shown(err, 4096));
         }
     }
 }

@@ -124,7 +124,7 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         "Bootstrapped {} in {:.1} s: agent {} at {}:{} ({}), round trip {}",
         host.name,
         report.elapsed_ms as f64 / 1000.0,
-        host.agent_version,
+        output::shown(&host.agent_version, 64),
         host.agent_address,
         host.agent_port,
         report.supervision,

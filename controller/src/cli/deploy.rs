@@ -342,7 +342,8 @@ async fn bootstrapped_host(
         progress.suspend(|| {
             eprintln!(
                 "bootstrapped {} (agent {})",
-                report.host.name, report.host.agent_version
+                report.host.name,
+                output::shown(&report.host.agent_version, 64)
             )
         });
     }
@@ -357,7 +358,7 @@ fn explain_failure(error: DeployError, json: bool) -> anyhow::Error {
         DeployError::Apply { diagnostics, .. } if !diagnostics.is_empty() => {
             eprintln!("last output of the failing container:");
             for line in diagnostics {
-                eprintln!("  | {line}");
+                eprintln!("  | {}", output::shown(line, 4096));
             }
         }
         _ => {}
@@ -387,16 +388,22 @@ fn print_report(report: &DeployReport) {
         }
         println!(
             "PBX lists the IM server at {} / {}{}",
-            if pbx.registered.private_ipv4.is_empty() {
-                &pbx.registered.private_ipv6
-            } else {
-                &pbx.registered.private_ipv4
-            },
-            if pbx.registered.public_ipv4.is_empty() {
-                &pbx.registered.public_ipv6
-            } else {
-                &pbx.registered.public_ipv4
-            },
+            output::shown(
+                if pbx.registered.private_ipv4.is_empty() {
+                    &pbx.registered.private_ipv6
+                } else {
+                    &pbx.registered.private_ipv4
+                },
+                64
+            ),
+            output::shown(
+                if pbx.registered.public_ipv4.is_empty() {
+                    &pbx.registered.public_ipv6
+                } else {
+                    &pbx.registered.public_ipv4
+                },
+                64
+            ),
             if pbx.token_from_pbx {
                 " (IM token taken from the PBX)"
             } else {

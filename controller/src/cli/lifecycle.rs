@@ -145,7 +145,8 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
             .collect();
         print_status_table(&rows);
         for s in statuses.iter().filter(|s| s.error.is_some()) {
-            eprintln!("{}: {}", s.host, s.error.as_deref().unwrap_or_default());
+            let error = s.error.as_deref().unwrap_or_default();
+            eprintln!("{}: {}", s.host, output::shown(error, 4096));
         }
         for s in &statuses {
             if let Some(r) = &s.rollout {
@@ -156,7 +157,7 @@ pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
                     r.state.as_str(),
                     r.phase.as_str(),
                     if r.detail.is_empty() { "" } else { ": " },
-                    r.detail
+                    output::shown(&r.detail, 4096)
                 );
             }
         }
@@ -209,7 +210,8 @@ fn report(results: Vec<HostResult<DeploymentStatus>>, json: bool) -> anyhow::Res
         print_status_table(&rows);
         for r in &results {
             if let Err(e) = &r.result {
-                eprintln!("{}: {}", r.host.name, imfleet_controller::error_chain(e));
+                let error = imfleet_controller::error_chain(e);
+                eprintln!("{}: {}", r.host.name, output::shown(&error, 4096));
             }
         }
     }
@@ -247,6 +249,9 @@ pub async fn remove(dir: &Path, args: RemoveArgs) -> anyhow::Result<ExitCode> {
     report(results, false)
 }
 
+/// Longest log line shown on a terminal (`--json` carries it whole).
+const LOG_LINE_MAX_CHARS: usize = 16 * 1024;
+
 pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let fleet = super::open_fleet(dir).await?;
     let request = LogsRequest {
@@ -264,10 +269,18 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
                 "line": line.line,
             });
             println!("{record}");
-        } else if line.stderr {
-            eprintln!("{}: {}", line.container, line.line);
         } else {
-            println!("{}: {}", line.container, line.line);
+            // A container's output, but the host's word: no raw escapes.
+            let text = format!(
+                "{}: {}",
+                output::shown(&line.container, 128),
+                output::shown(&line.line, LOG_LINE_MAX_CHARS)
+            );
+            if line.stderr {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use imfleet_controller::progress::{Progress as ProgressEvent, ProgressSink};
 
-use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{ContentArrangement, presets::UTF8_BORDERS_ONLY};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -15,12 +15,42 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 pub fn table(header: &[&str]) -> Table {
-    let mut table = Table::new();
+    let mut table = comfy_table::Table::new();
     table
         .load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.to_vec());
-    table
+    Table(table)
+}
+
+/// Longest cell shown; longer text from a host is cut.
+const CELL_MAX_CHARS: usize = 512;
+
+/// A table for the terminal whose every cell is made printable: cells hold
+/// what hosts reported (names, versions, errors), which may carry terminal
+/// controls.
+pub struct Table(comfy_table::Table);
+
+impl Table {
+    pub fn add_row<S: AsRef<str>>(&mut self, cells: Vec<S>) {
+        self.0.add_row(
+            cells
+                .iter()
+                .map(|c| shown(c.as_ref(), CELL_MAX_CHARS))
+                .collect::<Vec<_>>(),
+        );
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Text from a host, safe for the terminal (see `imfleet_controller::text`).
+pub fn shown(text: &str, max_chars: usize) -> String {
+    imfleet_controller::text::printable(text, max_chars).into_owned()
 }
 
 pub use imfleet_controller::rfc3339;
@@ -64,7 +94,7 @@ impl Progress {
             Arc::new(move |event: ProgressEvent| {
                 // The spinner shows what runs now; endings are in the result.
                 if !matches!(event, ProgressEvent::PhaseFinished { .. }) {
-                    bar.set_message(event.text());
+                    bar.set_message(shown(&event.text(), CELL_MAX_CHARS));
                 }
             })
         };
@@ -77,7 +107,7 @@ impl Progress {
 
     /// Shows `message` as the current activity (text mode only).
     pub fn message(&self, message: String) {
-        self.bar.set_message(message);
+        self.bar.set_message(shown(&message, CELL_MAX_CHARS));
     }
 
     /// Prints around the spinner.

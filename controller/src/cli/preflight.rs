@@ -176,14 +176,22 @@ fn print_inventory(name: &str, inv: &HostInventory) {
     let os = inv.os.clone().unwrap_or_default();
     let cpu = inv.cpu.clone().unwrap_or_default();
     let mem = inv.memory.unwrap_or_default();
-    println!("Host      {name} ({})", inv.hostname);
+    // Everything the host reports is shown through this.
+    let s = |text: &str| output::shown(text, 256);
+    println!("Host      {name} ({})", s(&inv.hostname));
     println!(
         "OS        {} {}, kernel {}, virtualisation {}",
-        os.pretty_name, os.arch, os.kernel, inv.virtualization
+        s(&os.pretty_name),
+        s(&os.arch),
+        s(&os.kernel),
+        s(&inv.virtualization)
     );
     println!(
         "CPU       {}: {} sockets, {} cores, {} logical CPUs",
-        cpu.model, cpu.sockets, cpu.physical_cores, cpu.logical_cores
+        s(&cpu.model),
+        cpu.sockets,
+        cpu.physical_cores,
+        cpu.logical_cores
     );
     println!(
         "Memory    {} ({} available), swap {} ({} free)",
@@ -193,23 +201,24 @@ fn print_inventory(name: &str, inv: &HostInventory) {
         sizing::gb(mem.swap_free_bytes)
     );
     let clock = inv.clock.clone().unwrap_or_default();
+    let source = s(&clock.source);
     match clock.synchronized {
-        Some(true) => println!("Clock     synchronised ({})", clock.source),
-        Some(false) => println!("Clock     NOT synchronised ({})", clock.source),
-        None => println!("Clock     {}", clock.source),
+        Some(true) => println!("Clock     synchronised ({source})"),
+        Some(false) => println!("Clock     NOT synchronised ({source})"),
+        None => println!("Clock     {source}"),
     }
     let power = inv.power.clone().unwrap_or_default();
     println!(
         "Power     governor {}{}",
         if power.governor.is_empty() {
-            "none exposed"
+            "none exposed".into()
         } else {
-            &power.governor
+            s(&power.governor)
         },
         if power.profile.is_empty() {
             String::new()
         } else {
-            format!(", profile {}", power.profile)
+            format!(", profile {}", s(&power.profile))
         }
     );
     let docker = inv.docker.clone().unwrap_or_default();
@@ -218,8 +227,8 @@ fn print_inventory(name: &str, inv: &HostInventory) {
         if docker.running {
             format!(
                 "Engine {} (API {}), compose plugin {}",
-                docker.version,
-                docker.api_version,
+                s(&docker.version),
+                s(&docker.api_version),
                 if docker.compose_plugin { "yes" } else { "no" }
             )
         } else if docker.installed {
@@ -231,7 +240,7 @@ fn print_inventory(name: &str, inv: &HostInventory) {
     let fw = inv.firewall.clone().unwrap_or_default();
     println!(
         "Firewall  {}{}",
-        fw.active,
+        s(&fw.active),
         match (
             fw.active.as_str(),
             imfleet_proto::model::firewall::admits(&fw, IM_CLIENT_PORT),
@@ -253,7 +262,7 @@ fn print_inventory(name: &str, inv: &HostInventory) {
     let agent = inv.agent.clone().unwrap_or_default();
     println!(
         "Agent     runs as {} (uid {}){}",
-        agent.user,
+        s(&agent.user),
         agent.uid,
         if agent.root { "" } else { ", NOT root" }
     );
@@ -327,11 +336,11 @@ fn print_inventory(name: &str, inv: &HostInventory) {
         let names: Vec<String> = inv
             .packages
             .iter()
-            .map(|p| format!("{} {}", p.name, p.version))
+            .map(|p| format!("{} {}", s(&p.name), s(&p.version)))
             .collect();
         println!("Packages of interest: {}", names.join(", "));
     }
     for note in &inv.notes {
-        println!("note: {note}");
+        println!("note: {}", s(note));
     }
 }

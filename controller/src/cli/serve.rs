@@ -24,13 +24,20 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_insecure: bool,
     /// POST every event as JSON to this URL (retried; never blocks sampling).
+    /// A URL given here is visible in the process list: prefer
+    /// --webhook-file or the environment.
     #[arg(
         long,
         value_name = "URL",
         env = "IMFLEET_WEBHOOK",
-        hide_env_values = true
+        hide_env_values = true,
+        conflicts_with = "webhook_file"
     )]
     webhook: Option<String>,
+    /// Read the webhook URL (which often holds a token) from this file,
+    /// readable by its owner only.
+    #[arg(long, value_name = "FILE")]
+    webhook_file: Option<std::path::PathBuf>,
     /// How long health history is kept (one point per host and minute for a
     /// day, then one per ten minutes).
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
@@ -39,11 +46,23 @@ pub struct ServeArgs {
 
 pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
+    let webhook = match &args.webhook_file {
+        Some(path) => Some(read_webhook_file(path)?),
+        None => {
+            let from_env = std::env::var("IMFLEET_WEBHOOK").ok();
+            if args.webhook.is_some() && args.webhook != from_env {
+                eprintln!(
+                    "warning: the webhook URL is on the command line, where every local user can read it; use --webhook-file or IMFLEET_WEBHOOK"
+                );
+            }
+            args.webhook
+        }
+    };
     let config = ServeConfig {
         interval: args.interval,
         metrics_listen: args.metrics_listen,
         metrics_insecure: args.metrics_insecure,
-        webhook: args.webhook,
+        webhook,
         retention: args.history,
     };
     if config.metrics_insecure && !config.metrics_listen.ip().is_loopback() {
@@ -74,6 +93,31 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     serve::run(dir, config, reloads, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The webhook URL from a file only its owner may read (it holds a token).
+fn read_webhook_file(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the webhook file {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "the webhook file {} can be read by other users (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o777,
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the webhook file {}", path.display()))?;
+    let url = text.trim();
+    if url.is_empty() || url.contains(char::is_whitespace) {
+        anyhow::bail!(
+            "the webhook file {} must hold one URL and nothing else",
+            path.display()
+        );
+    }
+    Ok(url.to_owned())
 }
 
 /// The soft descriptor limit raised as far as the hard one allows (65536 at most).
@@ -214,6 +258,28 @@ pub async fn history(dir: &Path, args: HistoryArgs) -> anyhow::Result<ExitCode> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_webhook_file_must_be_private_and_hold_one_url() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hook");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("https://hooks.example/T0KEN\n", 0o600);
+        assert_eq!(
+            super::read_webhook_file(&path).unwrap(),
+            "https://hooks.example/T0KEN"
+        );
+        write("https://hooks.example/T0KEN", 0o644);
+        let err = super::read_webhook_file(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && !err.contains("T0KEN"), "{err}");
+        write("a b", 0o600);
+        assert!(super::read_webhook_file(&path).is_err());
+        assert!(super::read_webhook_file(&dir.path().join("none")).is_err());
+    }
+
     #[test]
     fn since_takes_durations_and_times() {
         assert_eq!(super::since("1h", 10_000).unwrap(), 6_400);

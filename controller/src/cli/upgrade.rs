@@ -218,11 +218,16 @@ fn print_plan(plan: &RolloutPlan) {
     for (host, check) in &plan.overridden {
         println!(
             "{host}: --force overrides failed check {}: {}",
-            check.id, check.observed
+            check.id,
+            output::shown(&check.observed, 512)
         );
     }
     for (host, check) in &plan.warnings {
-        println!("{host}: warning {}: {}", check.id, check.observed);
+        println!(
+            "{host}: warning {}: {}",
+            check.id,
+            output::shown(&check.observed, 512)
+        );
     }
 }
 
@@ -331,11 +336,13 @@ fn sink(json: bool) -> Events {
                 None
             }
             RolloutEvent::Host { progress } => {
-                shown.set_message(progress.text());
+                shown.set_message(output::shown(&progress.text(), 512));
                 None
             }
         };
         if let Some(line) = line {
+            // Details quote the agents.
+            let line = output::shown(&line, 4096);
             shown.suspend(|| eprintln!("{line}"));
         }
     });

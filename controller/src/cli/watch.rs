@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use imfleet_controller::health::HostSnapshot;
 use imfleet_controller::store::{Rollout, StepPhase};
+use imfleet_controller::text::printable;
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -30,7 +31,7 @@ pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut ticker = tokio::time::interval(args.every.max(Duration::from_millis(200)));
     loop {
         ticker.tick().await;
-        let Some(hosts) = imfleet_controller::serve::http::fetch_hosts(dir).await else {
+        let Some(hosts) = imfleet_controller::serve::http::fetch_hosts(dir).await? else {
             anyhow::bail!(
                 "no `controller serve` answers for {}; start it (systemctl start imfleet-controller, or `controller serve`) to watch the fleet live, or use `controller status`",
                 dir.display()
@@ -94,18 +95,21 @@ pub fn frame(hosts: &[HostSnapshot], now: i64) -> String {
             None if h.agent_up => "none",
             None => "?",
         };
-        let note = if !h.agent_up {
-            h.error.as_str()
-        } else {
-            h.im_detail.as_str()
-        };
+        let note = printable(
+            if !h.agent_up {
+                h.error.as_str()
+            } else {
+                h.im_detail.as_str()
+            },
+            WIDTH,
+        );
         let age = h
             .sample_age_seconds
             .map(|a| format!("{a:.0}s"))
             .unwrap_or_else(|| "-".into());
         let line = format!(
             "{:<18} {:<5} {:<9} {:>4} {:>4} {:>4} {:>5}  {}",
-            clip(&h.host, 18),
+            clip(&printable(&h.host, 18), 18),
             if h.agent_up { "up" } else { "DOWN" },
             im,
             percent(h.cpu_busy),

@@ -171,8 +171,13 @@ pub async fn status_preferring_daemon(
     hosts: &[HostRecord],
 ) -> Vec<ServiceStatus> {
     let mut statuses = match crate::serve::http::fetch_hosts(state_dir).await {
-        Some(snapshots) => from_snapshots(fleet, hosts, &snapshots).await,
-        None => None,
+        Ok(Some(snapshots)) => from_snapshots(fleet, hosts, &snapshots).await,
+        Ok(None) => None,
+        // Said, not hidden: the agents are asked instead.
+        Err(e) => {
+            tracing::warn!("{e}; asking the agents instead");
+            None
+        }
     };
     if statuses.is_none() {
         statuses = Some(status(fleet, hosts).await);

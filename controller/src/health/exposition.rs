@@ -62,10 +62,12 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
-/// The page for `families` (empty ones are left out).
+/// The page for `families` (empty ones are left out). A label set given
+/// twice in a family is one series, the first (a duplicate spoils a page).
 pub fn render(families: &[Family]) -> String {
     let mut out = String::new();
     for f in families.iter().filter(|f| !f.is_empty()) {
+        let mut seen = std::collections::HashSet::new();
         let kind = match f.kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
@@ -73,19 +75,21 @@ pub fn render(families: &[Family]) -> String {
         let _ = writeln!(out, "# HELP {} {}", f.name, escape_help(f.help));
         let _ = writeln!(out, "# TYPE {} {kind}", f.name);
         for (labels, value) in &f.samples {
-            out.push_str(f.name);
+            let mut series = String::from(f.name);
             if !labels.is_empty() {
-                out.push('{');
+                series.push('{');
                 for (i, (key, value)) in labels.iter().enumerate() {
                     debug_assert!(valid_name(key) && !key.contains(':'), "label {key}");
                     if i > 0 {
-                        out.push(',');
+                        series.push(',');
                     }
-                    let _ = write!(out, "{key}=\"{}\"", escape_label(value));
+                    let _ = write!(series, "{key}=\"{}\"", escape_label(value));
                 }
-                out.push('}');
+                series.push('}');
             }
-            let _ = writeln!(out, " {}", number(*value));
+            if seen.insert(series.clone()) {
+                let _ = writeln!(out, "{series} {}", number(*value));
+            }
         }
     }
     out
@@ -133,6 +137,7 @@ mod tests {
         );
         let mut odd = Family::gauge("imfleet_im_stat", "A figure with a \\ and\na newline.");
         odd.push(vec![("host", "a\"b\\c\nd".into())], f64::NAN);
+        odd.push(vec![("host", "a\"b\\c\nd".into())], 7.0);
         let empty = Family::gauge("imfleet_unused", "never shown");
         let page = render(&[cpu, odd, empty]);
         assert_eq!(

@@ -13,13 +13,24 @@ pub struct WebhookCounts {
     pub dropped: u64,
 }
 
-/// The `/metrics` page for these hosts (and the webhook, when there is one).
-pub fn page(hosts: &[HostSnapshot], webhook: Option<WebhookCounts>) -> String {
+/// What the daemon itself counts, beside its hosts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DaemonCounts {
+    /// The webhook's, when there is one.
+    pub webhook: Option<WebhookCounts>,
+    /// Events and history points that did not fit the queue to the database.
+    pub queue_dropped: u64,
+}
+
+/// The `/metrics` page for these hosts and the daemon's own counts.
+pub fn page(hosts: &[HostSnapshot], daemon: DaemonCounts) -> String {
     let mut f = Families::default();
     for h in hosts {
         f.host(h);
     }
-    if let Some(w) = webhook {
+    f.queue_dropped
+        .push(Vec::new(), daemon.queue_dropped as f64);
+    if let Some(w) = daemon.webhook {
         for (outcome, n) in [
             ("delivered", w.delivered),
             ("failed", w.failed),
@@ -31,6 +42,23 @@ pub fn page(hosts: &[HostSnapshot], webhook: Option<WebhookCounts>) -> String {
     }
     render(&f.into_list())
 }
+
+/// The most series one host puts on the page: its lists are capped on
+/// admission (`health::ingest`), and each entry makes a fixed number of
+/// series. With 1,000 hosts that is at most 2.4 million, in practice
+/// (8 CPUs, 4 containers) about 150 a host.
+pub const MAX_SERIES_PER_HOST: usize = {
+    use super::ingest::*;
+    // agent up, reconnects, three drop counters, sample age, IM healthy,
+    // four memory figures, three loads, certificate, agent memory and CPU.
+    17 + MAX_CPUS * 8
+        + MAX_FILESYSTEMS * 3
+        + MAX_NETWORKS * 2
+        + MAX_DISKS * 3
+        + MAX_CONTAINERS * 3
+        + MAX_STATS
+        + MAX_PORTS
+};
 
 /// Every metric name the page can hold (what dashboards and alerting
 /// rules may refer to).
@@ -73,6 +101,10 @@ struct Families {
     agent_cpu: Family,
     sample_age: Family,
     reconnects: Family,
+    samples_dropped: Family,
+    entries_dropped: Family,
+    events_suppressed: Family,
+    queue_dropped: Family,
     webhook: Family,
 }
 
@@ -179,6 +211,22 @@ impl Default for Families {
                 "imfleet_stream_reconnects_total",
                 "Times the daemon reconnected the host's health stream.",
             ),
+            samples_dropped: Family::counter(
+                "imfleet_samples_dropped_total",
+                "Health samples dropped for arriving sooner than the daemon asked.",
+            ),
+            entries_dropped: Family::counter(
+                "imfleet_sample_entries_dropped_total",
+                "Entries of health samples dropped on admission (over a cap, a bad name, a duplicate, a number that is not finite).",
+            ),
+            events_suppressed: Family::counter(
+                "imfleet_events_suppressed_total",
+                "Health events not announced: the host was flapping or over its event budget.",
+            ),
+            queue_dropped: Family::counter(
+                "imfleet_daemon_queue_dropped_total",
+                "Events and history points the daemon could not queue for its database.",
+            ),
             webhook: Family::counter(
                 "imfleet_webhook_notifications_total",
                 "Event notifications to the webhook, by outcome (dropped: the queue was full).",
@@ -198,6 +246,10 @@ impl Families {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         self.agent_up.push(host(), flag(h.agent_up));
         self.reconnects.push(host(), h.reconnects as f64);
+        self.samples_dropped.push(host(), h.samples_dropped as f64);
+        self.entries_dropped.push(host(), h.entries_dropped as f64);
+        self.events_suppressed
+            .push(host(), h.events_suppressed as f64);
         if let Some(age) = h.sample_age_seconds {
             self.sample_age.push(host(), age);
         }
@@ -307,6 +359,9 @@ impl Families {
             self.im_healthy,
             self.sample_age,
             self.reconnects,
+            self.samples_dropped,
+            self.entries_dropped,
+            self.events_suppressed,
             self.cert_expiry,
             self.agent_rss,
             self.agent_cpu,
@@ -331,6 +386,7 @@ impl Families {
             self.disk_read,
             self.disk_written,
             self.disk_io,
+            self.queue_dropped,
             self.webhook,
         ]
     }
@@ -370,10 +426,13 @@ mod tests {
         };
         let text = page(
             &[host],
-            Some(WebhookCounts {
-                delivered: 2,
-                ..Default::default()
-            }),
+            DaemonCounts {
+                webhook: Some(WebhookCounts {
+                    delivered: 2,
+                    ..Default::default()
+                }),
+                queue_dropped: 0,
+            },
         );
         let sizes: Vec<&str> = text
             .lines()
@@ -389,5 +448,81 @@ mod tests {
         assert!(text.contains("imfleet_webhook_notifications_total{outcome=\"delivered\"} 2"));
         // Every name the page can hold is known to dashboards' checks.
         assert!(names().contains(&"imfleet_webhook_notifications_total"));
+    }
+
+    #[test]
+    fn a_hostile_sample_stays_within_the_series_bound() {
+        use imfleet_proto::agent::v1::{ContainerStatus, CpuTimes, DiskCounters, NetworkCounters};
+        let huge = HealthSample {
+            host: Some(HostMetrics {
+                cpus: (0..100_000)
+                    .map(|cpu| CpuTimes {
+                        cpu,
+                        ..Default::default()
+                    })
+                    .collect(),
+                filesystems: (0..1000)
+                    .map(|i| FilesystemUsage {
+                        role: if i % 2 == 0 { "data" } else { "storage" }.into(),
+                        mount_point: format!("/m{i}"),
+                        fs_type: "ext4".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                networks: (0..100_000)
+                    .map(|i| NetworkCounters {
+                        device: format!("e{}", i % 500),
+                        ..Default::default()
+                    })
+                    .collect(),
+                disks: (0..100_000)
+                    .map(|i| DiskCounters {
+                        device: format!("d{i}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            containers: (0..100_000)
+                .map(|i| ContainerStatus {
+                    name: format!("c{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            service: Some(ServiceProbe {
+                stats: (0..100_000).map(|i| (format!("s{i}"), 1.0)).collect(),
+                tcp: (1..60_000)
+                    .map(|port| PortProbe { port, open: true })
+                    .collect(),
+                ..Default::default()
+            }),
+            agent: Some(Default::default()),
+            ..Default::default()
+        };
+        let (sample, _) = super::super::ingest::admit(huge, Some(2_000_000_000));
+        let host = HostSnapshot {
+            host: "im1".into(),
+            agent_up: true,
+            im_healthy: Some(true),
+            sample_age_seconds: Some(1.0),
+            sample: Some(sample),
+            ..Default::default()
+        };
+        let text = page(&[host], DaemonCounts::default());
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("host=\"im1\""))
+            .collect();
+        assert!(series.len() <= MAX_SERIES_PER_HOST, "{}", series.len());
+        assert!(
+            series.len() > MAX_SERIES_PER_HOST - 10,
+            "every cap reached: {}",
+            series.len()
+        );
+        let unique: std::collections::HashSet<&str> = series
+            .iter()
+            .map(|l| l.rsplit_once(' ').unwrap().0)
+            .collect();
+        assert_eq!(unique.len(), series.len(), "one series per label set");
     }
 }

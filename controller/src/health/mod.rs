@@ -4,8 +4,11 @@
 //! (`serve`) feeds them; tests feed them made-up observations.
 
 pub mod backoff;
+pub mod damping;
 pub mod exposition;
+pub mod ingest;
 pub mod metrics;
+pub mod pacing;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,6 +31,8 @@ pub struct Observation {
     pub agent_up: bool,
     /// Why the agent is not up (connect error, stream ended, too old).
     pub agent_error: String,
+    /// Not up because the daemon closed its stream for breaking the limits.
+    pub misbehaving: bool,
     /// Whether the IM has containers at all (nothing deployed: no IM events).
     pub deployed: bool,
     pub im_healthy: bool,
@@ -45,6 +50,14 @@ impl Observation {
         Observation {
             agent_error: error.into(),
             ..Default::default()
+        }
+    }
+
+    /// The daemon closed the stream because the agent broke its limits.
+    pub fn misbehaving(why: impl Into<String>) -> Observation {
+        Observation {
+            misbehaving: true,
+            ..Observation::unreachable(why)
         }
     }
 }
@@ -65,6 +78,16 @@ pub struct HostSnapshot {
     pub now_unix: i64,
     pub sample_age_seconds: Option<f64>,
     pub reconnects: u64,
+    /// Samples dropped for arriving faster than asked.
+    #[serde(default)]
+    pub samples_dropped: u64,
+    /// Entries of samples dropped on admission (over a cap, a bad name, a
+    /// duplicate) and numbers that were not finite.
+    #[serde(default)]
+    pub entries_dropped: u64,
+    /// Events not announced (damped).
+    #[serde(default)]
+    pub events_suppressed: u64,
     /// Share of CPU time busy between the last two samples.
     pub cpu_busy: Option<f64>,
     /// The latest sample while the agent is up.
@@ -99,9 +122,10 @@ pub fn observe(sample: &HealthSample) -> Observation {
     Observation {
         agent_up: true,
         agent_error: String::new(),
+        misbehaving: false,
         deployed: !sample.containers.is_empty(),
         im_healthy: sample.deployment_healthy && problems.is_empty(),
-        im_detail: problems.join("; "),
+        im_detail: crate::text::printable(&problems.join("; "), MAX_EVENT_DETAIL).into_owned(),
         restarts: sample
             .containers
             .iter()
@@ -124,6 +148,8 @@ pub struct Tracked {
     pub restarts: BTreeMap<String, u32>,
     pub full_disks: BTreeSet<String>,
     pub certificate_warned: bool,
+    /// What keeps the host's events few.
+    pub damping: damping::Damping,
 }
 
 /// An event a change means.
@@ -133,10 +159,31 @@ pub struct HealthEvent {
     pub detail: String,
 }
 
-fn event(kind: EventKind, detail: impl Into<String>) -> HealthEvent {
+/// Longest detail of a health event, as shown (it quotes the agent).
+pub const MAX_EVENT_DETAIL: usize = 512;
+
+fn event(kind: EventKind, detail: impl AsRef<str>) -> HealthEvent {
     HealthEvent {
         kind,
-        detail: detail.into(),
+        detail: crate::text::printable(detail.as_ref(), MAX_EVENT_DETAIL).into_owned(),
+    }
+}
+
+/// The events an observation at `now` announces: what changed
+/// ([`transitions`]) as damping lets through.
+pub fn announce(tracked: &mut Tracked, seen: &Observation, now: i64) -> Vec<HealthEvent> {
+    let events = transitions(tracked, seen, now);
+    let state = describe(tracked);
+    tracked.damping.filter(events, now, || state)
+}
+
+/// A host's state in a few words, as remembered.
+fn describe(t: &Tracked) -> String {
+    match (t.agent_up, t.im_healthy) {
+        (Some(false), _) => "agent unreachable".into(),
+        (_, Some(true)) => "agent up, IM healthy".into(),
+        (_, Some(false)) => "agent up, IM unhealthy".into(),
+        (_, None) => "agent up, nothing deployed".into(),
     }
 }
 
@@ -146,9 +193,14 @@ fn event(kind: EventKind, detail: impl Into<String>) -> HealthEvent {
 pub fn transitions(tracked: &mut Tracked, seen: &Observation, now: i64) -> Vec<HealthEvent> {
     let mut events = Vec::new();
     match (tracked.agent_up, seen.agent_up) {
-        (Some(true) | None, false) => {
-            events.push(event(EventKind::AgentUnreachable, &seen.agent_error))
-        }
+        (Some(true) | None, false) => events.push(event(
+            if seen.misbehaving {
+                EventKind::AgentMisbehaving
+            } else {
+                EventKind::AgentUnreachable
+            },
+            &seen.agent_error,
+        )),
         (Some(false), true) => events.push(event(EventKind::AgentBack, "the agent answers again")),
         _ => {}
     }
@@ -223,7 +275,9 @@ pub fn seed(events: &[crate::store::Event]) -> Tracked {
     let mut t = Tracked::default();
     for e in events {
         match e.kind {
-            EventKind::AgentUnreachable => t.agent_up = Some(false),
+            EventKind::AgentUnreachable | EventKind::AgentMisbehaving => t.agent_up = Some(false),
+            EventKind::Flapping => t.damping = damping::Damping::flapping_from(e.at),
+            EventKind::Steady => t.damping = Default::default(),
             EventKind::AgentBack => t.agent_up = Some(true),
             EventKind::ImUnhealthy => t.im_healthy = Some(false),
             EventKind::ImHealthy => t.im_healthy = Some(true),

@@ -236,3 +236,37 @@ fn a_restarted_daemon_remembers_what_it_announced() {
         [EventKind::ImHealthy, EventKind::DiskOk]
     );
 }
+
+#[test]
+fn a_closed_stream_is_misbehaving_once_and_details_are_safe_and_short() {
+    let mut t = Tracked::default();
+    announce(&mut t, &healthy(), NOW);
+    let closed = Observation::misbehaving(format!("too fast\x1b[2J{}", "x".repeat(5000)));
+    let events = announce(&mut t, &closed, NOW + 1);
+    assert_eq!(kinds(&events), [EventKind::AgentMisbehaving]);
+    let detail = &events[0].detail;
+    assert!(detail.contains("\\x1b[2J") && !detail.contains('\x1b'));
+    assert!(detail.chars().count() <= MAX_EVENT_DETAIL + 1);
+    // Still closed on the next try: nothing new.
+    assert!(announce(&mut t, &closed, NOW + 2).is_empty());
+    // The log remembers it as down, as it remembers flapping.
+    let logged = |kind, at| crate::store::Event {
+        id: 0,
+        at,
+        host: Some("im1".into()),
+        kind,
+        detail: String::new(),
+        rollout_id: None,
+    };
+    let seeded = seed(&[
+        logged(EventKind::AgentMisbehaving, NOW),
+        logged(EventKind::Flapping, NOW + 10),
+    ]);
+    assert_eq!(seeded.agent_up, Some(false));
+    assert_eq!(seeded.damping.flapping_since, Some(NOW + 10));
+    let steady = seed(&[
+        logged(EventKind::Flapping, NOW),
+        logged(EventKind::Steady, NOW + 700),
+    ]);
+    assert_eq!(steady.damping.flapping_since, None);
+}

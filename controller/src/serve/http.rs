@@ -33,8 +33,11 @@ fn routes(shared: Shared, with_api: bool) -> Router {
 }
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
-    let webhook = shared.webhook.as_ref().map(|w| w.counts());
-    let page = crate::health::metrics::page(&shared.view.snapshots(), webhook);
+    let daemon = crate::health::metrics::DaemonCounts {
+        webhook: shared.webhook.as_ref().map(|w| w.counts()),
+        queue_dropped: shared.persist.dropped(),
+    };
+    let page = crate::health::metrics::page(&shared.view.snapshots(), daemon);
     ([(header::CONTENT_TYPE, METRICS_TYPE)], page)
 }
 
@@ -94,33 +97,85 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     crate::state::run_dir(state_dir).join(super::SOCKET)
 }
 
-/// The fleet as the running daemon sees it; `None` when no daemon answers
-/// (quickly: the CLI then asks the agents itself).
-pub async fn fetch_hosts(state_dir: &Path) -> Option<Vec<HostSnapshot>> {
-    let body = get_over_socket(&socket_path(state_dir), "/v1/hosts").await?;
-    serde_json::from_slice(&body).ok()
+/// The daemon answered, but not with something the CLI could read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`controller serve` answers on {socket} but its answer could not be read ({detail}); see its log (journalctl -u imfleet-controller)"
+)]
+pub struct UnreadableAnswer {
+    pub socket: String,
+    pub detail: String,
 }
 
-async fn get_over_socket(socket: &Path, path: &str) -> Option<Vec<u8>> {
+/// The fleet as the running daemon sees it; `Ok(None)` when no daemon
+/// listens (quickly: the CLI then asks the agents itself). A host whose
+/// record cannot be read is listed as down with the reason; it never
+/// spoils the others.
+pub async fn fetch_hosts(state_dir: &Path) -> Result<Option<Vec<HostSnapshot>>, UnreadableAnswer> {
+    let socket = socket_path(state_dir);
+    let unreadable = |detail: String| UnreadableAnswer {
+        socket: socket.display().to_string(),
+        detail: crate::text::printable(&detail, 256).into_owned(),
+    };
+    let Some(body) = get_over_socket(&socket, "/v1/hosts")
+        .await
+        .map_err(unreadable)?
+    else {
+        return Ok(None);
+    };
+    let hosts: Vec<serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|e| unreadable(format!("not a JSON list of hosts: {e}")))?;
+    Ok(Some(hosts.into_iter().map(host_from_json).collect()))
+}
+
+fn host_from_json(value: serde_json::Value) -> HostSnapshot {
+    let name = value
+        .get("host")
+        .and_then(|h| h.as_str())
+        .unwrap_or("?")
+        .to_owned();
+    serde_json::from_value(value).unwrap_or_else(|e| HostSnapshot {
+        host: name,
+        error: format!("the daemon's record of this host could not be read: {e}"),
+        ..Default::default()
+    })
+}
+
+/// The body of a GET on the daemon's socket; `Ok(None)` when nothing
+/// listens there, `Err` when something does but the exchange fails.
+async fn get_over_socket(socket: &Path, path: &str) -> Result<Option<Vec<u8>>, String> {
     use http_body_util::BodyExt;
+    let Ok(stream) = tokio::net::UnixStream::connect(socket).await else {
+        return Ok(None);
+    };
     let exchange = async {
-        let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .ok()?;
+                .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         let request = http::Request::get(path)
             .header(http::header::HOST, "imfleet")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .ok()?;
-        let answer = sender.send_request(request).await.ok()?;
+            .map_err(|e| e.to_string())?;
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         if answer.status() != http::StatusCode::OK {
-            return None;
+            return Err(format!("HTTP {}", answer.status()));
         }
-        Some(answer.into_body().collect().await.ok()?.to_bytes().to_vec())
+        let body = http_body_util::Limited::new(answer.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(body.to_bytes().to_vec()))
     };
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .ok()?
+        .map_err(|_| "no answer within 5 s".to_owned())?
 }
+
+/// The most the CLI reads of the daemon's answer (a host's snapshot is at
+/// most about 60 KB: see `health::ingest`).
+const MAX_ANSWER_BYTES: usize = 256 << 20;

@@ -8,6 +8,7 @@
 //! and restarts every stream.
 
 pub mod http;
+mod queue;
 mod view;
 mod watcher;
 pub mod webhook;
@@ -23,6 +24,8 @@ use std::time::Duration;
 use imfleet_proto::agent::v1::HealthSample;
 use tokio::sync::mpsc;
 
+use crate::health::ingest::Admission;
+
 use crate::state::{ControllerState, StateError};
 use crate::store::{HostRecord, Store, StoreError};
 use view::{Changes, FleetView};
@@ -33,6 +36,9 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9743";
 /// How often the store is read for hosts bootstrapped meanwhile.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// On SIGTERM, how long what is queued may take to be written (the unit
+/// allows 30 s to stop; the store waits at most 10 s for a lock).
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(15);
 /// The daemon's socket, in the state directory's private `run/`.
 pub const SOCKET: &str = "serve.sock";
 
@@ -81,12 +87,17 @@ pub(crate) struct Shared {
     ready: Arc<AtomicBool>,
     /// Changes go to one persister task in the order they were decided, so
     /// a watcher aborted by a reload or rescan never loses one.
-    persist: mpsc::UnboundedSender<(String, Changes)>,
+    persist: Arc<queue::Queue>,
 }
 
 impl Shared {
-    fn sample(&self, host: &str, sample: HealthSample) {
-        let changes = self.view.sample(host, sample, crate::now_unix());
+    fn sample(&self, host: &str, sample: HealthSample, admission: Admission) {
+        let changes = self.view.sample(host, sample, admission, crate::now_unix());
+        self.queue(host, changes);
+    }
+
+    fn misbehaving(&self, host: &str, why: String) {
+        let changes = self.view.misbehaving(host, why, crate::now_unix());
         self.queue(host, changes);
     }
 
@@ -101,45 +112,44 @@ impl Shared {
     }
 
     fn queue(&self, host: &str, changes: Changes) {
-        if !changes.is_empty() {
-            let _ = self.persist.send((host.to_owned(), changes));
-        }
+        self.persist.push(host, changes);
     }
 }
 
-/// Writes events, history and "seen" marks, and notifies the webhook, until
-/// every sender is gone.
-async fn persister(
-    store: Store,
-    webhook: Option<Webhook>,
-    mut queue: mpsc::UnboundedReceiver<(String, Changes)>,
-) {
-    while let Some((host, changes)) = queue.recv().await {
-        let now = crate::now_unix();
-        for e in changes.events {
-            tracing::info!(%host, kind = %e.kind, "{}", e.detail);
-            if let Err(err) = store.record_event(Some(&host), e.kind, &e.detail).await {
-                tracing::error!(%host, "cannot record an event: {err}");
+/// Writes what the queue holds (events, history, "seen" marks) in one
+/// transaction at a time, then tells the webhook, until the queue is
+/// closed and empty.
+async fn persister(store: Store, webhook: Option<Webhook>, queue: Arc<queue::Queue>) {
+    loop {
+        let closed = queue.ready().await;
+        let batch = queue.take();
+        if !batch.is_empty() {
+            let now = crate::now_unix();
+            for (host, observed) in &batch {
+                for (kind, detail) in &observed.events {
+                    tracing::info!(%host, %kind, "{detail}");
+                }
+            }
+            if let Err(err) = store.record_observed(batch.clone()).await {
+                let events: usize = batch.iter().map(|(_, o)| o.events.len()).sum();
+                tracing::error!("cannot record {events} event(s) and the health history: {err}");
             }
             if let Some(webhook) = &webhook {
-                webhook.send(Notification {
-                    host: host.clone(),
-                    kind: e.kind.as_str().to_owned(),
-                    detail: e.detail,
-                    at: crate::rfc3339(now),
-                    at_unix: now,
-                });
+                for (host, observed) in batch {
+                    for (kind, detail) in observed.events {
+                        webhook.send(Notification {
+                            host: host.clone(),
+                            kind: kind.as_str().to_owned(),
+                            detail,
+                            at: crate::rfc3339(now),
+                            at_unix: now,
+                        });
+                    }
+                }
             }
         }
-        if let Some(point) = changes.point
-            && let Err(err) = store.record_health(point).await
-        {
-            tracing::error!(%host, "cannot record health history: {err}");
-        }
-        if let Some(version) = changes.seen_version
-            && let Err(err) = store.mark_seen(&host, now, &version).await
-        {
-            tracing::warn!(%host, "cannot record when the host was seen: {err}");
+        if closed && queue.is_empty() {
+            return;
         }
     }
 }
@@ -175,15 +185,19 @@ pub async fn run(
             source,
         })?;
     let webhook = config.webhook.as_deref().map(Webhook::start).transpose()?;
-    let (persist, queue) = mpsc::unbounded_channel();
-    let persisting = tokio::spawn(persister(state.store.clone(), webhook.clone(), queue));
+    let persist = Arc::new(queue::Queue::default());
+    let persisting = tokio::spawn(persister(
+        state.store.clone(),
+        webhook.clone(),
+        persist.clone(),
+    ));
     let shared = Shared {
         config: Arc::new(config),
         view: FleetView::default(),
         store: state.store.clone(),
         webhook,
         ready: Arc::default(),
-        persist,
+        persist: persist.clone(),
     };
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped));
@@ -227,14 +241,21 @@ pub async fn run(
         }
     }
     tracing::info!("stopping");
+    // No more samples are taken; what was decided is written, within a
+    // deadline well inside the unit's stop timeout.
     for (_, (_, task)) in watchers.drain() {
         task.abort();
     }
     let _ = stop_http.send(true);
-    let _ = servers.await;
-    // Every sender gone: what was decided is written before the exit.
-    drop(shared);
-    let _ = persisting.await;
+    persist.close();
+    match tokio::time::timeout(FLUSH_DEADLINE, persisting).await {
+        Ok(_) => {}
+        Err(_) => tracing::error!(
+            "the state database did not take the last changes within {} s; they are lost",
+            FLUSH_DEADLINE.as_secs()
+        ),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use imfleet_proto::agent::v1::HealthSample;
 
+use crate::health::ingest::Admission;
 use crate::health::{self, HealthEvent, HostSnapshot, Observation, Tracked};
 use crate::store::{HealthPoint, HostRecord};
 
@@ -21,6 +22,8 @@ struct HostState {
     sample_at: Option<Instant>,
     cpu_busy: Option<f64>,
     reconnects: u64,
+    samples_dropped: u64,
+    entries_dropped: u64,
     /// Unix minute of the last history point written.
     history_minute: Option<i64>,
 }
@@ -75,6 +78,8 @@ impl FleetView {
                         sample_at: None,
                         cpu_busy: None,
                         reconnects: 0,
+                        samples_dropped: 0,
+                        entries_dropped: 0,
                         history_minute: None,
                     },
                 );
@@ -86,13 +91,20 @@ impl FleetView {
         self.write().remove(name);
     }
 
-    /// A sample arrived.
-    pub fn sample(&self, name: &str, sample: HealthSample, now: i64) -> Changes {
+    /// A sample arrived (already admitted: see `health::ingest`).
+    pub fn sample(
+        &self,
+        name: &str,
+        sample: HealthSample,
+        admission: Admission,
+        now: i64,
+    ) -> Changes {
         let seen = health::observe(&sample);
         let mut hosts = self.write();
         let Some(state) = hosts.get_mut(name) else {
             return Changes::default();
         };
+        state.entries_dropped += admission.dropped + admission.non_finite;
         let cpus = |s: &HealthSample| s.host.as_ref().map(|h| h.cpus.clone()).unwrap_or_default();
         if let Some(before) = &state.sample {
             state.cpu_busy = health::cpu_busy(&cpus(before), &cpus(&sample));
@@ -123,6 +135,24 @@ impl FleetView {
         apply(state, Observation::unreachable(error), now)
     }
 
+    /// A sample came sooner than asked and was not looked at.
+    pub fn dropped_sample(&self, name: &str) {
+        if let Some(state) = self.write().get_mut(name) {
+            state.samples_dropped += 1;
+        }
+    }
+
+    /// The daemon closed the host's stream: it broke the limits (`why`).
+    pub fn misbehaving(&self, name: &str, why: String, now: i64) -> Changes {
+        let mut hosts = self.write();
+        let Some(state) = hosts.get_mut(name) else {
+            return Changes::default();
+        };
+        state.sample = None;
+        state.cpu_busy = None;
+        apply(state, Observation::misbehaving(why), now)
+    }
+
     /// The agent answers but is too old for health streams: up, nothing
     /// known of its IM (no IM events), and `why` shown.
     pub fn too_old(&self, name: &str, why: String, now: i64) -> Changes {
@@ -148,7 +178,7 @@ impl FleetView {
 }
 
 fn apply(state: &mut HostState, seen: Observation, now: i64) -> Changes {
-    let events = health::transitions(&mut state.tracked, &seen, now);
+    let events = health::announce(&mut state.tracked, &seen, now);
     let minute = now.div_euclid(crate::store::HEALTH_STEP_SECONDS);
     // One point per minute, and at once when the agent or the IM changes
     // (the store keeps the worst of a minute).
@@ -208,6 +238,9 @@ fn snapshot(s: &HostState, now: i64) -> HostSnapshot {
         now_unix: now,
         sample_age_seconds: s.sample_at.map(|t| t.elapsed().as_secs_f64()),
         reconnects: s.reconnects,
+        samples_dropped: s.samples_dropped,
+        entries_dropped: s.entries_dropped,
+        events_suppressed: s.tracked.damping.suppressed,
         cpu_busy: s.cpu_busy.filter(|_| up),
         sample: s.sample.clone().filter(|_| up),
     }
@@ -241,14 +274,14 @@ mod tests {
         );
         // A minute boundary (1.8e9 is a multiple of 600).
         let t0 = 1_800_000_000;
-        let first = view.sample("im1", sample(true), t0);
+        let first = view.sample("im1", sample(true), Admission::default(), t0);
         assert!(first.events.is_empty());
         assert!(first.point.is_some(), "the first sample is a point");
         assert!(first.seen_version.is_some());
         // Same minute, nothing new: no point, no event.
-        let again = view.sample("im1", sample(true), t0 + 5);
+        let again = view.sample("im1", sample(true), Admission::default(), t0 + 5);
         assert!(again.events.is_empty() && again.point.is_none());
-        let sick = view.sample("im1", sample(false), t0 + 10);
+        let sick = view.sample("im1", sample(false), Admission::default(), t0 + 10);
         assert_eq!(sick.events[0].kind, EventKind::ImUnhealthy);
         assert_eq!(
             sick.point.unwrap().im_healthy,
@@ -270,7 +303,11 @@ mod tests {
             ("connection refused", 1)
         );
         // Unknown hosts are ignored.
-        assert!(view.sample("im9", sample(true), t0).events.is_empty());
+        assert!(
+            view.sample("im9", sample(true), Admission::default(), t0)
+                .events
+                .is_empty()
+        );
         assert_eq!(view.snapshots().len(), 1);
         // An agent too old for streams is up, says why, and has no IM.
         let old = view.too_old("im1", "revision 7".into(), t0 + 30);

@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use crate::agent_client::{Agent, AgentError};
 use crate::deployment::DEPLOYMENT_NAME;
+use crate::health::MAX_EVENT_DETAIL;
 use crate::health::backoff::{Backoff, jitter};
+use crate::health::ingest::{MAX_MESSAGE_BYTES, admit};
+use crate::health::pacing::{Pace, Pacer};
 use crate::state::ClientIdentity;
 use crate::store::HostRecord;
+use crate::text::printable;
 
 use super::Shared;
 
@@ -30,12 +34,20 @@ pub fn stall_limit(interval: Duration) -> Duration {
 /// upgraded by re-running bootstrap, which the rescan notices sooner).
 const TOO_OLD_RECHECK: Duration = Duration::from_secs(600);
 
+/// After the daemon closed a host's stream for breaking the limits, the
+/// first wait before it connects again; each further such close doubles it,
+/// up to [`QUARANTINE_MAX`].
+const QUARANTINE: Duration = Duration::from_secs(300);
+const QUARANTINE_MAX: Duration = Duration::from_secs(3600);
+
 /// How a stream ended.
 enum Ended {
     /// The agent could not be reached or the stream broke.
     Lost { got_samples: bool, why: String },
     /// The agent answers but does not speak the health stream.
     TooOld(String),
+    /// The daemon closed the stream: the agent broke the limits.
+    Misbehaved(String),
 }
 
 pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostRecord) {
@@ -43,11 +55,13 @@ pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostReco
     // A fleet's streams start spread over an interval, not all at once.
     tokio::time::sleep(interval.min(Duration::from_secs(5)).mul_f64(jitter())).await;
     let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_cap(interval));
+    let mut quarantine = Backoff::new(QUARANTINE, QUARANTINE_MAX);
     loop {
         match stream_once(&shared, &identity, &host).await {
             Ended::Lost { got_samples, why } => {
                 if got_samples {
                     backoff.reset();
+                    quarantine.reset();
                 }
                 shared.outage(&host.name, why);
                 tokio::time::sleep(backoff.next(jitter())).await;
@@ -56,13 +70,25 @@ pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostReco
                 shared.too_old(&host.name, why);
                 tokio::time::sleep(TOO_OLD_RECHECK).await;
             }
+            Ended::Misbehaved(why) => {
+                let wait = quarantine.next(1.0);
+                tracing::warn!(host = %host.name, "stream closed: {why}; next try in {} s", wait.as_secs());
+                shared.misbehaving(
+                    &host.name,
+                    format!("{why}; the stream is closed for {} s", wait.as_secs()),
+                );
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }
 
 /// Streams until the stream ends.
 async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostRecord) -> Ended {
-    let lost = |got_samples, why| Ended::Lost { got_samples, why };
+    let lost = |got_samples, why: String| Ended::Lost {
+        got_samples,
+        why: printable(&why, MAX_EVENT_DETAIL).into_owned(),
+    };
     let address = crate::fleet::address_of(host);
     let agent = match Agent::connect(identity, &address).await {
         Ok(agent) => agent,
@@ -71,20 +97,44 @@ async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostReco
     let interval = shared.config.interval;
     let mut stream = match agent.watch_health(DEPLOYMENT_NAME, interval).await {
         Ok(stream) => stream,
-        Err(e @ AgentError::TooOld { .. }) => return Ended::TooOld(e.to_string()),
+        Err(e @ AgentError::TooOld { .. }) => {
+            return Ended::TooOld(printable(&e.to_string(), MAX_EVENT_DETAIL).into_owned());
+        }
         Err(e) => return lost(false, crate::error_chain(&e)),
     };
+    // The expiry the daemon reports is the certificate's, not the agent's word.
+    let presented = agent
+        .presented_certificate()
+        .map(|c| c.not_after.unix_timestamp());
     let limit = stall_limit(interval);
+    let mut pacer = Pacer::new(interval);
     let mut got = false;
     loop {
         match tokio::time::timeout(limit, stream.message()).await {
             Err(_) => return lost(got, format!("no health sample for {} s", limit.as_secs())),
+            // tonic's decoder refuses a message over the limit this way.
+            Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                return Ended::Misbehaved(format!(
+                    "the agent sent a health message over the {} KiB limit",
+                    MAX_MESSAGE_BYTES / 1024
+                ));
+            }
             Ok(Err(status)) => return lost(got, crate::error_chain(&agent.stream_error(status))),
             Ok(Ok(None)) => return lost(got, "the agent ended the health stream".into()),
-            Ok(Ok(Some(sample))) => {
-                got = true;
-                shared.sample(&host.name, sample);
-            }
+            Ok(Ok(Some(sample))) => match pacer.judge(std::time::Instant::now()) {
+                Pace::Take => {
+                    got = true;
+                    let (sample, admission) = admit(sample, presented);
+                    shared.sample(&host.name, sample, admission);
+                }
+                Pace::Drop => shared.view.dropped_sample(&host.name),
+                Pace::Close => {
+                    return Ended::Misbehaved(format!(
+                        "the agent sent health samples faster than every {:.1} s, as asked",
+                        interval.as_secs_f64()
+                    ));
+                }
+            },
         }
     }
 }

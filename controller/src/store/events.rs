@@ -25,6 +25,9 @@ pub enum EventKind {
     RolloutFinished,
     /// The daemon lost the host's health stream (or never had it).
     AgentUnreachable,
+    /// The daemon closed the host's stream: it broke the protocol's limits
+    /// (samples faster than asked, a message over the size limit).
+    AgentMisbehaving,
     AgentBack,
     ImUnhealthy,
     ImHealthy,
@@ -34,6 +37,10 @@ pub enum EventKind {
     DiskOk,
     /// The agent's certificate expires within 30 days.
     CertificateExpiring,
+    /// The host changed state too often: further changes are held back.
+    Flapping,
+    /// A flapping host has been steady long enough; how it is now.
+    Steady,
 }
 
 named!(EventKind {
@@ -50,6 +57,7 @@ named!(EventKind {
     RolloutStep => "rollout-step",
     RolloutFinished => "rollout-finished",
     AgentUnreachable => "agent-unreachable",
+    AgentMisbehaving => "agent-misbehaving",
     AgentBack => "agent-back",
     ImUnhealthy => "im-unhealthy",
     ImHealthy => "im-healthy",
@@ -57,7 +65,27 @@ named!(EventKind {
     DiskFull => "disk-full",
     DiskOk => "disk-ok",
     CertificateExpiring => "certificate-expiring",
+    Flapping => "flapping",
+    Steady => "steady",
 });
+
+impl EventKind {
+    /// What `controller serve` records of hosts' health (pruned with the
+    /// health history; everything else is the operators' own record).
+    pub const HEALTH: &'static [EventKind] = &[
+        EventKind::AgentUnreachable,
+        EventKind::AgentMisbehaving,
+        EventKind::AgentBack,
+        EventKind::ImUnhealthy,
+        EventKind::ImHealthy,
+        EventKind::ContainerRestarting,
+        EventKind::DiskFull,
+        EventKind::DiskOk,
+        EventKind::CertificateExpiring,
+        EventKind::Flapping,
+        EventKind::Steady,
+    ];
+}
 
 impl std::fmt::Display for EventKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +105,9 @@ pub struct Event {
     pub rollout_id: Option<i64>,
 }
 
+/// The longest detail stored; longer ones are cut (at a character).
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
 pub(super) fn insert_event(
     conn: &Connection,
     host: Option<&str>,
@@ -84,9 +115,19 @@ pub(super) fn insert_event(
     detail: &str,
     rollout_id: Option<i64>,
 ) -> rusqlite::Result<()> {
+    let mut end = detail.len().min(MAX_DETAIL_BYTES);
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
     conn.execute(
         "INSERT INTO events (at, host, kind, detail, rollout_id) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![crate::now_unix(), host, kind.as_str(), detail, rollout_id],
+        params![
+            crate::now_unix(),
+            host,
+            kind.as_str(),
+            &detail[..end],
+            rollout_id
+        ],
     )?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 use rusqlite::params;
 use serde::Serialize;
 
-use super::{Store, StoreError};
+use super::events::insert_event;
+use super::{EventKind, Store, StoreError};
 
 /// Seconds between the points of one host.
 pub const STEP_SECONDS: i64 = 60;
@@ -26,6 +27,21 @@ const MERGE: &str = "ON CONFLICT (host, at) DO UPDATE SET
     memory_total_bytes = coalesce(excluded.memory_total_bytes, memory_total_bytes),
     data_used = coalesce(excluded.data_used, data_used),
     load1 = coalesce(excluded.load1, load1)";
+
+/// Health events kept per host at most (the newest); older ones go with
+/// the hourly pruning.
+pub const MAX_HEALTH_EVENTS_PER_HOST: i64 = 2000;
+
+/// What the daemon learnt of one host since it last wrote: written with
+/// the others in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub events: Vec<(EventKind, String)>,
+    /// Points in the order taken (the store merges those of one minute).
+    pub points: Vec<HealthPoint>,
+    /// When the agent was seen, and its version.
+    pub seen: Option<(i64, String)>,
+}
 
 /// One host at one minute.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,27 +64,34 @@ impl Store {
     /// Adds `point` to its host's point for that minute: down or unhealthy
     /// if any sample in the minute was, the latest figures otherwise.
     pub async fn record_health(&self, point: HealthPoint) -> Result<(), StoreError> {
+        self.call(move |c| Ok(insert_point(c, &point)?)).await
+    }
+
+    /// Everything the daemon learnt of these hosts, in one transaction (one
+    /// sync for the lot). Events of a host no longer known are dropped.
+    pub async fn record_observed(&self, batch: Vec<(String, Observed)>) -> Result<(), StoreError> {
         self.call(move |c| {
-            c.execute(
-                &format!(
-                    "INSERT INTO health_history (host, at, agent_up, im_healthy, cpu_busy,
-                        memory_available_bytes, memory_total_bytes, data_used, load1)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
-                     WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1) {MERGE}"
-                ),
-                params![
-                    point.host,
-                    point.at - point.at.rem_euclid(STEP_SECONDS),
-                    point.agent_up,
-                    point.im_healthy,
-                    point.cpu_busy,
-                    point.memory_available_bytes.map(|b| b as i64),
-                    point.memory_total_bytes.map(|b| b as i64),
-                    point.data_used,
-                    point.load1,
-                ],
-            )?;
-            Ok(())
+            let tx = c.transaction()?;
+            for (host, observed) in &batch {
+                let known: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM hosts WHERE name = ?1)",
+                    [host],
+                    |r| r.get(0),
+                )?;
+                if !known {
+                    continue;
+                }
+                for (kind, detail) in &observed.events {
+                    insert_event(&tx, Some(host), *kind, detail, None)?;
+                }
+                for point in &observed.points {
+                    insert_point(&tx, point)?;
+                }
+                if let Some((at, version)) = &observed.seen {
+                    super::hosts::set_seen(&tx, host, *at, version)?;
+                }
+            }
+            Ok(tx.commit()?)
         })
         .await
     }
@@ -103,8 +126,29 @@ impl Store {
                 "DELETE FROM health_history WHERE at < ?1",
                 params![now - retention_seconds],
             )?;
+            // The daemon's events go with the history, and no host keeps
+            // more than its share however busy it was.
+            let kinds = EventKind::HEALTH
+                .iter()
+                .map(|k| format!("'{}'", k.as_str()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let old_events = tx.execute(
+                &format!("DELETE FROM events WHERE kind IN ({kinds}) AND at < ?1"),
+                params![now - retention_seconds],
+            )?;
+            let excess_events = tx.execute(
+                &format!(
+                    "DELETE FROM events WHERE id IN (
+                        SELECT id FROM (
+                            SELECT id, row_number() OVER (PARTITION BY host ORDER BY id DESC) AS n
+                            FROM events WHERE kind IN ({kinds}) AND host IS NOT NULL)
+                        WHERE n > ?1)"
+                ),
+                params![MAX_HEALTH_EVENTS_PER_HOST],
+            )?;
             tx.commit()?;
-            Ok(thinned + dropped)
+            Ok(thinned + dropped + old_events + excess_events)
         })
         .await
     }
@@ -139,6 +183,29 @@ impl Store {
         })
         .await
     }
+}
+
+fn insert_point(c: &rusqlite::Connection, point: &HealthPoint) -> rusqlite::Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO health_history (host, at, agent_up, im_healthy, cpu_busy,
+                memory_available_bytes, memory_total_bytes, data_used, load1)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+             WHERE EXISTS (SELECT 1 FROM hosts WHERE name = ?1) {MERGE}"
+        ),
+        params![
+            point.host,
+            point.at - point.at.rem_euclid(STEP_SECONDS),
+            point.agent_up,
+            point.im_healthy,
+            point.cpu_busy,
+            point.memory_available_bytes.map(|b| b as i64),
+            point.memory_total_bytes.map(|b| b as i64),
+            point.data_used,
+            point.load1,
+        ],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -218,5 +285,71 @@ mod tests {
         stranger.host = "im9".into();
         store.record_health(stranger).await.unwrap();
         assert!(store.health_history("im9", 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn observations_are_written_together_and_health_events_pruned() {
+        let (_dir, store) = open();
+        store.upsert_host(&host("im1", "10.0.0.5")).await.unwrap();
+        store
+            .record_event(Some("im1"), EventKind::Deploy, "operator's record")
+            .await
+            .unwrap();
+        let flood = Observed {
+            events: (0..MAX_HEALTH_EVENTS_PER_HOST + 100)
+                .map(|i| (EventKind::ImUnhealthy, format!("n{i}")))
+                .collect(),
+            points: vec![point(1_800_000_000)],
+            seen: Some((1_800_000_000, "0.2.0".into())),
+        };
+        let stranger = Observed {
+            events: vec![(EventKind::AgentBack, "who?".into())],
+            ..Default::default()
+        };
+        store
+            .record_observed(vec![("im1".into(), flood), ("im9".into(), stranger)])
+            .await
+            .unwrap();
+        let seen = store.host("im1").await.unwrap().unwrap();
+        assert_eq!(
+            (seen.last_seen_at, seen.agent_version.as_str()),
+            (Some(1_800_000_000), "0.2.0")
+        );
+        assert_eq!(store.health_history("im1", 0).await.unwrap().len(), 1);
+        assert!(store.events("im9", 10).await.unwrap().is_empty());
+        let count = |events: &[crate::store::Event], kind| {
+            events.iter().filter(|e| e.kind == kind).count() as i64
+        };
+        let now = crate::now_unix();
+        store.prune_health(now, 30 * 86_400).await.unwrap();
+        let kept = store.events("im1", 10_000).await.unwrap();
+        assert_eq!(
+            count(&kept, EventKind::ImUnhealthy),
+            MAX_HEALTH_EVENTS_PER_HOST
+        );
+        assert_eq!(
+            kept[0].detail,
+            format!("n{}", MAX_HEALTH_EVENTS_PER_HOST + 99)
+        );
+        store
+            .prune_health(now + 40 * 86_400, 30 * 86_400)
+            .await
+            .unwrap();
+        let kept = store.events("im1", 10_000).await.unwrap();
+        assert_eq!(count(&kept, EventKind::ImUnhealthy), 0);
+        assert_eq!(count(&kept, EventKind::Deploy), 1, "operators' events stay");
+    }
+
+    #[tokio::test]
+    async fn an_event_detail_is_cut_to_its_limit() {
+        let (_dir, store) = open();
+        store.upsert_host(&host("im1", "10.0.0.5")).await.unwrap();
+        let long = "é".repeat(crate::store::events::MAX_DETAIL_BYTES);
+        store
+            .record_event(Some("im1"), EventKind::Start, &long)
+            .await
+            .unwrap();
+        let stored = &store.events("im1", 1).await.unwrap()[0].detail;
+        assert_eq!(stored.len(), crate::store::events::MAX_DETAIL_BYTES);
     }
 }

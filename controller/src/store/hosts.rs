@@ -128,15 +128,22 @@ impl Store {
     /// Notes that the agent answered at `at` with `version`.
     pub async fn mark_seen(&self, name: &str, at: i64, version: &str) -> Result<(), StoreError> {
         let (name, version) = (name.to_owned(), version.to_owned());
-        self.call(move |c| {
-            c.execute(
-                "UPDATE hosts SET last_seen_at = ?2, agent_version = ?3 WHERE name = ?1",
-                params![name, at, version],
-            )?;
-            Ok(())
-        })
-        .await
+        self.call(move |c| Ok(set_seen(c, &name, at, &version)?))
+            .await
     }
+}
+
+pub(super) fn set_seen(
+    c: &rusqlite::Connection,
+    name: &str,
+    at: i64,
+    version: &str,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE hosts SET last_seen_at = ?2, agent_version = ?3 WHERE name = ?1",
+        params![name, at, version],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -37,7 +37,9 @@ use rusqlite::Connection;
 
 pub use deployments::{DeploymentRecord, Outcome, Revision};
 pub use events::{Event, EventKind, EventQuery};
-pub use health::{HealthPoint, STEP_SECONDS as HEALTH_STEP_SECONDS};
+pub use health::{
+    HealthPoint, MAX_HEALTH_EVENTS_PER_HOST, Observed, STEP_SECONDS as HEALTH_STEP_SECONDS,
+};
 pub use hosts::HostRecord;
 pub use rollouts::{PlannedStep, Rollout, RolloutState, RolloutStep, StepPhase};
 

@@ -6,6 +6,8 @@
 pub mod firewall;
 pub mod health;
 pub mod layout;
+pub mod names;
 pub mod os_release;
 pub mod packages;
 pub mod portsip;
+pub mod reference;

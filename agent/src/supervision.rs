@@ -59,12 +59,24 @@ pub fn systemd_is_init() -> bool {
         && std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
 }
 
-/// The systemd unit that runs the agent.
+/// The systemd unit that runs the agent. What it gives up, and why not
+/// more: the agent is root because its work is a root's (it installs the
+/// Docker Engine with apt, which writes `/usr` and `/etc` and runs package
+/// scripts; opens the firewall; owns directories for uid 888 and 999 under
+/// data roots anywhere on the host; reads other processes for the
+/// inventory), so the file system stays writable (`ProtectSystem`,
+/// `ProtectHome`, `PrivateTmp` would hide or freeze paths the Engine and
+/// the packages see), and devices, `/proc/sys` and set-uid files stay as
+/// apt's scripts expect. What it never needs goes: kernel modules, the
+/// clock, rebooting, raw I/O, kernel logs and the audit and MAC controls,
+/// other namespaces, other architectures' system calls, realtime,
+/// writable-executable memory, new privileges. `systemd-analyze security`
+/// scores it (tests/tests/systemd.rs prints the figure; SECURITY.md has it).
 pub fn systemd_unit(layout: &Layout) -> String {
     format!(
         "[Unit]\n\
          Description=imfleet agent (PortSIP IM host management)\n\
-         Documentation=https://example.invalid/imfleet\n\
+         Documentation=file://{readme}\n\
          After=network-online.target docker.service\n\
          Wants=network-online.target\n\
          \n\
@@ -77,13 +89,55 @@ pub fn systemd_unit(layout: &Layout) -> String {
          ExecStart={bin} --root {root} serve\n\
          Restart=always\n\
          RestartSec=2\n\
+         NoNewPrivileges=yes\n\
+         CapabilityBoundingSet=~CAP_SYS_MODULE CAP_SYS_BOOT CAP_SYS_TIME CAP_WAKE_ALARM CAP_SYS_RAWIO CAP_SYSLOG CAP_SYS_PACCT CAP_SYS_TTY_CONFIG CAP_LINUX_IMMUTABLE CAP_BLOCK_SUSPEND CAP_LEASE CAP_AUDIT_CONTROL CAP_AUDIT_READ CAP_MAC_ADMIN CAP_MAC_OVERRIDE\n\
+         ProtectKernelModules=yes\n\
+         ProtectKernelLogs=yes\n\
+         ProtectClock=yes\n\
+         ProtectHostname=yes\n\
+         ProtectControlGroups=yes\n\
+         RestrictNamespaces=yes\n\
+         RestrictRealtime=yes\n\
+         RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
+         LockPersonality=yes\n\
+         MemoryDenyWriteExecute=yes\n\
+         SystemCallArchitectures=native\n\
+         KeyringMode=private\n\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
+        readme = layout.readme().display(),
         env = SUPERVISION_ENV,
         path = SAFE_PATH,
         nofile = NOFILE_LIMIT,
         bin = layout.binary().display(),
+        root = layout.root().display(),
+    )
+}
+
+/// The page the unit's `Documentation=` names.
+pub fn readme(layout: &Layout) -> String {
+    format!(
+        "imfleet agent\n\
+         =============\n\
+         \n\
+         This host is an IM host of a PortSIP PBX cluster, managed with imfleet from the PBX node\n\
+         (the `controller`). The agent ({bin}) runs as root and serves the controller only,\n\
+         over mutual TLS on the port in {config}; it deploys and operates the PortSIP IM\n\
+         containers through the Docker Engine and touches nothing outside the data directories\n\
+         named in that file.\n\
+         \n\
+         Status:   systemctl status {unit}     Log: journalctl -u {unit}\n\
+         Audit:    {audit} (every change asked of it)\n\
+         Identity: {etc} (its key never leaves this host)\n\
+         \n\
+         Manage it from the PBX node (controller ping, status, deploy, upgrade); to take it off this\n\
+         host: systemctl disable --now {unit}, then remove {root}.\n",
+        bin = layout.binary().display(),
+        config = layout.config().display(),
+        unit = SYSTEMD_UNIT,
+        audit = layout.audit_log().display(),
+        etc = layout.etc_dir().display(),
         root = layout.root().display(),
     )
 }
@@ -95,6 +149,9 @@ pub fn install(layout: &Layout, config: &AgentConfig) -> Result<Supervision, Sup
     let path = layout.config();
     write_file_atomically(&path, config.to_toml().as_bytes(), 0o644)
         .map_err(io(format!("write {}", path.display())))?;
+    let page = layout.readme();
+    write_file_atomically(&page, readme(layout).as_bytes(), 0o644)
+        .map_err(io(format!("write {}", page.display())))?;
 
     if systemd_is_init() {
         stop_supervisor(layout)?;

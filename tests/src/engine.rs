@@ -252,8 +252,16 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
+impl Engine {
+    /// Stops the engine (its containers stop with it) and starts it again,
+    /// as a host's reboot does: containers whose restart policy says so
+    /// come back.
+    pub fn restart(&mut self) {
+        self.stop_dockerd();
+        self.start_dockerd();
+    }
+
+    fn stop_dockerd(&mut self) {
         if let Some(mut child) = self.dockerd.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -264,6 +272,12 @@ impl Drop for Engine {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_dockerd();
         self.remove_network();
         let ns = self.netns();
         if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {

@@ -1,28 +1,28 @@
 //! The rollout tests' fixture: one controller and several IM hosts that
-//! truly run side by side, each an isolated host ([`TestHost::start_isolated`])
-//! with its own agent, data path, Docker Engine and IM ports, all deployed
-//! with the test image `imfleet-test/pbx:22`.
+//! truly run side by side, each with its own agent, data path, Docker Engine
+//! and IM ports (an isolated [`TestHost`] or a [`crate::systemd_host::SystemdHost`]),
+//! all deployed with the test image `imfleet-test/pbx:22`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::deploy::{DB_IMAGE, IMAGE, deploy_args};
-use crate::{Controller, Run, SshUser, TestHost};
+use crate::{Controller, ImHost, Run, TestHost};
 
 pub const NEXT_IMAGE: &str = "imfleet-test/pbx:23";
 pub const NEXT_NEVER_HEALTHY: &str = "imfleet-test/pbx:23-never-healthy";
 /// What every host's engine is given.
 pub const IMAGES: &[&str] = &[IMAGE, DB_IMAGE, NEXT_IMAGE, NEXT_NEVER_HEALTHY];
 
-pub struct Fleet {
+pub struct Fleet<H: ImHost = TestHost> {
     pub controller: Controller,
-    pub hosts: Vec<TestHost>,
+    pub hosts: Vec<H>,
     work: tempfile::TempDir,
     tokens: AtomicU32,
 }
 
-impl Fleet {
+impl Fleet<TestHost> {
     /// `n` isolated hosts, bootstrapped and deployed healthy, every test
     /// image on each.
     pub fn deployed(n: usize) -> Fleet {
@@ -31,9 +31,16 @@ impl Fleet {
 
     /// [`Fleet::deployed`] with only `images` on each host's engine.
     pub fn deployed_with(n: usize, images: &[&str]) -> Fleet {
+        Fleet::deploy_on((0..n).map(|_| TestHost::start_isolated(images)).collect())
+    }
+}
+
+impl<H: ImHost> Fleet<H> {
+    /// `hosts` bootstrapped and deployed healthy.
+    pub fn deploy_on(hosts: Vec<H>) -> Fleet<H> {
         let fleet = Fleet {
             controller: Controller::new(),
-            hosts: (0..n).map(|_| TestHost::start_isolated(images)).collect(),
+            hosts,
             work: tempfile::tempdir().unwrap(),
             tokens: AtomicU32::new(0),
         };
@@ -42,7 +49,7 @@ impl Fleet {
             let data = fleet.data_path(i).display().to_string();
             let run = fleet
                 .controller
-                .bootstrap(host, SshUser::Root, &["--data-path", &data]);
+                .bootstrap_root(host, &["--data-path", &data]);
             assert!(run.success(), "bootstrap: {run:#?}\n{}", host.agent_log());
             let args = deploy_args(
                 &host.address().to_string(),
@@ -60,7 +67,7 @@ impl Fleet {
     }
 
     pub fn data_path(&self, i: usize) -> PathBuf {
-        self.work.path().join(format!("host{i}"))
+        self.hosts[i].data_path()
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -342,7 +342,7 @@ impl Drop for TestHost {
     }
 }
 
-fn keygen(path: &Path) {
+pub(crate) fn keygen(path: &Path) {
     let status = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "imfleet-test", "-f"])
         .arg(path)

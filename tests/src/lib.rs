@@ -15,12 +15,65 @@ pub mod host;
 pub mod inproc;
 pub mod pki;
 pub mod sim_agents;
+pub mod systemd_host;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use host::{SshUser, TestHost};
+
+/// What the fleet fixtures need of a test IM host, whichever kind it is (a
+/// [`TestHost`] or a [`systemd_host::SystemdHost`]).
+pub trait ImHost {
+    fn address(&self) -> std::net::Ipv4Addr;
+    /// Bootstrap arguments that reach the host as root and place its agent.
+    fn bootstrap_args(&self) -> Vec<String>;
+    /// Where its IM data may live.
+    fn data_path(&self) -> PathBuf;
+    /// Its own Docker Engine, when it has one.
+    fn engine(&self) -> Option<&engine::Engine>;
+    /// What its agent logged, for a failure message.
+    fn agent_log(&self) -> String;
+}
+
+impl ImHost for TestHost {
+    fn address(&self) -> std::net::Ipv4Addr {
+        TestHost::address(self)
+    }
+    fn bootstrap_args(&self) -> Vec<String> {
+        let mut args = self.ssh_args(SshUser::Root);
+        args.extend(self.agent_args());
+        args
+    }
+    fn data_path(&self) -> PathBuf {
+        self.dir().join("portsip")
+    }
+    fn engine(&self) -> Option<&engine::Engine> {
+        TestHost::engine(self)
+    }
+    fn agent_log(&self) -> String {
+        TestHost::agent_log(self)
+    }
+}
+
+impl ImHost for systemd_host::SystemdHost {
+    fn address(&self) -> std::net::Ipv4Addr {
+        systemd_host::SystemdHost::address(self)
+    }
+    fn bootstrap_args(&self) -> Vec<String> {
+        self.ssh_args()
+    }
+    fn data_path(&self) -> PathBuf {
+        systemd_host::SystemdHost::data_path(self)
+    }
+    fn engine(&self) -> Option<&engine::Engine> {
+        Some(systemd_host::SystemdHost::engine(self))
+    }
+    fn agent_log(&self) -> String {
+        self.journal("imfleet-agent.service")
+    }
+}
 
 /// Directory holding the built `controller` and `agent` binaries.
 pub fn bin_dir() -> PathBuf {
@@ -160,11 +213,21 @@ impl Controller {
 
     /// Bootstraps `host` with explicit SSH arguments.
     pub fn bootstrap_with(&self, host: &TestHost, ssh_args: Vec<String>, extra: &[&str]) -> Run {
-        let mut args = vec!["bootstrap".to_owned()];
-        args.extend(ssh_args);
+        let mut args = ssh_args;
         args.extend(host.agent_args());
+        self.bootstrap_at(&host.address().to_string(), args, extra)
+    }
+
+    /// Bootstraps any kind of host as root.
+    pub fn bootstrap_root(&self, host: &impl ImHost, extra: &[&str]) -> Run {
+        self.bootstrap_at(&host.address().to_string(), host.bootstrap_args(), extra)
+    }
+
+    fn bootstrap_at(&self, address: &str, host_args: Vec<String>, extra: &[&str]) -> Run {
+        let mut args = vec!["bootstrap".to_owned()];
+        args.extend(host_args);
         args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(host.address().to_string());
+        args.push(address.to_owned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run(&args)
     }

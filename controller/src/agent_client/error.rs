@@ -52,7 +52,12 @@ pub(super) fn from_status(address: &AgentAddress, status: tonic::Status) -> Agen
             let detail = std::error::Error::source(&status)
                 .map(error_chain)
                 .unwrap_or_else(|| status.message().to_owned());
-            if looks_like_tls(&detail) {
+            if was_cut(&detail) {
+                AgentError::Unreachable {
+                    address,
+                    detail: "the connection was cut (the agent stopped or restarted, or the network failed)".into(),
+                }
+            } else if looks_like_tls(&detail) {
                 AgentError::Tls {
                     address,
                     hint: tls_hint(&detail),
@@ -72,6 +77,20 @@ pub(super) fn from_status(address: &AgentAddress, status: tonic::Status) -> Agen
             status: Box::new(status),
         },
     }
+}
+
+/// A connection that ended mid-call: the peer went away, which rustls words
+/// as a TLS matter (no close_notify) though nothing about TLS is wrong.
+fn was_cut(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "close_notify",
+        "connection reset",
+        "broken pipe",
+        "unexpected eof",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
 }
 
 fn looks_like_tls(detail: &str) -> bool {
@@ -122,5 +141,28 @@ pub(super) fn classify_transport(
             address: address.to_string(),
             detail,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_connection_is_unreachable_not_a_tls_problem() {
+        let address = AgentAddress {
+            host: "10.0.0.5".into(),
+            port: 7443,
+        };
+        let cut = tonic::Status::unavailable(
+            "error reading a body from connection: peer closed connection without sending TLS close_notify",
+        );
+        let err = from_status(&address, cut);
+        assert!(matches!(err, AgentError::Unreachable { .. }), "{err}");
+        let refused = tonic::Status::unavailable("invalid peer certificate: UnknownIssuer");
+        assert!(matches!(
+            from_status(&address, refused),
+            AgentError::Tls { .. }
+        ));
     }
 }

@@ -74,6 +74,12 @@ impl Layout {
     pub fn audit_log(&self) -> PathBuf {
         self.log_dir().join("audit.log")
     }
+    /// What the agent is, for an operator who finds it on a host (the
+    /// unit's `Documentation=`).
+    pub fn readme(&self) -> PathBuf {
+        self.root.join("README")
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")
     }

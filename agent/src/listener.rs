@@ -5,12 +5,17 @@
 //!
 //! So: TLS handshakes run here, each with a deadline, at most
 //! [`MAX_PENDING_HANDSHAKES`] at once and [`MAX_PENDING_PER_SOURCE`] from one
-//! source (an IPv4 address or an IPv6 /64). A newcomer over a limit takes
-//! the slot of the oldest pending handshake of the source that holds the
-//! most, which is its own when it is over its source's share: one source,
-//! however fast it reconnects, only ever evicts its own handshakes, never
-//! the controller's (a slow-loris client holds a slot for seconds, a
-//! controller needs milliseconds). Accept errors from exhausted resources
+//! source (an IPv4 address or an IPv6 /64), and a source may start at most
+//! [`HANDSHAKES_PER_SECOND`] a second (more are closed before any TLS work).
+//! A newcomer over its source's share takes the slot of that source's
+//! oldest pending handshake. At the global cap, sources the controller has
+//! completed a handshake from are preferred: a newcomer takes the slot of
+//! the oldest handshake of the other source holding the most, never of a
+//! controller's source, and an unknown newcomer is turned away rather than
+//! take the last slot of a source that holds only one. So neither one
+//! source reconnecting as fast as it can nor many sources holding a slot
+//! each evict the controller (a slow-loris client holds a slot for seconds,
+//! a controller needs milliseconds). Accept errors from exhausted resources
 //! back off instead of retrying in a busy loop.
 
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -34,8 +39,14 @@ use crate::identity::ServingIdentity;
 
 /// TLS handshakes in progress at once...
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
-/// ...and from one source.
+/// ...and from one source...
 pub const MAX_PENDING_PER_SOURCE: usize = 16;
+/// ...which may start this many a second (and twice as many at once).
+pub const HANDSHAKES_PER_SECOND: f64 = 20.0;
+/// Sources whose handshake rate is remembered at most.
+const MAX_RATED_SOURCES: usize = 65_536;
+/// Sources remembered as the controller's.
+const MAX_TRUSTED_SOURCES: usize = 16;
 /// How long a client gets to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest pause after an accept error such as EMFILE.
@@ -143,20 +154,48 @@ struct PendingTable {
     by_source: HashMap<Source, VecDeque<(u64, CancellationToken)>>,
     total: usize,
     next_id: u64,
+    /// Sources a controller completed a handshake from, newest last.
+    trusted: VecDeque<Source>,
+    /// Each source's handshake budget and when it was last refilled.
+    rates: HashMap<Source, (f64, Instant)>,
+}
+
+/// What the accept loop does with a newcomer.
+#[derive(Debug)]
+enum Admission {
+    /// Start its handshake (`id`), cancelling `evicted`'s if any.
+    Start {
+        id: u64,
+        cancel: CancellationToken,
+        evicted: Option<CancellationToken>,
+    },
+    /// Close it at once.
+    TurnAway,
 }
 
 impl PendingTable {
-    /// Gives a newcomer from `source` a slot; the handshake to drop to make
-    /// room, if any.
-    fn admit(&mut self, source: Source) -> (u64, Option<CancellationToken>, CancellationToken) {
+    /// Decides on a newcomer from `source` at `now`.
+    fn admit(&mut self, source: Source, now: Instant) -> Admission {
+        if !self.within_rate(source, now) {
+            return Admission::TurnAway;
+        }
         let own = self.by_source.get(&source).map_or(0, VecDeque::len);
         let victim = if own >= MAX_PENDING_PER_SOURCE {
             Some(source)
         } else if self.total >= MAX_PENDING_HANDSHAKES {
-            self.by_source
+            let trusted = self.trusted.contains(&source);
+            let candidate = self
+                .by_source
                 .iter()
+                .filter(|(s, _)| !self.trusted.contains(s))
                 .max_by_key(|(_, q)| q.len())
-                .map(|(s, _)| *s)
+                .map(|(s, q)| (*s, q.len()));
+            match candidate {
+                // A controller's source takes any other's slot; anyone else
+                // only from a source holding more than one.
+                Some((victim, held)) if trusted || held > 1 => Some(victim),
+                _ => return Admission::TurnAway,
+            }
         } else {
             None
         };
@@ -177,7 +216,37 @@ impl PendingTable {
             .or_default()
             .push_back((id, cancel.clone()));
         self.total += 1;
-        (id, evicted, cancel)
+        Admission::Start {
+            id,
+            cancel,
+            evicted,
+        }
+    }
+
+    /// Takes one handshake from `source`'s budget, if it has one.
+    fn within_rate(&mut self, source: Source, now: Instant) -> bool {
+        let burst = 2.0 * HANDSHAKES_PER_SECOND;
+        if self.rates.len() > 4 * MAX_PENDING_HANDSHAKES {
+            // Forget sources that have been quiet long enough to be full,
+            // and all of them when that is not enough (a bound on memory,
+            // at worst a fresh burst for each).
+            self.rates
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < Duration::from_secs(2));
+            if self.rates.len() > MAX_RATED_SOURCES {
+                self.rates.clear();
+            }
+        }
+        let (budget, at) = self.rates.entry(source).or_insert((burst, now));
+        *budget = (*budget
+            + now.saturating_duration_since(*at).as_secs_f64() * HANDSHAKES_PER_SECOND)
+            .min(burst);
+        *at = now;
+        if *budget >= 1.0 {
+            *budget -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// The handshake `id` of `source` ended (done, failed or evicted).
@@ -192,6 +261,26 @@ impl PendingTable {
             }
         }
     }
+
+    /// A controller completed a handshake from `source`.
+    fn trust(&mut self, source: Source) {
+        self.trusted.retain(|s| *s != source);
+        self.trusted.push_back(source);
+        if self.trusted.len() > MAX_TRUSTED_SOURCES {
+            self.trusted.pop_front();
+        }
+    }
+}
+
+/// Whether the client certificate of a completed handshake is a controller's.
+fn is_controller(tls: &TlsStream<TcpStream>) -> bool {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .is_some_and(|leaf| {
+            imfleet_certs::check_peer(leaf, imfleet_certs::Role::Controller).is_ok()
+        })
 }
 
 /// Whether an accept error means the process or system ran out of
@@ -237,10 +326,19 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let source = Source::of(peer);
-            let (id, evicted, cancel) = pending
+            let admission = pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .admit(source);
+                .admit(source, Instant::now());
+            let Admission::Start {
+                id,
+                cancel,
+                evicted,
+            } = admission
+            else {
+                tracing::debug!(%peer, "turned away: too many handshakes from its source");
+                continue;
+            };
             if let Some(evicted) = evicted {
                 evicted.cancel();
             }
@@ -253,10 +351,15 @@ pub fn incoming(
                     r = handshake => Some(r),
                     () = cancel.cancelled() => None,
                 };
-                pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .finish(source, id);
+                {
+                    let mut table = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    table.finish(source, id);
+                    if let Some(Ok(Ok(tls))) = &result
+                        && is_controller(tls)
+                    {
+                        table.trust(source);
+                    }
+                }
                 match result {
                     None => tracing::debug!(%peer, "dropped a pending handshake to make room"),
                     Some(Ok(Ok(tls))) => {
@@ -279,50 +382,86 @@ mod tests {
         Source::of(SocketAddr::new(text.parse().unwrap(), 1))
     }
 
-    #[test]
-    fn a_flooding_source_only_ever_evicts_itself() {
-        let mut table = PendingTable::default();
-        let flood = source("10.0.0.66");
-        let mut flood_tokens = Vec::new();
-        for _ in 0..10_000 {
-            let (_, evicted, cancel) = table.admit(flood);
-            if let Some(e) = evicted {
-                e.cancel();
+    /// Admits, cancelling what is evicted; the newcomer's token, or None
+    /// when turned away.
+    fn admit(table: &mut PendingTable, s: Source, now: Instant) -> Option<CancellationToken> {
+        match table.admit(s, now) {
+            Admission::Start {
+                cancel, evicted, ..
+            } => {
+                if let Some(e) = evicted {
+                    e.cancel();
+                }
+                Some(cancel)
             }
-            flood_tokens.push(cancel);
+            Admission::TurnAway => None,
         }
-        assert_eq!(table.total, MAX_PENDING_PER_SOURCE);
-        let (id, evicted, controller) = table.admit(source("10.0.0.1"));
-        assert!(evicted.is_none());
-        for _ in 0..10_000 {
-            let (_, evicted, _) = table.admit(flood);
-            evicted.unwrap().cancel();
-            assert!(!controller.is_cancelled());
-        }
-        table.finish(source("10.0.0.1"), id);
-        assert_eq!(table.total, MAX_PENDING_PER_SOURCE);
-        // Every flood handshake but the newest share was dropped.
-        let alive = flood_tokens.iter().filter(|t| !t.is_cancelled()).count();
-        assert!(alive <= MAX_PENDING_PER_SOURCE);
     }
 
     #[test]
-    fn at_the_global_cap_the_largest_source_gives_way() {
+    fn a_flooding_source_only_ever_evicts_itself_and_is_held_to_its_rate() {
         let mut table = PendingTable::default();
-        // Many sources each at their share fill the table.
-        let mut n = 0;
-        'fill: for a in 0..=255u8 {
+        let flood = source("10.0.0.66");
+        let t0 = Instant::now();
+        // At once: its burst, then turned away.
+        let started = (0..1000)
+            .filter(|_| admit(&mut table, flood, t0).is_some())
+            .count();
+        assert_eq!(started, 2 * HANDSHAKES_PER_SECOND as usize);
+        assert_eq!(table.total, MAX_PENDING_PER_SOURCE);
+        let controller = admit(&mut table, source("10.0.0.1"), t0).unwrap();
+        // A second later it may start HANDSHAKES_PER_SECOND more, each
+        // evicting one of its own.
+        let t1 = t0 + Duration::from_secs(1);
+        for _ in 0..1000 {
+            admit(&mut table, flood, t1);
+        }
+        assert!(!controller.is_cancelled());
+        assert_eq!(table.total, MAX_PENDING_PER_SOURCE + 1);
+    }
+
+    #[test]
+    fn many_sources_holding_a_slot_each_never_evict_the_controller() {
+        let mut table = PendingTable::default();
+        let t0 = Instant::now();
+        let controller = source("192.0.2.1");
+        table.trust(controller);
+        // The controller's handshake in flight, then the table filled by
+        // other sources, one slot each.
+        let ours = admit(&mut table, controller, t0).unwrap();
+        let mut n = 0u32;
+        while table.total < MAX_PENDING_HANDSHAKES {
+            admit(
+                &mut table,
+                source(&format!("10.{}.{}.1", n / 250, n % 250)),
+                t0,
+            )
+            .unwrap();
+            n += 1;
+        }
+        // Thousands more sources: turned away, nobody evicted.
+        for m in 0..5000u32 {
+            let s = source(&format!("10.9.{}.{}", m / 250, m % 250));
+            assert!(admit(&mut table, s, t0).is_none());
+        }
+        assert!(!ours.is_cancelled());
+        // The controller's next handshake takes a stranger's slot.
+        assert!(admit(&mut table, controller, t0).is_some());
+        assert!(!ours.is_cancelled());
+        assert_eq!(table.total, MAX_PENDING_HANDSHAKES);
+    }
+
+    #[test]
+    fn at_the_global_cap_a_source_holding_several_gives_way() {
+        let mut table = PendingTable::default();
+        let t0 = Instant::now();
+        for a in 0..=15u8 {
             for _ in 0..MAX_PENDING_PER_SOURCE {
-                if table.total == MAX_PENDING_HANDSHAKES {
-                    break 'fill;
-                }
-                table.admit(source(&format!("10.1.0.{a}")));
-                n += 1;
+                admit(&mut table, source(&format!("10.1.0.{a}")), t0).unwrap();
             }
         }
-        assert_eq!(n, MAX_PENDING_HANDSHAKES);
-        let (_, evicted, _) = table.admit(source("192.0.2.1"));
-        assert!(evicted.is_some());
+        assert_eq!(table.total, MAX_PENDING_HANDSHAKES);
+        assert!(admit(&mut table, source("192.0.2.9"), t0).is_some());
         assert_eq!(table.total, MAX_PENDING_HANDSHAKES);
         // An IPv6 /64 is one source, however many addresses it uses.
         let a = source("2001:db8::1");

@@ -46,6 +46,12 @@ pub enum Behaviour {
     NonFinite,
     /// A certificate expiry a century away (the real one is 397 days).
     ClaimsExpiry,
+    /// One sample per stream, then the stream ends: a new one each time.
+    Restarter,
+    /// Two samples every 0.76 of the interval.
+    DoubleRate,
+    /// A 4 MB ping reply (its version) full of escape sequences.
+    PingAbuse,
 }
 
 /// A started simulated agent.
@@ -135,7 +141,12 @@ pub const ESCAPES: &str =
 fn sample(sequence: u64, behaviour: Behaviour) -> HealthSample {
     let mut s = healthy_sample(sequence, behaviour == Behaviour::Flapping);
     match behaviour {
-        Behaviour::Healthy | Behaviour::Flapping | Behaviour::Flood => {}
+        Behaviour::Healthy
+        | Behaviour::Flapping
+        | Behaviour::Flood
+        | Behaviour::Restarter
+        | Behaviour::DoubleRate
+        | Behaviour::PingAbuse => {}
         Behaviour::Oversized => {
             s.containers = (0..9_000)
                 .map(|i| ContainerStatus {
@@ -305,9 +316,14 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
     async fn ping(&self, r: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        let agent_version = match self.0 {
+            Behaviour::Escapes => format!("0.1{ESCAPES}"),
+            Behaviour::PingAbuse => format!("{ESCAPES}{}", "V".repeat(4 << 20)),
+            _ => "0.0.0-sim".into(),
+        };
         Ok(Response::new(PingReply {
             nonce: r.into_inner().nonce,
-            agent_version: "0.0.0-sim".into(),
+            agent_version,
             protocol_revision: imfleet_proto::PROTOCOL_REVISION,
             supervision: "simulated".into(),
             ..Default::default()
@@ -320,14 +336,36 @@ impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
     ) -> Result<Response<Self::WatchHealthStream>, Status> {
         let every = Duration::from_millis(u64::from(r.get_ref().interval_ms.max(1000)));
         let behaviour = self.0;
-        if behaviour == Behaviour::Flood {
-            let mut sequence = 0u64;
-            return Ok(Response::new(Box::pin(futures::stream::repeat_with(
-                move || {
-                    sequence += 1;
-                    Ok(sample(sequence, behaviour))
-                },
-            ))));
+        match behaviour {
+            Behaviour::Flood => {
+                let mut sequence = 0u64;
+                return Ok(Response::new(Box::pin(futures::stream::repeat_with(
+                    move || {
+                        sequence += 1;
+                        Ok(sample(sequence, behaviour))
+                    },
+                ))));
+            }
+            Behaviour::Restarter => {
+                return Ok(Response::new(Box::pin(futures::stream::once(async move {
+                    Ok(sample(1, behaviour))
+                }))));
+            }
+            Behaviour::DoubleRate => {
+                let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                    every.mul_f64(0.76),
+                ));
+                let mut sequence = 0u64;
+                let pairs = futures::StreamExt::flat_map(ticks, move |_| {
+                    sequence += 2;
+                    futures::stream::iter([
+                        Ok(sample(sequence - 1, behaviour)),
+                        Ok(sample(sequence, behaviour)),
+                    ])
+                });
+                return Ok(Response::new(Box::pin(pairs)));
+            }
+            _ => {}
         }
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(every));
         let mut sequence = 0u64;

@@ -2,8 +2,9 @@
 //! controls: each a real mTLS server holding that host's genuine
 //! certificate, sending what such a host could send (a flood of samples, a
 //! message over the size limit, lists far over their caps, terminal escape
-//! sequences, NaN, a false certificate expiry, a flapping IM) next to
-//! healthy hosts, for a minute. The daemon must stay within its stated
+//! sequences, NaN, a false certificate expiry, a flapping IM, a stream
+//! restarted after every sample, twice the asked rate, a 4 MB ping reply)
+//! next to healthy hosts, for a minute. The daemon must stay within its stated
 //! memory and disk ceilings, announce each misbehaviour once, damp the
 //! flapping, keep every printed and posted string safe, never let one host
 //! spoil the others' view, expose a bounded page Prometheus parses, and
@@ -63,6 +64,9 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
         NonFinite,
         ClaimsExpiry,
         Flapping,
+        Restarter,
+        DoubleRate,
+        PingAbuse,
         Healthy,
         Healthy,
     ];
@@ -112,8 +116,21 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
         assert_eq!(h["agent_up"], true, "{h:#}");
         assert_eq!(h["im_healthy"], true, "{h:#}");
     }
-    assert_eq!(snapshot(&name(Flood))["agent_up"], false);
-    assert_eq!(snapshot(&name(Oversized))["agent_up"], false);
+    for closed in [Flood, Oversized, Restarter, DoubleRate, PingAbuse] {
+        assert_eq!(snapshot(&name(closed))["agent_up"], false, "{closed:?}");
+    }
+    // Status takes every host from the daemon, hostile ones included: none
+    // sends the CLI to ask the agents (where a hostile one could stall it).
+    let status = controller.run(&["status", "--all", "--json"]);
+    let statuses: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    for s in statuses.as_array().unwrap() {
+        assert_eq!(s["source"], "daemon", "{s:#}");
+    }
+    assert!(
+        status.elapsed < Duration::from_secs(10),
+        "{:?}",
+        status.elapsed
+    );
 
     // Everything printed is safe for the operator's terminal.
     for args in [
@@ -121,6 +138,9 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
         &["status", "--all"],
         &["events", "-n", "1000"],
         &["hosts"],
+        &["hosts", "--json"],
+        &["status", "--all", "--json"],
+        &["events", "--json", "-n", "1000"],
     ] {
         let run = controller.run(args);
         assert!(run.status.is_some(), "{args:?} hung");
@@ -157,6 +177,25 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
         oversized[0]["detail"].as_str().unwrap().contains("limit"),
         "{oversized:?}"
     );
+    // A stream ended after every sample: reconnections back off (a short
+    // stream never resets the backoff) and the changes are damped.
+    let restarter: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["host"] == name(Restarter))
+        .collect();
+    assert!(restarter.len() <= FLAP_CHANGES, "{restarter:#?}");
+    let double = of(&name(DoubleRate), "agent-misbehaving");
+    assert_eq!(double.len(), 1, "{events:#?}");
+    assert!(
+        double[0]["detail"].as_str().unwrap().contains("faster"),
+        "{double:?}"
+    );
+    // The 4 MB ping reply was refused, never stored.
+    assert_eq!(
+        of(&name(PingAbuse), "agent-unreachable").len(),
+        1,
+        "{events:#?}"
+    );
     // The flapping host: a few changes, one `flapping`, then quiet.
     let flapping: Vec<&serde_json::Value> = events
         .iter()
@@ -165,7 +204,7 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
     assert!(flapping.len() <= FLAP_CHANGES, "{flapping:#?}");
     assert_eq!(of(&name(Flapping), "flapping").len(), 1, "{flapping:#?}");
     // The healthy hosts said nothing at all.
-    for sim in sims.iter().skip(7) {
+    for sim in sims.iter().skip(behaviours.len() - 2) {
         assert!(events.iter().all(|e| e["host"] != sim.name), "{events:#?}");
     }
 
@@ -185,6 +224,13 @@ fn a_hostile_fleet_for_a_minute_leaves_the_daemon_within_its_ceilings() {
     .unwrap();
     let real = (claims.certificate_not_after - imfleet_controller::now_unix()) as f64;
     assert!((expiry - real).abs() < 120.0, "{expiry} vs {real}");
+    let reconnects = sample_value(
+        &page,
+        "imfleet_stream_reconnects_total",
+        &format!("host=\"{}\"", name(Restarter)),
+    )
+    .unwrap();
+    assert!(reconnects <= 20.0, "{reconnects} streams in a minute");
     let suppressed = sample_value(
         &page,
         "imfleet_events_suppressed_total",

@@ -280,11 +280,12 @@ async fn idle_connections_neither_spin_the_agent_nor_delay_the_controller() {
     let ca = CertificateAuthority::generate("CA").unwrap();
     let agent = start_agent(&ca, &["127.0.0.1"]).await;
     // 1,100 clients that connect and never say a word, from another process
+    // and another address (one source may start only so many handshakes)
     // (their descriptors must not count against the agent's).
     let script = format!(
         "import resource, socket, sys\n\
          resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n\
-         held = [socket.create_connection(('127.0.0.1', {port}), timeout=30) for _ in range(1100)]\n\
+         held = [socket.create_connection(('127.0.0.1', {port}), timeout=30, source_address=('127.0.0.3', 0)) for _ in range(1100)]\n\
          print('ready', flush=True)\n\
          sys.stdin.read()\n",
         port = agent.addr.port()

@@ -101,7 +101,7 @@ fn bootstrap_installs_a_unit_systemd_restarts_and_journald_keeps_clean() {
         daemon_sees(&controller, &address, false)
     });
     let killed = host.unit_property(UNIT, "MainPID");
-    host.exec_ok(&["systemctl", "kill", "-s", "KILL", UNIT]);
+    host.exec_ok(&["systemctl", "kill", "--kill-whom=main", "-s", "KILL", UNIT]);
     until(
         Duration::from_secs(30),
         "systemd restarts the agent",

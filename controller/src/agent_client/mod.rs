@@ -24,6 +24,8 @@ pub use revision::Feature;
 /// Bound on TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most decoded of a ping reply.
+const PING_MESSAGE_LIMIT: usize = 16 * 1024;
 const INVENTORY_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A followed log stream ends after a day.
@@ -179,9 +181,13 @@ impl Agent {
     pub async fn ping(&self) -> Result<PingOutcome, AgentError> {
         let nonce = u64::try_from(crate::now_unix()).unwrap_or_default() ^ 0x5eed;
         let started = Instant::now();
+        // Every command and every health stream pings first: a reply is a
+        // few hundred bytes, and a hostile agent's 4 MB one is refused.
         let reply = self
-            .call(PingRequest { nonce }, PING_TIMEOUT, |mut c, r| async move {
-                c.ping(r).await
+            .call(PingRequest { nonce }, PING_TIMEOUT, |c, r| async move {
+                c.max_decoding_message_size(PING_MESSAGE_LIMIT)
+                    .ping(r)
+                    .await
             })
             .await?;
         let _ = self.revision.set(reply.protocol_revision);

@@ -127,7 +127,7 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         output::shown(&host.agent_version, 64),
         host.agent_address,
         host.agent_port,
-        report.supervision,
+        output::shown(&report.supervision, 64),
         output::millis(report.round_trip_ms),
     );
     if report.uploaded_bytes > 0 {

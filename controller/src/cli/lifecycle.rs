@@ -268,7 +268,7 @@ pub async fn logs(dir: &Path, args: LogsArgs) -> anyhow::Result<ExitCode> {
                 "stream": if line.stderr { "stderr" } else { "stdout" },
                 "line": line.line,
             });
-            println!("{record}");
+            println!("{}", output::json_line(&record)?);
         } else {
             // A container's output, but the host's word: no raw escapes.
             let text = format!(

@@ -9,9 +9,16 @@ use imfleet_controller::progress::{Progress as ProgressEvent, ProgressSink};
 use comfy_table::{ContentArrangement, presets::UTF8_BORDERS_ONLY};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `value` as indented JSON on stdout, no raw unsafe character in it (see
+/// `imfleet_controller::text::json`).
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!("{}", imfleet_controller::text::json(value, true)?);
     Ok(())
+}
+
+/// `value` as one line of JSON, no raw unsafe character in it.
+pub fn json_line<T: serde::Serialize>(value: &T) -> serde_json::Result<String> {
+    imfleet_controller::text::json(value, false)
 }
 
 pub fn table(header: &[&str]) -> Table {
@@ -28,7 +35,7 @@ const CELL_MAX_CHARS: usize = 512;
 
 /// A table for the terminal whose every cell is made printable: cells hold
 /// what hosts reported (names, versions, errors), which may carry terminal
-/// controls.
+/// controls. Line breaks stay: a cell may span lines.
 pub struct Table(comfy_table::Table);
 
 impl Table {
@@ -36,7 +43,7 @@ impl Table {
         self.0.add_row(
             cells
                 .iter()
-                .map(|c| shown(c.as_ref(), CELL_MAX_CHARS))
+                .map(|c| imfleet_controller::text::printable_lines(c.as_ref(), CELL_MAX_CHARS))
                 .collect::<Vec<_>>(),
         );
     }
@@ -85,7 +92,7 @@ impl Progress {
         let bar = spinner(!json);
         let sink: Arc<dyn ProgressSink> = if json {
             Arc::new(|event: ProgressEvent| {
-                if let Ok(line) = serde_json::to_string(&event) {
+                if let Ok(line) = json_line(&event) {
                     eprintln!("{line}");
                 }
             })

@@ -157,7 +157,7 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"event": "rollout", "rollout": rollout})
+            output::json_line(&serde_json::json!({"event": "rollout", "rollout": rollout}))?
         );
     } else {
         print_rollout(&rollout);
@@ -278,7 +278,7 @@ fn overall(ended: usize, total: usize) -> String {
 fn sink(json: bool) -> Events {
     if json {
         let sink: EventSink = Arc::new(|event: RolloutEvent| {
-            if let Ok(line) = serde_json::to_string(&event) {
+            if let Ok(line) = output::json_line(&event) {
                 println!("{line}");
             }
         });

@@ -39,7 +39,7 @@ pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
         };
         let mut out = std::io::stdout().lock();
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(&hosts)?)?;
+            writeln!(out, "{}", super::output::json_line(&hosts)?)?;
         } else {
             if terminal {
                 // Home, then clear: the frame is redrawn in place.

@@ -356,7 +356,8 @@ pub(crate) async fn preflight_gate(
         });
     }
     for c in &failed {
-        tracing::info!(check = c.id, observed = %c.observed, "preflight failure overridden by --force");
+        let observed = crate::text::printable(&c.observed, 256);
+        tracing::info!(check = c.id, %observed, "preflight failure overridden by --force");
     }
     Ok(Gate { failed, warnings })
 }

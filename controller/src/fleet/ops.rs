@@ -170,63 +170,75 @@ pub async fn status_preferring_daemon(
     state_dir: &std::path::Path,
     hosts: &[HostRecord],
 ) -> Vec<ServiceStatus> {
-    let mut statuses = match crate::serve::http::fetch_hosts(state_dir).await {
-        Ok(Some(snapshots)) => from_snapshots(fleet, hosts, &snapshots).await,
-        Ok(None) => None,
+    let snapshots = match crate::serve::http::fetch_hosts(state_dir).await {
+        Ok(snapshots) => snapshots.unwrap_or_default(),
         // Said, not hidden: the agents are asked instead.
         Err(e) => {
             tracing::warn!("{e}; asking the agents instead");
-            None
+            Vec::new()
         }
     };
-    if statuses.is_none() {
-        statuses = Some(status(fleet, hosts).await);
+    let by_name: std::collections::HashMap<&str, &crate::health::HostSnapshot> =
+        snapshots.iter().map(|s| (s.host.as_str(), s)).collect();
+    // Each host from the daemon when it has seen it; the others (none, or
+    // not yet tried) are asked directly, so one host never sends the whole
+    // fleet to the agents.
+    let mut known = std::collections::HashMap::new();
+    let mut ask = Vec::new();
+    for host in hosts {
+        match by_name
+            .get(host.name.as_str())
+            .filter(|snap| snap.agent_up || snap.reconnects > 0)
+        {
+            Some(snap) => {
+                known.insert(host.name.clone(), from_snapshot(fleet, host, snap).await);
+            }
+            None => ask.push(host.clone()),
+        }
     }
-    let mut statuses = statuses.unwrap_or_default();
+    let mut asked: std::collections::HashMap<String, ServiceStatus> = status(fleet, &ask)
+        .await
+        .into_iter()
+        .map(|s| (s.host.clone(), s))
+        .collect();
+    let mut statuses: Vec<ServiceStatus> = hosts
+        .iter()
+        .filter_map(|h| known.remove(&h.name).or_else(|| asked.remove(&h.name)))
+        .collect();
     attach_rollout(fleet.store(), &mut statuses).await;
     statuses
 }
 
-/// `None` when the daemon has not seen one of the hosts yet.
-async fn from_snapshots(
+/// A host's status as the daemon last saw it.
+async fn from_snapshot(
     fleet: &Fleet,
-    hosts: &[HostRecord],
-    snapshots: &[crate::health::HostSnapshot],
-) -> Option<Vec<ServiceStatus>> {
-    let by_name: std::collections::HashMap<&str, &crate::health::HostSnapshot> =
-        snapshots.iter().map(|s| (s.host.as_str(), s)).collect();
-    let mut out = Vec::new();
-    for host in hosts {
-        let snap = *by_name.get(host.name.as_str())?;
-        if !snap.agent_up && snap.reconnects == 0 {
-            return None;
-        }
-        let deployment = fleet.store().deployment(&host.name).await.ok().flatten();
-        let status = snap.sample.as_ref().map(|s| DeploymentStatus {
-            name: DEPLOYMENT_NAME.into(),
-            containers: s.containers.clone(),
-            healthy: s.deployment_healthy,
-            config_hash: deployment
-                .as_ref()
-                .map(|d| d.config_hash.clone())
-                .unwrap_or_default(),
-            applying: false,
-        });
-        out.push(ServiceStatus {
-            host: host.name.clone(),
-            agent_reachable: snap.agent_up,
-            healthy: snap.im_healthy.unwrap_or(false),
-            deployment,
-            status,
-            error: (!snap.agent_up)
-                .then(|| snap.error.clone())
-                .or_else(|| (!snap.im_detail.is_empty()).then(|| snap.im_detail.clone())),
-            source: "daemon",
-            sample_age_seconds: snap.sample_age_seconds,
-            rollout: None,
-        });
+    host: &HostRecord,
+    snap: &crate::health::HostSnapshot,
+) -> ServiceStatus {
+    let deployment = fleet.store().deployment(&host.name).await.ok().flatten();
+    let status = snap.sample.as_ref().map(|s| DeploymentStatus {
+        name: DEPLOYMENT_NAME.into(),
+        containers: s.containers.clone(),
+        healthy: s.deployment_healthy,
+        config_hash: deployment
+            .as_ref()
+            .map(|d| d.config_hash.clone())
+            .unwrap_or_default(),
+        applying: false,
+    });
+    ServiceStatus {
+        host: host.name.clone(),
+        agent_reachable: snap.agent_up,
+        healthy: snap.im_healthy.unwrap_or(false),
+        deployment,
+        status,
+        error: (!snap.agent_up)
+            .then(|| snap.error.clone())
+            .or_else(|| (!snap.im_detail.is_empty()).then(|| snap.im_detail.clone())),
+        source: "daemon",
+        sample_age_seconds: snap.sample_age_seconds,
+        rollout: None,
     }
-    Some(out)
 }
 
 /// Start, stop, restart or remove the IM service on each host, recording

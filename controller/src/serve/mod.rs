@@ -192,8 +192,8 @@ pub async fn run(
         persist.clone(),
     ));
     let shared = Shared {
+        view: FleetView::new(config.interval),
         config: Arc::new(config),
-        view: FleetView::default(),
         store: state.store.clone(),
         webhook,
         ready: Arc::default(),

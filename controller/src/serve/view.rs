@@ -5,11 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::HealthSample;
 
+use crate::health::backoff::Backoff;
 use crate::health::ingest::Admission;
+use crate::health::pacing::{Pace, Pacer};
 use crate::health::{self, HealthEvent, HostSnapshot, Observation, Tracked};
 use crate::store::{HealthPoint, HostRecord};
 
@@ -24,6 +26,10 @@ struct HostState {
     reconnects: u64,
     samples_dropped: u64,
     entries_dropped: u64,
+    /// How fast its streams go, kept across them.
+    pacer: Pacer,
+    /// How long a misbehaving stream stays closed (doubling).
+    quarantine: Backoff,
     /// Unix minute of the last history point written.
     history_minute: Option<i64>,
 }
@@ -43,13 +49,35 @@ impl Changes {
     }
 }
 
+/// After the daemon closed a host's stream for breaking the limits, the
+/// first wait before it connects again; each further close doubles it, up
+/// to [`QUARANTINE_MAX`], until a stream stays clean for [`FORGIVEN_AFTER`].
+pub const QUARANTINE: Duration = Duration::from_secs(300);
+pub const QUARANTINE_MAX: Duration = Duration::from_secs(3600);
+pub const FORGIVEN_AFTER: Duration = Duration::from_secs(3600);
+
 /// Shared by the watchers, the HTTP handlers and the host rescans.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FleetView {
     hosts: Arc<RwLock<BTreeMap<String, HostState>>>,
+    /// The sampling interval asked of every agent.
+    interval: Duration,
+}
+
+impl Default for FleetView {
+    fn default() -> Self {
+        FleetView::new(imfleet_proto::model::health::DEFAULT_INTERVAL)
+    }
 }
 
 impl FleetView {
+    pub fn new(interval: Duration) -> FleetView {
+        FleetView {
+            hosts: Arc::default(),
+            interval,
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, HostState>> {
         self.hosts.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -80,6 +108,8 @@ impl FleetView {
                         reconnects: 0,
                         samples_dropped: 0,
                         entries_dropped: 0,
+                        pacer: Pacer::new(self.interval),
+                        quarantine: Backoff::new(QUARANTINE, QUARANTINE_MAX),
                         history_minute: None,
                     },
                 );
@@ -135,10 +165,40 @@ impl FleetView {
         apply(state, Observation::unreachable(error), now)
     }
 
-    /// A sample came sooner than asked and was not looked at.
-    pub fn dropped_sample(&self, name: &str) {
-        if let Some(state) = self.write().get_mut(name) {
+    /// Whether a sample of the host that arrived at `now` is taken (see
+    /// `health::pacing`).
+    pub fn pace(&self, name: &str, now: Instant) -> Pace {
+        let mut hosts = self.write();
+        let Some(state) = hosts.get_mut(name) else {
+            return Pace::Drop;
+        };
+        let pace = state.pacer.judge(now);
+        if pace != Pace::Take {
             state.samples_dropped += 1;
+        }
+        pace
+    }
+
+    /// The agent ended the host's stream early: a drop, as far as pacing
+    /// goes.
+    pub fn strike(&self, name: &str, now: Instant) -> Pace {
+        self.write()
+            .get_mut(name)
+            .map_or(Pace::Drop, |state| state.pacer.strike(now))
+    }
+
+    /// How long the host's stream, closed for misbehaving, stays closed.
+    pub fn quarantine(&self, name: &str) -> Duration {
+        self.write()
+            .get_mut(name)
+            .map_or(QUARANTINE, |state| state.quarantine.next(1.0))
+    }
+
+    /// A stream of the host stayed clean for [`FORGIVEN_AFTER`]: its next
+    /// quarantine is the first again.
+    pub fn forgive(&self, name: &str) {
+        if let Some(state) = self.write().get_mut(name) {
+            state.quarantine.reset();
         }
     }
 
@@ -150,6 +210,7 @@ impl FleetView {
         };
         state.sample = None;
         state.cpu_busy = None;
+        state.reconnects += 1;
         apply(state, Observation::misbehaving(why), now)
     }
 

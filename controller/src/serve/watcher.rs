@@ -3,19 +3,20 @@
 //! exponential backoff. Every sample and every outage goes to the daemon's
 //! view; an agent too old for the stream is asked again rarely.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::agent_client::{Agent, AgentError};
 use crate::deployment::DEPLOYMENT_NAME;
 use crate::health::MAX_EVENT_DETAIL;
 use crate::health::backoff::{Backoff, jitter};
 use crate::health::ingest::{MAX_MESSAGE_BYTES, admit};
-use crate::health::pacing::{Pace, Pacer};
+use crate::health::pacing::Pace;
 use crate::state::ClientIdentity;
 use crate::store::HostRecord;
 use crate::text::printable;
 
 use super::Shared;
+use super::view::FORGIVEN_AFTER;
 
 /// Longest pause between reconnection attempts: a few intervals, so an
 /// agent that comes back shows up soon, within 5 s to a minute.
@@ -34,16 +35,20 @@ pub fn stall_limit(interval: Duration) -> Duration {
 /// upgraded by re-running bootstrap, which the rescan notices sooner).
 const TOO_OLD_RECHECK: Duration = Duration::from_secs(600);
 
-/// After the daemon closed a host's stream for breaking the limits, the
-/// first wait before it connects again; each further such close doubles it,
-/// up to [`QUARANTINE_MAX`].
-const QUARANTINE: Duration = Duration::from_secs(300);
-const QUARANTINE_MAX: Duration = Duration::from_secs(3600);
+/// How long a stream must last for its end to be nothing unusual: shorter
+/// ones the agent ended count against its pace, and only longer ones reset
+/// the reconnection backoff.
+pub fn clean_stream(interval: Duration) -> Duration {
+    (interval * 10).max(Duration::from_secs(30))
+}
+
+/// How long opening a stream may take (the agent's answer, headers only).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a stream ended.
 enum Ended {
-    /// The agent could not be reached or the stream broke.
-    Lost { got_samples: bool, why: String },
+    /// The agent could not be reached (`opened` false) or the stream broke.
+    Lost { opened: bool, why: String },
     /// The agent answers but does not speak the health stream.
     TooOld(String),
     /// The daemon closed the stream: the agent broke the limits.
@@ -52,31 +57,42 @@ enum Ended {
 
 pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostRecord) {
     let interval = shared.config.interval;
+    let name = host.name.as_str();
     // A fleet's streams start spread over an interval, not all at once.
     tokio::time::sleep(interval.min(Duration::from_secs(5)).mul_f64(jitter())).await;
     let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_cap(interval));
-    let mut quarantine = Backoff::new(QUARANTINE, QUARANTINE_MAX);
     loop {
-        match stream_once(&shared, &identity, &host).await {
-            Ended::Lost { got_samples, why } => {
-                if got_samples {
+        let started = Instant::now();
+        let mut ended = stream_once(&shared, &identity, &host).await;
+        let lasted = started.elapsed();
+        if lasted >= FORGIVEN_AFTER {
+            shared.view.forgive(name);
+        }
+        if let Ended::Lost { opened: true, why } = &ended
+            && lasted < clean_stream(interval)
+            && shared.view.strike(name, Instant::now()) == Pace::Close
+        {
+            ended = Ended::Misbehaved(format!(
+                "the agent keeps ending its health stream early (the last: {why})"
+            ));
+        }
+        match ended {
+            Ended::Lost { why, .. } => {
+                if lasted >= clean_stream(interval) {
                     backoff.reset();
-                    quarantine.reset();
                 }
-                shared.outage(&host.name, why);
+                shared.outage(name, why);
                 tokio::time::sleep(backoff.next(jitter())).await;
             }
             Ended::TooOld(why) => {
-                shared.too_old(&host.name, why);
+                shared.too_old(name, why);
                 tokio::time::sleep(TOO_OLD_RECHECK).await;
             }
             Ended::Misbehaved(why) => {
-                let wait = quarantine.next(1.0);
-                tracing::warn!(host = %host.name, "stream closed: {why}; next try in {} s", wait.as_secs());
-                shared.misbehaving(
-                    &host.name,
-                    format!("{why}; the stream is closed for {} s", wait.as_secs()),
-                );
+                let wait = shared.view.quarantine(name);
+                let why = format!("{why}; the stream is closed for {} s", wait.as_secs());
+                tracing::warn!(host = %name, "{why}");
+                shared.misbehaving(name, why);
                 tokio::time::sleep(wait).await;
             }
         }
@@ -85,8 +101,8 @@ pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostReco
 
 /// Streams until the stream ends.
 async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostRecord) -> Ended {
-    let lost = |got_samples, why: String| Ended::Lost {
-        got_samples,
+    let lost = |opened, why: String| Ended::Lost {
+        opened,
         why: printable(&why, MAX_EVENT_DETAIL).into_owned(),
     };
     let address = crate::fleet::address_of(host);
@@ -95,23 +111,31 @@ async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostReco
         Err(e) => return lost(false, crate::error_chain(&e)),
     };
     let interval = shared.config.interval;
-    let mut stream = match agent.watch_health(DEPLOYMENT_NAME, interval).await {
-        Ok(stream) => stream,
-        Err(e @ AgentError::TooOld { .. }) => {
+    let opening = agent.watch_health(DEPLOYMENT_NAME, interval);
+    let mut stream = match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e @ AgentError::TooOld { .. })) => {
             return Ended::TooOld(printable(&e.to_string(), MAX_EVENT_DETAIL).into_owned());
         }
-        Err(e) => return lost(false, crate::error_chain(&e)),
+        Ok(Err(e)) => return lost(false, crate::error_chain(&e)),
+        Err(_) => {
+            return lost(
+                false,
+                format!(
+                    "the agent did not open a health stream within {} s",
+                    OPEN_TIMEOUT.as_secs()
+                ),
+            );
+        }
     };
     // The expiry the daemon reports is the certificate's, not the agent's word.
     let presented = agent
         .presented_certificate()
         .map(|c| c.not_after.unix_timestamp());
     let limit = stall_limit(interval);
-    let mut pacer = Pacer::new(interval);
-    let mut got = false;
     loop {
         match tokio::time::timeout(limit, stream.message()).await {
-            Err(_) => return lost(got, format!("no health sample for {} s", limit.as_secs())),
+            Err(_) => return lost(true, format!("no health sample for {} s", limit.as_secs())),
             // tonic's decoder refuses a message over the limit this way.
             Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
                 return Ended::Misbehaved(format!(
@@ -119,15 +143,14 @@ async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostReco
                     MAX_MESSAGE_BYTES / 1024
                 ));
             }
-            Ok(Err(status)) => return lost(got, crate::error_chain(&agent.stream_error(status))),
-            Ok(Ok(None)) => return lost(got, "the agent ended the health stream".into()),
-            Ok(Ok(Some(sample))) => match pacer.judge(std::time::Instant::now()) {
+            Ok(Err(status)) => return lost(true, crate::error_chain(&agent.stream_error(status))),
+            Ok(Ok(None)) => return lost(true, "the agent ended the health stream".into()),
+            Ok(Ok(Some(sample))) => match shared.view.pace(&host.name, Instant::now()) {
                 Pace::Take => {
-                    got = true;
                     let (sample, admission) = admit(sample, presented);
                     shared.sample(&host.name, sample, admission);
                 }
-                Pace::Drop => shared.view.dropped_sample(&host.name),
+                Pace::Drop => {}
                 Pace::Close => {
                     return Ended::Misbehaved(format!(
                         "the agent sent health samples faster than every {:.1} s, as asked",

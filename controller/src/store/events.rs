@@ -115,21 +115,27 @@ pub(super) fn insert_event(
     detail: &str,
     rollout_id: Option<i64>,
 ) -> rusqlite::Result<()> {
-    let mut end = detail.len().min(MAX_DETAIL_BYTES);
-    while !detail.is_char_boundary(end) {
-        end -= 1;
-    }
     conn.execute(
         "INSERT INTO events (at, host, kind, detail, rollout_id) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             crate::now_unix(),
             host,
             kind.as_str(),
-            &detail[..end],
+            cut_detail(detail),
             rollout_id
         ],
     )?;
     Ok(())
+}
+
+/// A detail as it is stored: at most [`MAX_DETAIL_BYTES`], cut at a
+/// character (details quote agents, whose errors may be any length).
+pub(super) fn cut_detail(detail: &str) -> &str {
+    let mut end = detail.len().min(MAX_DETAIL_BYTES);
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    &detail[..end]
 }
 
 impl Store {

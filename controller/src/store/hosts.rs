@@ -47,6 +47,15 @@ fn host_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HostRecord> {
     })
 }
 
+/// What a host said of itself (its agent's version, how it is supervised),
+/// as it is kept: root on the host chooses it, so it is printable and short.
+fn reported(text: &str) -> String {
+    crate::text::printable(text, MAX_REPORTED_CHARS).into_owned()
+}
+
+/// Longest version or supervision text kept of a host.
+const MAX_REPORTED_CHARS: usize = 64;
+
 fn upsert(conn: &Connection, host: &HostRecord) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO hosts (name, agent_address, agent_port, ssh_user, ssh_port, agent_version,
@@ -65,11 +74,11 @@ fn upsert(conn: &Connection, host: &HostRecord) -> rusqlite::Result<()> {
             host.agent_port,
             host.ssh_user,
             host.ssh_port,
-            host.agent_version,
+            reported(&host.agent_version),
             host.agent_sha256,
             host.cert_serial,
             host.cert_not_after,
-            host.supervision,
+            reported(&host.supervision),
             host.bootstrapped_at,
             host.last_seen_at,
         ],
@@ -141,7 +150,7 @@ pub(super) fn set_seen(
 ) -> rusqlite::Result<()> {
     c.execute(
         "UPDATE hosts SET last_seen_at = ?2, agent_version = ?3 WHERE name = ?1",
-        params![name, at, version],
+        params![name, at, reported(version)],
     )?;
     Ok(())
 }

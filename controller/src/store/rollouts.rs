@@ -236,7 +236,10 @@ impl Store {
         to_revision: Option<i64>,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let (host, detail) = (host.to_owned(), detail.to_owned());
+        let (host, detail) = (
+            host.to_owned(),
+            super::events::cut_detail(detail).to_owned(),
+        );
         self.call(move |c| {
             let tx = c.transaction()?;
             let changed = tx.execute(

@@ -20,6 +20,37 @@ pub struct SshOptions {
     /// Alternative `ssh_config` (`ssh -F`).
     pub config_file: Option<PathBuf>,
     pub connect_timeout: Option<Duration>,
+    /// The host key the host must present, as `ssh-keygen -l` prints its
+    /// fingerprint (`SHA256:...`); without it a new key is trusted and
+    /// recorded (`accept-new`).
+    pub host_key_fingerprint: Option<String>,
+}
+
+/// Checks a host key fingerprint as an operator types it (`SHA256:` and 43
+/// characters of unpadded base64, as `ssh-keygen -l` prints).
+pub fn check_fingerprint(text: &str) -> Result<String, String> {
+    let b64 = text.strip_prefix("SHA256:").ok_or_else(|| {
+        format!("{text:?} is not a SHA256 host key fingerprint; take it from `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the host (SHA256:...)")
+    })?;
+    let ok = b64.len() == 43
+        && b64
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a SHA256 host key fingerprint (SHA256: then 43 characters of base64)"
+        ))
+    }
+}
+
+/// One key a host offered, and its fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKey {
+    /// As a known_hosts line (`host type base64`).
+    pub known_hosts_line: String,
+    pub fingerprint: String,
 }
 
 /// Default bound on establishing the connection (TCP and SSH handshake).
@@ -31,6 +62,19 @@ pub struct ResolvedTarget {
     pub hostname: String,
     pub port: u16,
     pub user: String,
+    /// Where the client records host keys (`UserKnownHostsFile`).
+    pub known_hosts_files: Vec<PathBuf>,
+}
+
+impl ResolvedTarget {
+    /// The host as known_hosts names it.
+    pub fn known_hosts_name(&self) -> String {
+        if self.port == 22 {
+            self.hostname.clone()
+        } else {
+            format!("[{}]:{}", self.hostname, self.port)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +105,14 @@ pub enum SshError {
         host: String,
         detail: String,
     },
+    #[error(
+        "{target} does not present the SSH host key {expected} (it offered {offered}); nothing was sent to it. Check the fingerprint on the host's console (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`): a mismatch can be an attack"
+    )]
+    HostKeyMismatch {
+        target: String,
+        expected: String,
+        offered: String,
+    },
     #[error("SSH connection to {target} did not complete within {secs} s")]
     Timeout { target: String, secs: u64 },
     #[error("SSH to {target} failed: {detail}")]
@@ -80,6 +132,108 @@ pub enum SshError {
         what: String,
         detail: String,
     },
+}
+
+/// The keys the host offers, read with `ssh-keyscan` (no login, no session)
+/// and fingerprinted with `ssh-keygen -l`: OpenSSH's own tools.
+pub async fn offered_host_keys(
+    target: &str,
+    resolved: &ResolvedTarget,
+    timeout: Duration,
+) -> Result<Vec<HostKey>, SshError> {
+    let scan = tokio::process::Command::new("ssh-keyscan")
+        .arg("-T")
+        .arg(timeout.as_secs().max(1).to_string())
+        .arg("-p")
+        .arg(resolved.port.to_string())
+        .arg("--")
+        .arg(&resolved.hostname)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(SshError::LocalClient)?;
+    let lines: Vec<String> = String::from_utf8_lossy(&scan.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if lines.is_empty() {
+        return Err(SshError::Unreachable {
+            target: target.to_owned(),
+            port: resolved.port,
+            detail: format!(
+                "ssh-keyscan read no host key ({})",
+                String::from_utf8_lossy(&scan.stderr).trim()
+            ),
+        });
+    }
+    let fingerprints = fingerprints_of(&lines.join("\n")).await?;
+    if fingerprints.len() != lines.len() {
+        return Err(SshError::Other {
+            target: target.to_owned(),
+            detail: "ssh-keygen did not fingerprint every key the host offered".into(),
+        });
+    }
+    Ok(lines
+        .into_iter()
+        .zip(fingerprints)
+        .map(|(known_hosts_line, fingerprint)| HostKey {
+            known_hosts_line,
+            fingerprint,
+        })
+        .collect())
+}
+
+/// The fingerprints recorded for the host in the client's known_hosts files.
+pub async fn recorded_fingerprints(resolved: &ResolvedTarget) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in resolved.known_hosts_files.iter().filter(|f| f.exists()) {
+        let out = tokio::process::Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-F")
+            .arg(resolved.known_hosts_name())
+            .arg("-f")
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        if let Ok(out) = out {
+            found.extend(sha256_tokens(&String::from_utf8_lossy(&out.stdout)));
+        }
+    }
+    found.dedup();
+    found
+}
+
+/// `ssh-keygen -l` over known_hosts lines: one fingerprint per line.
+async fn fingerprints_of(known_hosts: &str) -> Result<Vec<String>, SshError> {
+    let mut child = tokio::process::Command::new("ssh-keygen")
+        .args(["-l", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(SshError::LocalClient)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(known_hosts.as_bytes())
+            .await
+            .map_err(SshError::LocalClient)?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(SshError::LocalClient)?;
+    Ok(sha256_tokens(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Every `SHA256:...` word of `ssh-keygen -l` output, in order.
+fn sha256_tokens(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .filter(|w| w.starts_with("SHA256:"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Asks the local OpenSSH client how it would connect (`ssh -G`), so aliases,
@@ -120,11 +274,15 @@ pub fn parse_ssh_g(text: &str) -> Option<ResolvedTarget> {
     let mut hostname = None;
     let mut port = None;
     let mut user = None;
+    let mut known_hosts_files = Vec::new();
     for line in text.lines() {
         match line.split_once(' ') {
             Some(("hostname", v)) => hostname = Some(v.trim().to_owned()),
             Some(("port", v)) => port = v.trim().parse().ok(),
             Some(("user", v)) => user = Some(v.trim().to_owned()),
+            Some(("userknownhostsfile", v)) => {
+                known_hosts_files.extend(v.split_whitespace().map(PathBuf::from))
+            }
             _ => {}
         }
     }
@@ -132,6 +290,7 @@ pub fn parse_ssh_g(text: &str) -> Option<ResolvedTarget> {
         hostname: hostname?,
         port: port?,
         user: user?,
+        known_hosts_files,
     })
 }
 
@@ -148,14 +307,9 @@ pub fn classify_connect_failure(target: &str, resolved: &ResolvedTarget, stderr:
     if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || stderr.contains("Host key verification failed")
     {
-        let known_hosts_name = if resolved.port == 22 {
-            resolved.hostname.clone()
-        } else {
-            format!("[{}]:{}", resolved.hostname, resolved.port)
-        };
         return SshError::HostKeyChanged {
             target,
-            known_hosts_name,
+            known_hosts_name: resolved.known_hosts_name(),
         };
     }
     if stderr.contains("Permission denied (") || stderr.contains("Too many authentication failures")
@@ -212,17 +366,25 @@ pub struct Remote {
 
 impl Remote {
     /// Opens the master connection. A host key seen for the first time is
-    /// accepted and recorded; a changed one is refused (`accept-new`).
+    /// accepted and recorded; a changed one is refused (`accept-new`). With
+    /// `pinned` (a known_hosts file holding the one key the operator named)
+    /// only that key is accepted.
     pub async fn connect(
         target: &str,
         resolved: &ResolvedTarget,
         opts: &SshOptions,
         control_dir: &Path,
+        pinned: Option<&Path>,
     ) -> Result<Remote, SshError> {
         let timeout = opts.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let mut builder = SessionBuilder::default();
+        match pinned {
+            Some(known_hosts) => builder
+                .known_hosts_check(KnownHosts::Strict)
+                .user_known_hosts_file(known_hosts),
+            None => builder.known_hosts_check(KnownHosts::Add),
+        };
         builder
-            .known_hosts_check(KnownHosts::Add)
             .connect_timeout(timeout)
             .server_alive_interval(Duration::from_secs(5))
             // A controller killed mid-bootstrap must not leave a master
@@ -359,6 +521,7 @@ mod tests {
             hostname: "10.1.2.3".into(),
             port,
             user: "pbx".into(),
+            known_hosts_files: Vec::new(),
         }
     }
 

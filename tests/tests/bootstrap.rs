@@ -216,3 +216,78 @@ fn supervisor_restarts_a_crashed_agent_and_ping_reports_a_dead_one() {
         "{table:#?}"
     );
 }
+
+/// The fingerprint `ssh-keygen -l` gives the host's key.
+fn fingerprint_of(public_key: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(public_key.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_pinned_host_key_is_checked_before_anything_is_sent() {
+    let host = TestHost::start();
+    let controller = Controller::new();
+    let real = fingerprint_of(&host.host_public_key());
+    let sessions = |host: &TestHost| host.sshd_log().matches("Accepted publickey").count();
+
+    // A wrong pin: refused before any login, nothing on the host.
+    let wrong = format!("SHA256:{}", "A".repeat(43));
+    let run = controller.bootstrap(
+        &host,
+        SshUser::Root,
+        &["--ssh-host-key-fingerprint", &wrong],
+    );
+    assert!(!run.success(), "{run:#?}");
+    assert!(
+        run.stderr.contains("does not present the SSH host key") && run.stderr.contains(&real),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(sessions(&host), 0, "{}", host.sshd_log());
+    assert!(!host.opt_imfleet().join("bin").exists());
+    // Not a fingerprint at all: told how one looks.
+    let run = controller.bootstrap(&host, SshUser::Root, &["--ssh-host-key-fingerprint", "abc"]);
+    assert_eq!(run.status, Some(2), "{run:#?}");
+    assert!(run.stderr.contains("ssh-keygen -lf"), "{}", run.stderr);
+
+    // The right pin: one session, and the report says which key it was.
+    let run = controller.bootstrap(
+        &host,
+        SshUser::Root,
+        &["--ssh-host-key-fingerprint", &real, "--json"],
+    );
+    let report = run.json();
+    assert_eq!(
+        report["ssh_host_key_fingerprints"],
+        serde_json::json!([real])
+    );
+    assert_eq!(sessions(&host), 1, "{}", host.sshd_log());
+
+    // Without a pin the key is trusted on first use, recorded and shown.
+    let fresh = Controller::new();
+    let run = fresh.bootstrap(&host, SshUser::Root, &[]);
+    assert!(run.success(), "{run:#?}");
+    assert!(
+        run.stdout
+            .contains(&format!("SSH host key {real} (as recorded")),
+        "{}",
+        run.stdout
+    );
+}

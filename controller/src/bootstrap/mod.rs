@@ -84,6 +84,9 @@ pub struct BootstrapReport {
     pub supervision: String,
     pub round_trip_ms: f64,
     pub elapsed_ms: u64,
+    /// The host key the SSH session was checked against: the one pinned,
+    /// or those recorded in known_hosts for the host.
+    pub ssh_host_key_fingerprints: Vec<String>,
 }
 
 /// Finds the agent executable to install: the explicit path, else `agent`
@@ -137,6 +140,60 @@ fn read_local_agent(path: &Path) -> Result<(Vec<u8>, LocalAgent), BootstrapError
     Ok((bytes, local))
 }
 
+/// Checks, before anything is sent, that the host offers the key the
+/// operator pinned; a known_hosts file holding only that key, for the
+/// session to be held to it (OpenSSH checks the key it negotiates).
+async fn pin_host_key(
+    target: &str,
+    resolved: &crate::ssh::ResolvedTarget,
+    opts: &SshOptions,
+    expected: &str,
+    state: &ControllerState,
+) -> Result<PinnedKnownHosts, BootstrapError> {
+    let timeout = opts
+        .connect_timeout
+        .unwrap_or(crate::ssh::DEFAULT_CONNECT_TIMEOUT);
+    let offered = crate::ssh::offered_host_keys(target, resolved, timeout).await?;
+    let Some(key) = offered.iter().find(|k| k.fingerprint == expected) else {
+        return Err(SshError::HostKeyMismatch {
+            target: target.to_owned(),
+            expected: expected.to_owned(),
+            offered: offered
+                .iter()
+                .map(|k| k.fingerprint.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+        .into());
+    };
+    let path = state
+        .run_dir()
+        .join(format!("known_hosts.pinned.{}", std::process::id()));
+    imfleet_certs::storage::write_atomically(
+        &path,
+        format!("{}\n", key.known_hosts_line).as_bytes(),
+        0o600,
+    )
+    .map_err(SshError::LocalClient)?;
+    Ok(PinnedKnownHosts(path))
+}
+
+/// A known_hosts file of one pinned key, removed when dropped (the master
+/// connection checked the key when it was made).
+struct PinnedKnownHosts(PathBuf);
+
+impl PinnedKnownHosts {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinnedKnownHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Runs the whole bootstrap, reporting each phase to `progress`.
 pub async fn bootstrap(
     state: &ControllerState,
@@ -172,9 +229,30 @@ pub async fn bootstrap(
         .phase(
             Phase::SshConnect,
             format!("{}@{}:{}", resolved.user, resolved.hostname, resolved.port),
-            Remote::connect(&request.target, &resolved, &request.ssh, &state.run_dir()),
+            async {
+                let pinned = match &request.ssh.host_key_fingerprint {
+                    Some(expected) => Some(
+                        pin_host_key(&request.target, &resolved, &request.ssh, expected, state)
+                            .await?,
+                    ),
+                    None => None,
+                };
+                let remote = Remote::connect(
+                    &request.target,
+                    &resolved,
+                    &request.ssh,
+                    &state.run_dir(),
+                    pinned.as_ref().map(|f| f.path()),
+                )
+                .await;
+                Ok::<_, BootstrapError>(remote?)
+            },
         )
         .await?;
+    let ssh_host_key_fingerprints = match &request.ssh.host_key_fingerprint {
+        Some(pinned) => vec![pinned.clone()],
+        None => crate::ssh::recorded_fingerprints(&resolved).await,
+    };
     let result = install_over_ssh(
         state,
         request,
@@ -241,6 +319,7 @@ pub async fn bootstrap(
         supervision: installed.supervision,
         round_trip_ms: pong.round_trip.as_secs_f64() * 1000.0,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        ssh_host_key_fingerprints,
     })
 }
 

@@ -28,6 +28,12 @@ pub struct SshArgs {
     /// Seconds to wait for the SSH connection.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub ssh_timeout: u64,
+    /// Refuse the host unless it presents this host key (`SHA256:...`, from
+    /// `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on its console);
+    /// checked before anything is sent. Without it a new key is trusted
+    /// and its fingerprint shown.
+    #[arg(long, value_name = "SHA256:...", value_parser = imfleet_controller::ssh::check_fingerprint)]
+    pub ssh_host_key_fingerprint: Option<String>,
 }
 
 impl SshArgs {
@@ -38,6 +44,7 @@ impl SshArgs {
             identity_file: self.identity.clone(),
             config_file: self.ssh_config.clone(),
             connect_timeout: Some(Duration::from_secs(self.ssh_timeout.max(1))),
+            host_key_fingerprint: self.ssh_host_key_fingerprint.clone(),
         }
     }
 }
@@ -111,6 +118,7 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         &args.data_path,
         args.storage_dir.as_deref(),
     )?;
+    let pinned = args.ssh.ssh_host_key_fingerprint.is_some();
     let progress = output::Progress::new(args.json);
     let result = bootstrap(&state, &request, progress.sink()).await;
     progress.finish();
@@ -146,5 +154,13 @@ pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         "  certificate expires {}",
         output::expiry(host.cert_not_after)
     );
+    let how = if pinned {
+        "as pinned"
+    } else {
+        "as recorded in known_hosts; compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the host's console"
+    };
+    for fingerprint in &report.ssh_host_key_fingerprints {
+        println!("  SSH host key {fingerprint} ({how})");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::Roots;
 
+/// Unknown keys are ignored (and logged), not refused: a newer agent may add
+/// settings, and the previous binary must still start after a rollback.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Address and port of the mTLS gRPC listener.
     pub listen: SocketAddr,
@@ -38,16 +39,33 @@ pub enum ConfigError {
     Roots { path: String, reason: String },
 }
 
+/// The keys this build reads.
+const KNOWN_KEYS: &[&str] = &["listen", "data_path", "storage_dir"];
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let parse = |source| ConfigError::Parse {
             path: path.display().to_string(),
             source,
-        })
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(parse)?;
+        let unknown: Vec<&str> = table
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !KNOWN_KEYS.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                "settings this agent does not know are ignored (written by a newer agent?): {}",
+                unknown.join(", ")
+            );
+        }
+        toml::from_str(&text).map_err(parse)
     }
 
     /// The deployment roots, checked against the agent's own directory;
@@ -95,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trips_and_refuses_unknown_keys() {
+    fn round_trips_and_a_newer_agents_keys_do_not_stop_an_older_one() {
         let cfg = AgentConfig {
             listen: "127.0.0.2:7443".parse().unwrap(),
             data_path: Some("/var/lib/portsip".into()),
@@ -103,9 +121,14 @@ mod tests {
         };
         let back: AgentConfig = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(back, cfg);
-        assert!(
-            toml::from_str::<AgentConfig>("listen = \"0.0.0.0:1\"\nlisten_typo = 1\n").is_err()
-        );
+        // A rollback's previous binary reads what a newer one wrote.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{}renew_at = 0.66\n", cfg.to_toml())).unwrap();
+        assert_eq!(AgentConfig::load(&path).unwrap(), cfg);
+        // What it does know stays checked.
+        std::fs::write(&path, "listen = \"not an address\"\n").unwrap();
+        assert!(AgentConfig::load(&path).is_err());
         let old: AgentConfig = toml::from_str("listen = \"0.0.0.0:1\"\n").unwrap();
         assert_eq!(old.roots(Path::new("/opt/imfleet")), Ok(None));
         let bad = AgentConfig {

@@ -14,9 +14,13 @@
 //! - [`facts`]: measuring the host for inventory and preflight.
 //! - [`health`]: the health stream's samples (host, containers, service, agent).
 //! - [`supervision`]: running under systemd or under the agent's own supervisor.
+//! - [`upgrade`]: replacing its own binary over mTLS, watched, rolled back
+//!   by the host itself when the new one fails.
+//! - [`cli`]: the command line (the binary's `main`).
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod facts;
@@ -26,6 +30,34 @@ pub mod listener;
 pub mod policy;
 pub mod server;
 pub mod supervision;
+pub mod upgrade;
+
+#[cfg(feature = "test-flavors")]
+pub mod flavor;
 
 /// Version of this agent build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The version this build reports of itself (a test flavour reports a
+/// newer one).
+pub fn version() -> &'static str {
+    #[cfg(feature = "test-flavors")]
+    if let Some(flavor) = flavor::current() {
+        return flavor.version();
+    }
+    VERSION
+}
+
+/// The protocol revision this build speaks.
+pub fn protocol_revision() -> u32 {
+    #[cfg(feature = "test-flavors")]
+    if flavor::current().is_some() {
+        return imfleet_proto::PROTOCOL_REVISION + 1;
+    }
+    imfleet_proto::PROTOCOL_REVISION
+}
+
+/// What this build runs on, e.g. `x86_64-linux`.
+pub fn platform() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}

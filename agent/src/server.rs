@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use futures::Stream;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentStatus, HealthSample, HostInventory,
-    ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply, PingRequest,
-    PrepareImagesRequest, PreparedImages, StatusRequest, WatchHealthRequest,
-    control_request::Action,
+    AgentBinaryChunk, AgentUpgradeStarted, ApplyEvent, ApplyRequest, ControlRequest,
+    DeploymentStatus, HealthSample, HostInventory, ImageChunk, InventoryRequest, LoadedImage,
+    LogLine, LogsRequest, PingReply, PingRequest, PrepareImagesRequest, PreparedImages,
+    StatusRequest, WatchHealthRequest, control_request::Action,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -55,13 +55,20 @@ pub struct AgentService {
     deployer: Arc<Deployer>,
     monitor: Arc<crate::health::Monitor>,
     audit: Arc<AuditLog>,
+    layout: Layout,
+    /// The CA this agent trusts (agent binaries must carry its signature).
+    ca_pem: String,
+    /// Asks the agent's own supervisor to restart it (an upgrade).
+    restart: crate::upgrade::RestartRequest,
 }
 
 impl AgentService {
     pub fn new(
         facts: AgentFacts,
         layout: &Layout,
+        ca_pem: &str,
         roots: Option<Roots>,
+        restart: crate::upgrade::RestartRequest,
     ) -> Result<Self, ServeError> {
         let deployer = Deployer::new(&DeployerConfig {
             spool_dir: layout.spool_dir(),
@@ -85,6 +92,9 @@ impl AgentService {
             deployer: Arc::new(deployer),
             monitor: Arc::new(monitor),
             audit: Arc::new(AuditLog::open(&audit_path).map_err(ServeError::Audit)?),
+            layout: layout.clone(),
+            ca_pem: ca_pem.to_owned(),
+            restart,
         })
     }
 
@@ -124,18 +134,19 @@ impl Agent for AgentService {
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
         Ok(Response::new(PingReply {
             nonce: request.into_inner().nonce,
-            agent_version: crate::VERSION.to_owned(),
-            protocol_revision: imfleet_proto::PROTOCOL_REVISION,
+            agent_version: crate::version().to_owned(),
+            protocol_revision: crate::protocol_revision(),
             hostname: self.facts.hostname.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             certificate_not_after: self.facts.certificate_not_after,
             supervision: self.facts.supervision.clone(),
-            platform: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            platform: crate::platform(),
             data_roots: self
                 .deployer
                 .roots()
                 .map(Roots::describe)
                 .unwrap_or_default(),
+            last_upgrade: crate::upgrade::last_upgrade(&self.layout),
         }))
     }
 
@@ -305,6 +316,54 @@ impl Agent for AgentService {
         result.map(Response::new)
     }
 
+    async fn upgrade_agent(
+        &self,
+        request: Request<tonic::Streaming<AgentBinaryChunk>>,
+    ) -> Result<Response<AgentUpgradeStarted>, Status> {
+        let caller = Caller::of(&request);
+        // No apply, start or stop may begin while the binary changes (and
+        // none is under way: refused then).
+        let result = match self.deployer.hold_changes() {
+            None => Err(Status::failed_precondition(
+                "a change to the deployment is under way on this host; upgrade the agent when it ends",
+            )),
+            Some(_held) => crate::upgrade::receive(
+                &self.layout,
+                &self.facts.supervision,
+                &self.ca_pem,
+                request.into_inner(),
+            )
+            .await
+            .map_err(|e| match e {
+                crate::upgrade::UpgradeError::Refused(_)
+                | crate::upgrade::UpgradeError::NotAnAgent(_)
+                | crate::upgrade::UpgradeError::TooLarge(_)
+                | crate::upgrade::UpgradeError::Corrupt(_) => {
+                    Status::failed_precondition(e.to_string())
+                }
+                other => Status::internal(other.to_string()),
+            }),
+        };
+        let detail = match &result {
+            Ok(i) => format!("{} -> {}", i.from_version, i.to_version),
+            Err(_) => String::new(),
+        };
+        self.audit(&caller, "upgrade_agent", "", detail, outcome_text(&result));
+        let installed = result?;
+        if self.facts.supervision == "supervisor" {
+            // Answered first; then the supervisor starts the new binary.
+            let restart = self.restart.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                restart.request();
+            });
+        }
+        Ok(Response::new(AgentUpgradeStarted {
+            from_version: installed.from_version,
+            to_version: installed.to_version,
+        }))
+    }
+
     async fn watch_health(
         &self,
         request: Request<WatchHealthRequest>,
@@ -365,10 +424,11 @@ pub async fn serve(
     facts: AgentFacts,
     roots: Option<Roots>,
     listener: TcpListener,
+    restart: crate::upgrade::RestartRequest,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let acceptor = crate::listener::tls_acceptor(identity)?;
-    let agent = AgentService::new(facts, layout, roots)?;
+    let agent = AgentService::new(facts, layout, &identity.ca_pem, roots, restart)?;
     // An apply this agent did not live to finish is finished or undone
     // before the next change (requests wait for the deployer's lock).
     let deployer = agent.deployer.clone();

@@ -10,6 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::config::AgentConfig;
+use crate::upgrade::{self, watch::Verdict, watch::Watch};
 use imfleet_certs::storage::write_atomically as write_file_atomically;
 use imfleet_proto::model::layout::{Layout, SYSTEMD_UNIT, SYSTEMD_UNIT_PATH};
 
@@ -306,6 +307,9 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
     let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler"))?;
     let mut backoff = Duration::from_secs(1);
+    // An agent upgrade being watched: the new binary must serve and stay up,
+    // or the previous one is put back (see `upgrade::watch`).
+    let mut watch: Option<Watch> = None;
     loop {
         let started = Instant::now();
         let mut command = std::process::Command::new(agent_binary(layout));
@@ -319,22 +323,55 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
             .spawn()
             .map_err(io("start agent"))?;
         tracing::info!(pid = child.id(), "agent started");
-        let stop = tokio::select! {
-            status = child.wait() => {
-                tracing::warn!(?status, "agent exited; restarting after {backoff:?}");
-                false
+        let ended = loop {
+            let ticking = watch.is_some();
+            tokio::select! {
+                status = child.wait() => break Ended::Exited(status.ok().and_then(|s| s.code())),
+                _ = term.recv() => break Ended::Stop,
+                _ = int.recv() => break Ended::Stop,
+                () = tokio::time::sleep(WATCH_TICK), if ticking => {
+                    let verdict = watch.as_mut().map(|w| w.look(layout, true, 0));
+                    match verdict {
+                        Some(Verdict::Confirm) => {
+                            upgrade::watch::conclude(layout, &Verdict::Confirm);
+                            watch = None;
+                        }
+                        Some(rollback @ Verdict::RollBack(_)) => {
+                            upgrade::watch::conclude(layout, &rollback);
+                            watch = None;
+                            break Ended::Replace;
+                        }
+                        _ => {}
+                    }
+                }
             }
-            _ = term.recv() => true,
-            _ = int.recv() => true,
         };
-        if stop {
-            if let Some(id) = child.id() {
-                let _ = kill(Pid::from_raw(id as i32), Signal::SIGTERM);
+        match ended {
+            Ended::Stop => {
+                stop_child(&mut child).await;
+                let _ = std::fs::remove_file(&pid_path);
+                return Ok(());
             }
-            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-            let _ = child.kill().await;
-            let _ = std::fs::remove_file(&pid_path);
-            return Ok(());
+            Ended::Replace => {
+                stop_child(&mut child).await;
+                continue;
+            }
+            Ended::Exited(code) => {
+                if code == Some(i32::from(upgrade::EXIT_FOR_UPGRADE))
+                    && upgrade::note::read(layout)
+                        .is_some_and(|n| n.state == upgrade::State::Pending)
+                {
+                    tracing::info!("starting the upgraded agent");
+                    watch = Some(Watch::default());
+                    continue;
+                }
+                if let Some(mut w) = watch.take() {
+                    // The new binary exited while watched: the old one returns.
+                    upgrade::watch::conclude(layout, &w.look(layout, false, 1));
+                    continue;
+                }
+                tracing::warn!(?code, "agent exited; restarting after {backoff:?}");
+            }
         }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_secs(1);
@@ -346,6 +383,26 @@ pub async fn supervise(layout: &Layout) -> Result<(), SupervisionError> {
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// How a child's run ended, as the supervisor sees it.
+enum Ended {
+    Exited(Option<i32>),
+    /// SIGTERM or SIGINT: the supervisor stops.
+    Stop,
+    /// An upgrade was rolled back: the child makes way for the previous binary.
+    Replace,
+}
+
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
+/// SIGTERM, 10 s, then SIGKILL.
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(id) = child.id() {
+        let _ = kill(Pid::from_raw(id as i32), Signal::SIGTERM);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = child.kill().await;
 }
 
 #[cfg(test)]

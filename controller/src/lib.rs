@@ -25,6 +25,7 @@
 
 pub mod agent_client;
 pub mod agent_tls;
+pub mod agent_upgrade;
 pub mod bootstrap;
 pub mod deployment;
 pub mod fleet;

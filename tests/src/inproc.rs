@@ -58,7 +58,8 @@ pub async fn start_agent(
     let root = tempfile::tempdir().unwrap();
     let layout = Layout::new(root.path());
     tokio::spawn(async move {
-        serve(&layout, &identity, facts, roots, listener, async {
+        let restart = imfleet_agent::upgrade::RestartRequest::default();
+        serve(&layout, &identity, facts, roots, listener, restart, async {
             let _ = stopped.await;
         })
         .await

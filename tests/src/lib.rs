@@ -115,6 +115,13 @@ impl Run {
         self.status == Some(0)
     }
 
+    /// Stdout parsed as JSON, whatever the exit status (a command that
+    /// failed for some hosts still prints every host's result).
+    pub fn json_any(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+
     /// Asserts success and returns stdout parsed as JSON.
     pub fn json(&self) -> serde_json::Value {
         assert!(self.success(), "command failed: {self:#?}");

@@ -406,6 +406,12 @@ impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
     ) -> Result<Response<LoadedImage>, Status> {
         Err(Status::unimplemented("simulated"))
     }
+    async fn upgrade_agent(
+        &self,
+        _: Request<tonic::Streaming<AgentBinaryChunk>>,
+    ) -> Result<Response<AgentUpgradeStarted>, Status> {
+        Err(Status::unimplemented("simulated"))
+    }
     async fn prepare_images(
         &self,
         _: Request<imfleet_proto::agent::v1::PrepareImagesRequest>,

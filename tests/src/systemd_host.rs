@@ -151,12 +151,10 @@ impl SystemdHost {
         self.init = None;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            // The host's init is nspawn's child.
+            // The host's init is nspawn's child running systemd (nspawn
+            // forks a helper first that goes away).
             if self.init.is_none() {
-                self.init =
-                    std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children"))
-                        .ok()
-                        .and_then(|c| c.split_whitespace().next()?.parse().ok());
+                self.init = host_init(nspawn);
             }
             let ssh = SocketAddr::from((self.address(), 22));
             if self.init.is_some()
@@ -291,6 +289,19 @@ impl Drop for SystemdHost {
         self.power_off();
         let _ = std::fs::remove_dir_all(&self.shared);
     }
+}
+
+/// The child of `nspawn` that runs systemd: the host's PID 1.
+fn host_init(nspawn: i32) -> Option<i32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "systemd")
+        })
 }
 
 /// The `Overall exposure level` `systemd-analyze security` gives a unit.

@@ -309,3 +309,70 @@ async fn image_staging_takes_only_image_references() {
         "{staged:?}"
     );
 }
+
+#[tokio::test]
+async fn an_agent_binary_the_fleet_ca_did_not_sign_is_refused() {
+    use imfleet_proto::agent::v1::{AgentBinaryChunk, AgentBinaryHeader};
+    use sha2::Digest;
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    // An agent that could restart itself (as under its supervisor).
+    let agent = start_agent(
+        &ca,
+        agent_identity_now(&ca, &["127.0.0.1"]),
+        None,
+        |facts| facts.supervision = "supervisor".into(),
+    )
+    .await;
+    let layout = agent.layout();
+    std::fs::create_dir_all(layout.bin_dir()).unwrap();
+    std::fs::write(layout.binary(), b"the running agent").unwrap();
+    let client = connect(&ca, &agent).await;
+    // A real agent binary, correctly described, signed by another CA (or
+    // not at all): what a stolen controller certificate can send.
+    let bytes = std::fs::read(imfleet_tests::bin("agent")).unwrap();
+    let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    let message = imfleet_certs::agent_binary_message(
+        &sha256,
+        imfleet_agent::VERSION,
+        imfleet_proto::PROTOCOL_REVISION,
+    );
+    let stranger = CertificateAuthority::generate("CA").unwrap();
+    for signature in [stranger.sign(&message).unwrap(), Vec::new()] {
+        let header = AgentBinaryHeader {
+            size: bytes.len() as u64,
+            sha256: sha256.clone(),
+            version: imfleet_agent::VERSION.into(),
+            protocol_revision: imfleet_proto::PROTOCOL_REVISION,
+            signature,
+        };
+        let chunks = bytes
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, data)| AgentBinaryChunk {
+                header: (i == 0).then(|| header.clone()),
+                data: data.to_vec(),
+            })
+            .collect::<Vec<_>>();
+        let err = client
+            .upgrade_agent(futures::stream::iter(chunks))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::Rejected { .. }) && err.to_string().contains("not signed"),
+            "{err}"
+        );
+    }
+    // Nothing changed on the host.
+    assert_eq!(
+        std::fs::read(layout.binary()).unwrap(),
+        b"the running agent"
+    );
+    assert!(!layout.bin_dir().join("agent.previous").exists());
+    let audit = std::fs::read_to_string(layout.audit_log()).unwrap();
+    assert_eq!(
+        audit.matches("\"rpc\":\"upgrade_agent\"").count(),
+        2,
+        "{audit}"
+    );
+    assert!(audit.contains("refused"), "{audit}");
+}

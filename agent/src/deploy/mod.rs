@@ -183,6 +183,12 @@ impl<C: Containers> Deployer<C> {
         })
     }
 
+    /// Holds off every change to deployments (applies, start, stop...) for
+    /// as long as the guard lives; `None` when one is under way now.
+    pub fn hold_changes(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.changes.try_lock().ok()
+    }
+
     /// Log lines of the deployment's containers, secrets redacted.
     pub async fn logs(
         &self,

@@ -299,7 +299,7 @@ impl Monitor {
                 .unwrap_or_default(),
             certificate_not_after: self.certificate_not_after,
             uptime_seconds: self.started.elapsed().as_secs(),
-            version: crate::VERSION.to_owned(),
+            version: crate::version().to_owned(),
         };
         (host, agent, notes)
     }

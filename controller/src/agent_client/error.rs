@@ -24,7 +24,8 @@ pub enum AgentError {
         status: Box<tonic::Status>,
     },
     #[error(
-        "the agent at {address} speaks protocol revision {have}; {what} needs revision {need} or later. Re-run `controller bootstrap` for the host to upgrade its agent (identity and data are kept)"
+        "the agent at {address} speaks protocol revision {have}; {what} needs revision {need} or later. {}",
+        upgrade_hint(*have)
     )]
     TooOld {
         address: String,
@@ -34,6 +35,16 @@ pub enum AgentError {
     },
     #[error("invalid agent address {address}: {detail}")]
     BadAddress { address: String, detail: String },
+}
+
+/// How to bring an agent speaking `have` up to date: over mTLS when it can
+/// upgrade itself, else one more bootstrap (its last SSH session).
+fn upgrade_hint(have: u32) -> &'static str {
+    if super::Feature::UpgradeAgent.check(have).is_ok() {
+        "Upgrade it over mTLS: `controller agents upgrade <host>` (the IM keeps running)"
+    } else {
+        "Re-run `controller bootstrap` for the host once to upgrade its agent (identity and data are kept); later upgrades go over mTLS (`controller agents upgrade`)"
+    }
 }
 
 /// Classifies a failed call or stream item.

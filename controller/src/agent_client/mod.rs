@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
-    ApplyEvent, ApplyRequest, ControlRequest, DeploymentSpec, DeploymentStatus, HealthSample,
-    HostInventory, ImageChunk, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
-    PingRequest, PrepareImagesRequest, PreparedImages, StatusRequest, WatchHealthRequest,
+    AgentBinaryChunk, AgentUpgradeStarted, ApplyEvent, ApplyRequest, ControlRequest,
+    DeploymentSpec, DeploymentStatus, HealthSample, HostInventory, ImageChunk, InventoryRequest,
+    LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, PrepareImagesRequest,
+    PreparedImages, StatusRequest, WatchHealthRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -333,6 +334,18 @@ impl Agent {
     ) -> Result<LoadedImage, AgentError> {
         self.call(chunks, UPLOAD_TIMEOUT, |mut c, r| async move {
             c.load_image(r).await
+        })
+        .await
+    }
+
+    /// Streams a new agent binary; the host checks, swaps and restarts it.
+    pub async fn upgrade_agent(
+        &self,
+        chunks: impl tonic::codegen::tokio_stream::Stream<Item = AgentBinaryChunk> + Send + 'static,
+    ) -> Result<AgentUpgradeStarted, AgentError> {
+        self.require(Feature::UpgradeAgent).await?;
+        self.call(chunks, UPLOAD_TIMEOUT, |mut c, r| async move {
+            c.upgrade_agent(r).await
         })
         .await
     }

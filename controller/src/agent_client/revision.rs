@@ -14,6 +14,8 @@ pub enum Feature {
     WatchHealth,
     /// Rollouts: images staged and the Engine's free space reported (9).
     PrepareImages,
+    /// The agent replaces its own binary over mTLS (10).
+    UpgradeAgent,
 }
 
 impl Feature {
@@ -24,6 +26,7 @@ impl Feature {
             Feature::Purge => 6,
             Feature::WatchHealth => 8,
             Feature::PrepareImages => 9,
+            Feature::UpgradeAgent => 10,
         }
     }
 
@@ -33,6 +36,7 @@ impl Feature {
             Feature::Purge => "purging data",
             Feature::WatchHealth => "streaming health",
             Feature::PrepareImages => "rolling upgrades",
+            Feature::UpgradeAgent => "upgrading the agent over mTLS",
         }
     }
 
@@ -63,6 +67,7 @@ mod tests {
             Feature::Purge,
             Feature::WatchHealth,
             Feature::PrepareImages,
+            Feature::UpgradeAgent,
         ] {
             assert!(f.check(imfleet_proto::PROTOCOL_REVISION).is_ok());
         }

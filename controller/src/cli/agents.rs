@@ -101,3 +101,93 @@ pub async fn hosts(dir: &Path, args: HostsArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// What `controller agents` does.
+#[derive(clap::Subcommand)]
+pub enum AgentsCommand {
+    /// Replace hosts' agents with the one built with this controller, over
+    /// mTLS (no SSH). Each host checks the binary, keeps the previous one,
+    /// restarts the agent and puts the previous one back by itself if the
+    /// new one does not serve. The IM service keeps running.
+    Upgrade(AgentsUpgradeArgs),
+}
+
+#[derive(Args)]
+pub struct AgentsUpgradeArgs {
+    /// Hosts by name or agent address.
+    #[arg(required_unless_present = "all")]
+    hosts: Vec<String>,
+    /// Every bootstrapped host.
+    #[arg(long, conflicts_with = "hosts")]
+    all: bool,
+    /// Hosts upgraded at once.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    max_parallel: usize,
+    /// The agent to ship (default: `agent` next to this controller).
+    #[arg(long, env = "IMFLEET_AGENT_BINARY", value_name = "FILE")]
+    agent_binary: Option<std::path::PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn agents(dir: &Path, command: AgentsCommand) -> anyhow::Result<ExitCode> {
+    let AgentsCommand::Upgrade(args) = command;
+    use imfleet_controller::agent_upgrade::{AgentBuild, Upgraded, upgrade_agents};
+    let (state, _) = super::open_state(dir)?;
+    let fleet = imfleet_controller::fleet::Fleet::new(&state);
+    let hosts = fleet
+        .resolve(&super::selection(args.all, &args.hosts))
+        .await?;
+    let path = imfleet_controller::bootstrap::locate_agent_binary(args.agent_binary.as_deref())?;
+    let build = AgentBuild::read(&path, &state.ca).await?;
+    let progress = output::Progress::new(args.json);
+    progress.message(format!(
+        "upgrading {} host(s) to agent {}",
+        hosts.len(),
+        build.version
+    ));
+    let results = upgrade_agents(&fleet, &hosts, &build, args.max_parallel, progress.sink()).await;
+    progress.finish();
+    let failed = results.iter().filter(|r| r.result.is_err()).count();
+    if args.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| match &r.result {
+                Ok(outcome) => {
+                    serde_json::json!({"host": r.host.name, "ok": true, "result": outcome})
+                }
+                Err(e) => serde_json::json!({
+                    "host": r.host.name,
+                    "ok": false,
+                    "error": imfleet_controller::error_chain(e),
+                }),
+            })
+            .collect();
+        output::print_json(&rows)?;
+    } else {
+        let mut table = output::table(&["HOST", "AGENT", "OUTCOME"]);
+        for r in &results {
+            let (agent, outcome) = match &r.result {
+                Ok(Upgraded::UpToDate { version }) => (version.clone(), "up to date".to_owned()),
+                Ok(Upgraded::Upgraded { from, to }) => {
+                    (format!("{from} -> {to}"), "upgraded".into())
+                }
+                Err(_) => ("-".into(), "FAILED".into()),
+            };
+            table.add_row(vec![r.host.name.clone(), agent, outcome]);
+        }
+        println!("{table}");
+        for r in &results {
+            if let Err(e) = &r.result {
+                let error = imfleet_controller::error_chain(e);
+                eprintln!("{}: {}", r.host.name, output::shown(&error, 4096));
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -49,6 +49,9 @@ pub enum Command {
     Ping(agents::PingArgs),
     /// List bootstrapped hosts and whether their agents answer.
     Hosts(agents::HostsArgs),
+    /// Manage the agents themselves (upgrade them over mTLS).
+    #[command(subcommand)]
+    Agents(agents::AgentsCommand),
     /// Show a host's hardware, OS, network and configuration facts.
     Inventory(preflight::InventoryArgs),
     /// Check a host against PortSIP's requirements before installing.
@@ -92,6 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bootstrap(args) => bootstrap::run(&dir, args).await,
         Command::Ping(args) => agents::ping(&dir, args).await,
         Command::Hosts(args) => agents::hosts(&dir, args).await,
+        Command::Agents(command) => agents::agents(&dir, command).await,
         Command::Inventory(args) => preflight::inventory(&dir, args).await,
         Command::Preflight(args) => preflight::preflight(&dir, args).await,
         Command::Deploy(args) => deploy::run(&dir, *args).await,

@@ -34,6 +34,8 @@ pub enum FleetError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    AgentUpgrade(Box<crate::agent_upgrade::AgentUpgradeError>),
 }
 
 /// One host's part of a fleet-wide operation.

@@ -41,6 +41,10 @@ pub enum EventKind {
     Flapping,
     /// A flapping host has been steady long enough; how it is now.
     Steady,
+    /// The agent was upgraded over mTLS and the host confirmed it.
+    AgentUpgraded,
+    /// An agent upgrade did not hold: the host put the previous one back.
+    AgentUpgradeFailed,
 }
 
 named!(EventKind {
@@ -67,6 +71,8 @@ named!(EventKind {
     CertificateExpiring => "certificate-expiring",
     Flapping => "flapping",
     Steady => "steady",
+    AgentUpgraded => "agent-upgraded",
+    AgentUpgradeFailed => "agent-upgrade-failed",
 });
 
 impl EventKind {

@@ -53,25 +53,35 @@ fn bootstrap_as_root_then_ping_hosts_and_rerun_safely() {
             );
         }
     }
-    // The scratch directory is gone.
-    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("imfleet-bootstrap.")
-                && e.metadata().is_ok_and(|m| m.uid() == 0)
-                && std::fs::read_dir(e.path()).is_ok_and(|mut d| {
-                    d.any(|f| {
-                        f.is_ok_and(|f| {
-                            f.metadata()
-                                .is_ok_and(|m| m.len() == installed.len() as u64)
+    // The scratch directory is gone. (Other tests' bootstraps, running at
+    // the same time, have theirs for a moment: a leftover is one that stays.)
+    let scratch_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir("/tmp")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("imfleet-bootstrap.")
+                    && e.metadata().is_ok_and(|m| m.uid() == 0)
+                    && std::fs::read_dir(e.path()).is_ok_and(|mut d| {
+                        d.any(|f| {
+                            f.is_ok_and(|f| {
+                                f.metadata()
+                                    .is_ok_and(|m| m.len() == installed.len() as u64)
+                            })
                         })
                     })
-                })
-        })
-        .collect();
+            })
+            .map(|e| e.path())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut leftovers = scratch_dirs();
+    while !leftovers.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        leftovers.retain(|dir| dir.exists());
+    }
     assert!(
         leftovers.is_empty(),
         "scratch dirs left behind: {leftovers:?}"

@@ -149,45 +149,19 @@ pub async fn agents(dir: &Path, command: AgentsCommand) -> anyhow::Result<ExitCo
     ));
     let results = upgrade_agents(&fleet, &hosts, &build, args.max_parallel, progress.sink()).await;
     progress.finish();
-    let failed = results.iter().filter(|r| r.result.is_err()).count();
     if args.json {
-        let rows: Vec<serde_json::Value> = results
-            .iter()
-            .map(|r| match &r.result {
-                Ok(outcome) => {
-                    serde_json::json!({"host": r.host.name, "ok": true, "result": outcome})
-                }
-                Err(e) => serde_json::json!({
-                    "host": r.host.name,
-                    "ok": false,
-                    "error": imfleet_controller::error_chain(e),
-                }),
-            })
-            .collect();
-        output::print_json(&rows)?;
-    } else {
-        let mut table = output::table(&["HOST", "AGENT", "OUTCOME"]);
-        for r in &results {
-            let (agent, outcome) = match &r.result {
-                Ok(Upgraded::UpToDate { version }) => (version.clone(), "up to date".to_owned()),
-                Ok(Upgraded::Upgraded { from, to }) => {
-                    (format!("{from} -> {to}"), "upgraded".into())
-                }
-                Err(_) => ("-".into(), "FAILED".into()),
-            };
-            table.add_row(vec![r.host.name.clone(), agent, outcome]);
-        }
-        println!("{table}");
-        for r in &results {
-            if let Err(e) = &r.result {
-                let error = imfleet_controller::error_chain(e);
-                eprintln!("{}: {}", r.host.name, output::shown(&error, 4096));
-            }
-        }
+        output::print_json(&output::host_results_json(&results, "result"))?;
+        return Ok(output::exit_for(&results));
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let mut table = output::table(&["HOST", "AGENT", "OUTCOME"]);
+    for r in &results {
+        let (agent, outcome) = match &r.result {
+            Ok(Upgraded::UpToDate { version }) => (version.clone(), "up to date".to_owned()),
+            Ok(Upgraded::Upgraded { from, to }) => (format!("{from} -> {to}"), "upgraded".into()),
+            Err(_) => ("-".into(), "FAILED".into()),
+        };
+        table.add_row(vec![r.host.name.clone(), agent, outcome]);
+    }
+    println!("{table}");
+    Ok(output::host_errors(&results))
 }

@@ -188,38 +188,16 @@ pub async fn control(dir: &Path, args: ControlArgs, action: Action) -> anyhow::R
 }
 
 fn report(results: Vec<HostResult<DeploymentStatus>>, json: bool) -> anyhow::Result<ExitCode> {
-    let failed = results.iter().filter(|r| r.result.is_err()).count();
     if json {
-        let rows: Vec<serde_json::Value> = results
-            .iter()
-            .map(|r| match &r.result {
-                Ok(s) => serde_json::json!({"host": r.host.name, "ok": true, "status": s}),
-                Err(e) => serde_json::json!({
-                    "host": r.host.name,
-                    "ok": false,
-                    "error": imfleet_controller::error_chain(e),
-                }),
-            })
-            .collect();
-        output::print_json(&rows)?;
-    } else {
-        let rows: Vec<_> = results
-            .iter()
-            .map(|r| (r.host.name.clone(), r.result.as_ref().ok().cloned()))
-            .collect();
-        print_status_table(&rows);
-        for r in &results {
-            if let Err(e) = &r.result {
-                let error = imfleet_controller::error_chain(e);
-                eprintln!("{}: {}", r.host.name, output::shown(&error, 4096));
-            }
-        }
+        output::print_json(&output::host_results_json(&results, "status"))?;
+        return Ok(output::exit_for(&results));
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| (r.host.name.clone(), r.result.as_ref().ok().cloned()))
+        .collect();
+    print_status_table(&rows);
+    Ok(output::host_errors(&results))
 }
 
 pub async fn remove(dir: &Path, args: RemoveArgs) -> anyhow::Result<ExitCode> {

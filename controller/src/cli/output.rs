@@ -1,6 +1,7 @@
 //! Presentation helpers shared by commands: JSON, tables, times, progress.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,45 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", imfleet_controller::text::json(value, true)?);
     Ok(())
+}
+
+/// Per host, `{"host", "ok": true, key: value}` or `{"host", "ok": false,
+/// "error"}`: what a fleet-wide command prints with `--json`.
+pub fn host_results_json<T: serde::Serialize>(
+    results: &[imfleet_controller::fleet::HostResult<T>],
+    key: &str,
+) -> Vec<serde_json::Value> {
+    results
+        .iter()
+        .map(|r| match &r.result {
+            Ok(value) => serde_json::json!({"host": r.host.name, "ok": true, key: value}),
+            Err(e) => serde_json::json!({
+                "host": r.host.name,
+                "ok": false,
+                "error": imfleet_controller::error_chain(e),
+            }),
+        })
+        .collect()
+}
+
+/// Success only when every host succeeded.
+pub fn exit_for<T>(results: &[imfleet_controller::fleet::HostResult<T>]) -> ExitCode {
+    if results.iter().all(|r| r.result.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Each failed host's error on stderr, then [`exit_for`].
+pub fn host_errors<T>(results: &[imfleet_controller::fleet::HostResult<T>]) -> ExitCode {
+    for r in results {
+        if let Err(e) = &r.result {
+            let error = imfleet_controller::error_chain(e);
+            eprintln!("{}: {}", r.host.name, shown(&error, 4096));
+        }
+    }
+    exit_for(results)
 }
 
 /// `value` as one line of JSON, no raw unsafe character in it.

@@ -236,7 +236,7 @@ async fn serve(layout: &Layout) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let facts = server::AgentFacts::detect(&identity);
+    let facts = server::AgentFacts::detect();
     tracing::info!(
         listen = %config.listen,
         version = crate::version(),

@@ -23,6 +23,16 @@ pub enum IdentityError {
     NoKey,
     #[error("the agent has no identity yet: run `controller bootstrap` for this host")]
     Missing,
+    #[error(
+        "no renewal is under way on this host (ask for one with RenewIdentity first); nothing was changed"
+    )]
+    NoRenewal,
+    #[error(
+        "the certificate is not for the key of the last renewal request (another renewal may have begun since); nothing was changed"
+    )]
+    NotForRenewalKey,
+    #[error("refused certificate: {0}; nothing was changed")]
+    Refused(&'static str),
 }
 
 /// What the agent serves with.
@@ -103,6 +113,81 @@ pub fn install(layout: &Layout, bundle: &str) -> Result<CertificateInfo, Identit
     Ok(info)
 }
 
+/// Longest certificate text a renewal may install.
+pub const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
+
+/// Renewal over the channel, first half: a fresh key kept as the renewal key
+/// (0600) beside the one served with, and a CSR for it under the current
+/// certificate's name (the CA decides everything else).
+pub fn request_renewal(layout: &Layout) -> Result<String, IdentityError> {
+    let current = load(layout)?;
+    let generated = imfleet_certs::generate_key_and_request(&current.info.common_name)?;
+    let path = layout.renewal_key();
+    write_file_atomically(&path, generated.key_pem.as_bytes(), 0o600).map_err(io_err(&path))?;
+    Ok(generated.csr_pem)
+}
+
+/// Renewal, second half: installs `cert_pem` (one agent certificate from the
+/// CA this agent trusts, for the renewal key) and returns the identity to
+/// serve with. The replaced identity is kept as `agent.pem.previous`. Files
+/// are written so that a crash at any point leaves a certificate whose key
+/// [`load`] finds.
+pub fn install_renewal(layout: &Layout, cert_pem: &str) -> Result<ServingIdentity, IdentityError> {
+    if cert_pem.len() > MAX_CERTIFICATE_BYTES {
+        return Err(IdentityError::Refused("too long"));
+    }
+    let current = load(layout)?;
+    let certs = imfleet_certs::split_certificates_pem(cert_pem);
+    let [leaf] = certs.as_slice() else {
+        return Err(IdentityError::Refused(
+            "exactly one certificate is expected",
+        ));
+    };
+    let info = imfleet_certs::inspect_pem(leaf)?;
+    if info.role != Some(imfleet_certs::Role::Agent)
+        || !info.server_auth
+        || info.client_auth
+        || info.is_ca
+    {
+        return Err(IdentityError::Refused("not an agent certificate"));
+    }
+    let name = info
+        .subject_alt_names
+        .first()
+        .ok_or(IdentityError::Refused("it names no address"))?;
+    imfleet_certs::verify_server_identity(
+        &current.ca_pem,
+        leaf,
+        name,
+        time::OffsetDateTime::now_utc(),
+    )?;
+    let key_path = layout.renewal_key();
+    let key_pem = std::fs::read_to_string(&key_path).map_err(|_| IdentityError::NoRenewal)?;
+    imfleet_certs::key_matches_certificate(leaf, &key_pem)
+        .map_err(|_| IdentityError::NotForRenewalKey)?;
+
+    let keep = [
+        (layout.previous_key(), current.key_pem.as_str(), 0o600),
+        (
+            layout.previous_certificate(),
+            current.cert_pem.as_str(),
+            0o644,
+        ),
+        (layout.certificate(), leaf.as_str(), 0o644),
+    ];
+    for (path, text, mode) in keep {
+        write_file_atomically(&path, text.as_bytes(), mode).map_err(io_err(&path))?;
+    }
+    let key = layout.key();
+    std::fs::rename(&key_path, &key).map_err(io_err(&key))?;
+    Ok(ServingIdentity {
+        cert_pem: leaf.clone(),
+        key_pem,
+        ca_pem: current.ca_pem,
+        info,
+    })
+}
+
 /// The installed certificate, if any.
 pub fn current_certificate(layout: &Layout) -> Option<String> {
     std::fs::read_to_string(layout.certificate()).ok()
@@ -123,9 +208,21 @@ pub fn load(layout: &Layout) -> Result<ServingIdentity, IdentityError> {
         })
     };
     let cert_pem = read(layout.certificate())?;
-    let key_pem = read(layout.key())?;
+    let mut key_pem = read(layout.key())?;
     let ca_pem = read(layout.ca_certificate())?;
-    imfleet_certs::key_matches_certificate(&cert_pem, &key_pem)?;
+    if let Err(e) = imfleet_certs::key_matches_certificate(&cert_pem, &key_pem) {
+        // A renewal that stopped between writing the certificate and moving
+        // its key into place: finish it.
+        let next = layout.renewal_key();
+        match std::fs::read_to_string(&next) {
+            Ok(renewed) if imfleet_certs::key_matches_certificate(&cert_pem, &renewed).is_ok() => {
+                let key = layout.key();
+                std::fs::rename(&next, &key).map_err(io_err(&key))?;
+                key_pem = renewed;
+            }
+            _ => return Err(e.into()),
+        }
+    }
     let info = imfleet_certs::inspect_pem(&cert_pem)?;
     Ok(ServingIdentity {
         cert_pem,
@@ -193,5 +290,101 @@ mod tests {
         assert_eq!(key_mode & 0o777, 0o600);
         let loaded = load(&layout).unwrap();
         assert_eq!(loaded.ca_pem, ca.cert_pem());
+    }
+
+    #[test]
+    fn renewal_swaps_the_identity_keeps_the_previous_and_refuses_what_is_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let sans = vec!["127.0.0.2".to_owned()];
+        let validity = Validity::starting_now(AGENT_LIFETIME);
+        let csr = request(&layout, "im1").unwrap();
+        let first = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
+        install(&layout, &format!("{first}{}", ca.cert_pem())).unwrap();
+        let before = load(&layout).unwrap();
+
+        // Nothing asked for: refused.
+        assert!(matches!(
+            install_renewal(&layout, &first),
+            Err(IdentityError::NoRenewal)
+        ));
+        let csr = request_renewal(&layout).unwrap();
+        assert_eq!(
+            std::fs::metadata(layout.renewal_key())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // For another key, from another CA, a controller role, two certificates: refused, nothing changed.
+        let other = imfleet_certs::generate_key_and_request("x").unwrap();
+        let foreign_key = ca
+            .sign_agent_request(&other.csr_pem, "im1", &sans, validity)
+            .unwrap();
+        let stranger = CertificateAuthority::generate("stranger").unwrap();
+        let foreign_ca = stranger
+            .sign_agent_request(&csr, "im1", &sans, validity)
+            .unwrap();
+        let controller = ca.issue_controller("c", validity).unwrap().cert_pem;
+        let renewed = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
+        for bad in [
+            foreign_key,
+            foreign_ca,
+            controller,
+            format!("{renewed}{renewed}"),
+            "x".repeat(MAX_CERTIFICATE_BYTES + 1),
+        ] {
+            assert!(install_renewal(&layout, &bad).is_err());
+            assert_eq!(load(&layout).unwrap().cert_pem, before.cert_pem);
+        }
+
+        let now = install_renewal(&layout, &renewed).unwrap();
+        assert_ne!(now.info.serial_hex, before.info.serial_hex);
+        let loaded = load(&layout).unwrap();
+        assert_eq!(loaded.cert_pem, renewed);
+        assert!(!layout.renewal_key().exists());
+        assert_eq!(
+            std::fs::read_to_string(layout.previous_certificate()).unwrap(),
+            before.cert_pem
+        );
+        assert_eq!(
+            std::fs::metadata(layout.previous_key())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // The same certificate again: its key is used up.
+        assert!(matches!(
+            install_renewal(&layout, &renewed),
+            Err(IdentityError::NoRenewal)
+        ));
+    }
+
+    #[test]
+    fn a_renewal_cut_between_certificate_and_key_is_finished_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let sans = vec!["127.0.0.2".to_owned()];
+        let validity = Validity::starting_now(AGENT_LIFETIME);
+        let csr = request(&layout, "im1").unwrap();
+        let first = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
+        install(&layout, &format!("{first}{}", ca.cert_pem())).unwrap();
+        let csr = request_renewal(&layout).unwrap();
+        let renewed = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
+        // As if the agent died right after writing the certificate.
+        std::fs::write(layout.certificate(), &renewed).unwrap();
+        let loaded = load(&layout).unwrap();
+        assert_eq!(loaded.cert_pem, renewed);
+        assert!(!layout.renewal_key().exists());
+        imfleet_certs::key_matches_certificate(
+            &renewed,
+            &std::fs::read_to_string(layout.key()).unwrap(),
+        )
+        .unwrap();
     }
 }

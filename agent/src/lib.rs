@@ -7,6 +7,7 @@
 //! - [`identity`]: key generation on the host, CSR out, certificate in.
 //! - [`server`]: the gRPC service and the mTLS role gate in front of it.
 //! - [`listener`]: accepting connections and TLS handshakes, bounded.
+//! - [`serving`]: the identity served with, swapped by a renewal in place.
 //! - [`policy`]: what a spec may ask for (roots fixed at bootstrap).
 //! - [`audit`]: the log of every mutating request.
 //! - [`deploy`]: applying and operating deployments on the Docker Engine;
@@ -29,6 +30,7 @@ pub mod identity;
 pub mod listener;
 pub mod policy;
 pub mod server;
+pub mod serving;
 pub mod supervision;
 pub mod upgrade;
 

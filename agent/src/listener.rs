@@ -294,10 +294,11 @@ fn is_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Accepts connections on `listener` and yields those that completed the
-/// mutual-TLS handshake. Runs until the returned receiver is dropped.
+/// mutual-TLS handshake, each with the credentials current when it was
+/// accepted. Runs until the returned receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    credentials: Arc<crate::serving::Credentials>,
 ) -> mpsc::Receiver<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -342,7 +343,7 @@ pub fn incoming(
             if let Some(evicted) = evicted {
                 evicted.cancel();
             }
-            let acceptor = acceptor.clone();
+            let acceptor = credentials.acceptor();
             let tx = tx.clone();
             let pending = pending.clone();
             tokio::spawn(async move {

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use futures::Stream;
 use imfleet_proto::agent::v1::{
     AgentBinaryChunk, AgentUpgradeStarted, ApplyEvent, ApplyRequest, ControlRequest,
-    DeploymentStatus, HealthSample, HostInventory, ImageChunk, InventoryRequest, LoadedImage,
-    LogLine, LogsRequest, PingReply, PingRequest, PrepareImagesRequest, PreparedImages,
+    DeploymentStatus, HealthSample, HostInventory, IdentityInstalled, ImageChunk,
+    InstallIdentityRequest, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
+    PingRequest, PrepareImagesRequest, PreparedImages, RenewIdentityReply, RenewIdentityRequest,
     StatusRequest, WatchHealthRequest, control_request::Action,
 };
 use tokio::net::TcpListener;
@@ -23,8 +24,9 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditLog, Caller, Entry};
 use crate::deploy::{DeployError, Deployer, DeployerConfig};
-use crate::identity::ServingIdentity;
+use crate::identity::{IdentityError, ServingIdentity};
 use crate::policy::Roots;
+use crate::serving::Credentials;
 use imfleet_proto::model::layout::Layout;
 
 /// Facts the agent reports about itself.
@@ -32,18 +34,16 @@ use imfleet_proto::model::layout::Layout;
 pub struct AgentFacts {
     pub hostname: String,
     pub supervision: String,
-    pub certificate_not_after: i64,
 }
 
 impl AgentFacts {
-    pub fn detect(identity: &ServingIdentity) -> Self {
+    pub fn detect() -> Self {
         AgentFacts {
             hostname: hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             supervision: std::env::var(crate::supervision::SUPERVISION_ENV)
                 .unwrap_or_else(|_| "manual".to_owned()),
-            certificate_not_after: identity.info.not_after.unix_timestamp(),
         }
     }
 }
@@ -60,6 +60,10 @@ pub struct AgentService {
     ca_pem: String,
     /// Asks the agent's own supervisor to restart it (an upgrade).
     restart: crate::upgrade::RestartRequest,
+    /// What the agent serves with; a renewal replaces it.
+    credentials: Arc<Credentials>,
+    /// One renewal step at a time.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 impl AgentService {
@@ -69,6 +73,7 @@ impl AgentService {
         ca_pem: &str,
         roots: Option<Roots>,
         restart: crate::upgrade::RestartRequest,
+        credentials: Arc<Credentials>,
     ) -> Result<Self, ServeError> {
         let deployer = Deployer::new(&DeployerConfig {
             spool_dir: layout.spool_dir(),
@@ -79,7 +84,7 @@ impl AgentService {
             bollard::Docker::connect_with_unix_defaults().map_err(DeployError::from)?,
             crate::deploy::record::Records::open(&layout.state_dir()).map_err(DeployError::from)?,
             deployer.roots().cloned(),
-            facts.certificate_not_after,
+            credentials.expiry(),
         )
         .map_err(|e| ServeError::Health(e.to_string()))?;
         let audit_path = layout.audit_log();
@@ -95,6 +100,8 @@ impl AgentService {
             layout: layout.clone(),
             ca_pem: ca_pem.to_owned(),
             restart,
+            credentials,
+            renewing: Default::default(),
         })
     }
 
@@ -106,6 +113,16 @@ impl AgentService {
             detail,
             outcome,
         });
+    }
+}
+
+fn identity_status(e: IdentityError) -> Status {
+    match e {
+        IdentityError::NoRenewal
+        | IdentityError::NotForRenewalKey
+        | IdentityError::Refused(_)
+        | IdentityError::Cert(_) => Status::failed_precondition(e.to_string()),
+        other => Status::internal(other.to_string()),
     }
 }
 
@@ -138,7 +155,7 @@ impl Agent for AgentService {
             protocol_revision: crate::protocol_revision(),
             hostname: self.facts.hostname.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            certificate_not_after: self.facts.certificate_not_after,
+            certificate_not_after: self.credentials.not_after(),
             supervision: self.facts.supervision.clone(),
             platform: crate::platform(),
             data_roots: self
@@ -364,6 +381,68 @@ impl Agent for AgentService {
         }))
     }
 
+    async fn renew_identity(
+        &self,
+        request: Request<RenewIdentityRequest>,
+    ) -> Result<Response<RenewIdentityReply>, Status> {
+        let caller = Caller::of(&request);
+        let _one = self.renewing.lock().await;
+        let layout = self.layout.clone();
+        let result = tokio::task::spawn_blocking(move || crate::identity::request_renewal(&layout))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|r| r.map_err(identity_status));
+        self.audit(
+            &caller,
+            "renew_identity",
+            "",
+            String::new(),
+            outcome_text(&result),
+        );
+        Ok(Response::new(RenewIdentityReply { csr_pem: result? }))
+    }
+
+    async fn install_identity(
+        &self,
+        request: Request<InstallIdentityRequest>,
+    ) -> Result<Response<IdentityInstalled>, Status> {
+        let caller = Caller::of(&request);
+        let certificate = request.into_inner().certificate_pem;
+        let _one = self.renewing.lock().await;
+        let layout = self.layout.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            crate::identity::install_renewal(&layout, &certificate)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+        .and_then(|r| r.map_err(identity_status))
+        .and_then(|identity| {
+            // The files hold the new identity now; serving it can only fail
+            // if they do not load, which the next start would report too.
+            self.credentials
+                .replace(&identity)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(identity.info)
+        });
+        let detail = match &result {
+            Ok(info) => format!("serial {}", info.serial_hex),
+            Err(_) => String::new(),
+        };
+        self.audit(
+            &caller,
+            "install_identity",
+            "",
+            detail,
+            outcome_text(&result),
+        );
+        let info = result?;
+        tracing::info!(serial = %info.serial_hex, not_after = %info.not_after, "serving a renewed certificate");
+        Ok(Response::new(IdentityInstalled {
+            serial: info.serial_hex,
+            not_after: info.not_after.unix_timestamp(),
+        }))
+    }
+
     async fn watch_health(
         &self,
         request: Request<WatchHealthRequest>,
@@ -427,8 +506,15 @@ pub async fn serve(
     restart: crate::upgrade::RestartRequest,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let acceptor = crate::listener::tls_acceptor(identity)?;
-    let agent = AgentService::new(facts, layout, &identity.ca_pem, roots, restart)?;
+    let credentials = Credentials::new(identity)?;
+    let agent = AgentService::new(
+        facts,
+        layout,
+        &identity.ca_pem,
+        roots,
+        restart,
+        credentials.clone(),
+    )?;
     // An apply this agent did not live to finish is finished or undone
     // before the next change (requests wait for the deployer's lock).
     let deployer = agent.deployer.clone();
@@ -464,7 +550,7 @@ pub async fn serve(
         monitor.close();
     };
     let service = AgentServer::with_interceptor(agent, require_controller);
-    let incoming = ReceiverStream::new(crate::listener::incoming(listener, acceptor));
+    let incoming = ReceiverStream::new(crate::listener::incoming(listener, credentials));
     Server::builder()
         // A controller that vanished (link down, host gone) is noticed and
         // its streams freed, rather than held until TCP gives up.

@@ -21,6 +21,7 @@ pub struct CertificateInfo {
     pub organizational_units: Vec<String>,
     /// Whether the certificate has an extended key usage extension at all.
     pub has_eku: bool,
+    /// Lower-case hex.
     pub serial_hex: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
@@ -31,6 +32,9 @@ pub struct CertificateInfo {
     pub client_auth: bool,
     /// Lower-case hex SHA-256 of the DER encoding.
     pub sha256_fingerprint: String,
+    /// Lower-case hex SHA-256 of the subject public key info: the key,
+    /// whatever certificate carries it.
+    pub public_key_sha256: String,
 }
 
 /// Parses the first certificate of a PEM text.
@@ -83,7 +87,10 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
         role,
         organizational_units,
         has_eku,
-        serial_hex: cert.raw_serial_as_string().replace(':', ""),
+        serial_hex: cert
+            .raw_serial_as_string()
+            .replace(':', "")
+            .to_ascii_lowercase(),
         not_before: cert.validity().not_before.to_datetime(),
         not_after: cert.validity().not_after.to_datetime(),
         subject_alt_names,
@@ -91,6 +98,7 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertError> {
         server_auth,
         client_auth,
         sha256_fingerprint: hex::encode(Sha256::digest(der)),
+        public_key_sha256: hex::encode(Sha256::digest(cert.public_key().raw)),
     })
 }
 

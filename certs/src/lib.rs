@@ -30,12 +30,23 @@ pub use signing::{agent_binary_message, verify_ca_signature};
 
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: time::Duration = time::Duration::days(3650);
-/// Lifetime of the controller's client certificate.
-pub const CONTROLLER_LIFETIME: time::Duration = time::Duration::days(825);
-/// Lifetime of an agent's serving certificate.
-pub const AGENT_LIFETIME: time::Duration = time::Duration::days(397);
-/// An agent identity is renewed on re-bootstrap when it expires sooner than this.
-pub const RENEW_BEFORE: time::Duration = time::Duration::days(30);
+/// Lifetime of the controller's client certificate. It is renewed where
+/// the CA is (by any command, and by the daemon), so it can be short.
+pub const CONTROLLER_LIFETIME: time::Duration = time::Duration::days(90);
+/// Lifetime of an agent's serving certificate: renewed over mTLS after 60
+/// days, so a controller down for up to 30 days finds every agent valid.
+pub const AGENT_LIFETIME: time::Duration = time::Duration::days(90);
+
+/// Whether a certificate valid from `not_before` to `not_after` should be
+/// renewed at `now`: once two thirds of its life have passed.
+pub fn renewal_due(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+    now: time::OffsetDateTime,
+) -> bool {
+    let life = not_after - not_before;
+    now >= not_before + life * 2 / 3
+}
 /// Backdating of `not_before`, so small clock skew between hosts does not
 /// make a fresh certificate "not yet valid".
 pub const CLOCK_SKEW_ALLOWANCE: time::Duration = time::Duration::minutes(10);
@@ -48,4 +59,20 @@ pub const ORGANISATION: &str = "imfleet";
 /// compiled in, rustls refuses to guess. Calling it again is harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_after_two_thirds_of_the_life() {
+        let start = time::OffsetDateTime::UNIX_EPOCH;
+        let end = start + AGENT_LIFETIME;
+        let day = time::Duration::days(1);
+        assert!(!renewal_due(start, end, start));
+        assert!(!renewal_due(start, end, start + 59 * day));
+        assert!(renewal_due(start, end, start + 60 * day));
+        assert!(renewal_due(start, end, end + day));
+    }
 }

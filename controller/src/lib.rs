@@ -13,6 +13,8 @@
 //! - [`fleet`]: hosts by name, address or `--all`, one operation on many with
 //!   bounded concurrency; `fleet::ops` are ping, status, control and logs.
 //! - [`progress`]: typed progress events and the sinks they go to.
+//! - [`renewal`]: agent certificates renewed over mTLS; only a host's
+//!   current certificate is accepted.
 //! - [`health`]: fleet health as pure functions (samples to observations to
 //!   events), Prometheus exposition and metrics.
 //! - [`serve`]: the daemon: health streams, history, events, webhook, HTTP.
@@ -33,6 +35,7 @@ pub mod health;
 pub mod pbx;
 pub mod preflight;
 pub mod progress;
+pub mod renewal;
 pub mod rollout;
 pub mod serve;
 pub mod ssh;

@@ -116,7 +116,7 @@ pub struct InitReport {
 #[derive(Debug)]
 pub struct ControllerState {
     dir: PathBuf,
-    pub ca: CertificateAuthority,
+    pub ca: std::sync::Arc<CertificateAuthority>,
     pub identity: ClientIdentity,
     pub store: Store,
 }
@@ -155,7 +155,7 @@ impl ControllerState {
         Ok((
             ControllerState {
                 dir: dir.to_owned(),
-                ca,
+                ca: std::sync::Arc::new(ca),
                 identity,
                 store,
             },
@@ -263,7 +263,11 @@ fn load_or_issue_identity(
         (Some(cert), Some(key)) => {
             let usable = imfleet_certs::key_matches_certificate(&cert, &key).is_ok()
                 && imfleet_certs::inspect_pem(&cert).is_ok_and(|info| {
-                    info.not_after - time::OffsetDateTime::now_utc() > imfleet_certs::RENEW_BEFORE
+                    !imfleet_certs::renewal_due(
+                        info.not_before,
+                        info.not_after,
+                        time::OffsetDateTime::now_utc(),
+                    )
                 });
             usable.then_some((cert, key))
         }

@@ -39,7 +39,7 @@ pub fn megabytes(done: u64, total: u64) -> String {
 
 /// Protocol revision spoken by this build. Bump when RPCs or fields are added,
 /// so a controller can tell which features an older agent lacks.
-pub const PROTOCOL_REVISION: u32 = 10;
+pub const PROTOCOL_REVISION: u32 = 11;
 
 /// TCP port the agent listens on unless configured otherwise. Chosen to avoid
 /// every port PortSIP uses (5060-5067, 5432, 8881-8904, 10000+ RTP).

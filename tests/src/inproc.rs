@@ -36,15 +36,15 @@ impl RunningAgent {
 }
 
 /// Starts an agent serving `issued`, deploying only under `roots`; `lie`
-/// may change what it says about itself.
+/// may change what it says about itself and its certificate.
 pub async fn start_agent(
     ca: &CertificateAuthority,
     issued: IssuedIdentity,
     roots: Option<Roots>,
-    lie: impl FnOnce(&mut AgentFacts),
+    lie: impl FnOnce(&mut AgentFacts, &mut imfleet_certs::CertificateInfo),
 ) -> RunningAgent {
     imfleet_certs::install_crypto_provider();
-    let identity = ServingIdentity {
+    let mut identity = ServingIdentity {
         info: imfleet_certs::inspect_pem(&issued.cert_pem).unwrap(),
         cert_pem: issued.cert_pem,
         key_pem: issued.key_pem,
@@ -53,8 +53,8 @@ pub async fn start_agent(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let mut facts = AgentFacts::detect(&identity);
-    lie(&mut facts);
+    let mut facts = AgentFacts::detect();
+    lie(&mut facts, &mut identity.info);
     let root = tempfile::tempdir().unwrap();
     let layout = Layout::new(root.path());
     tokio::spawn(async move {

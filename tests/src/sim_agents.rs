@@ -44,7 +44,7 @@ pub enum Behaviour {
     Escapes,
     /// NaN and infinities for every number that can hold one.
     NonFinite,
-    /// A certificate expiry a century away (the real one is 397 days).
+    /// A certificate expiry a century away (the real one is 90 days).
     ClaimsExpiry,
     /// One sample per stream, then the stream ends: a new one each time.
     Restarter,
@@ -94,29 +94,36 @@ pub async fn start_each(
             key_pem: issued.key_pem,
             ca_pem: ca.cert_pem().to_owned(),
         };
+        let record = HostRecord {
+            name: format!("sim{i:04}"),
+            agent_address: ip.clone(),
+            agent_port: PORT,
+            ssh_user: None,
+            ssh_port: None,
+            agent_version: "0.0.0-sim".into(),
+            agent_sha256: String::new(),
+            cert_serial: identity.info.serial_hex.clone(),
+            cert_not_after: identity.info.not_after.unix_timestamp(),
+            supervision: "simulated".into(),
+            bootstrapped_at: 0,
+            last_seen_at: None,
+        };
+        let certificate = imfleet_controller::store::CertificateRecord::new(
+            &identity.info,
+            Some(&record.name),
+            imfleet_controller::store::CertificateState::Current,
+            0,
+        );
         store
-            .upsert_host(&HostRecord {
-                name: format!("sim{i:04}"),
-                agent_address: ip.clone(),
-                agent_port: PORT,
-                ssh_user: None,
-                ssh_port: None,
-                agent_version: "0.0.0-sim".into(),
-                agent_sha256: String::new(),
-                cert_serial: identity.info.serial_hex.clone(),
-                cert_not_after: identity.info.not_after.unix_timestamp(),
-                supervision: "simulated".into(),
-                bootstrapped_at: 0,
-                last_seen_at: None,
-            })
+            .record_bootstrap(&record, &certificate, "simulated")
             .await
             .unwrap();
         let listener = tokio::net::TcpListener::bind(SocketAddr::from((address(i), PORT)))
             .await
             .unwrap();
-        let acceptor = imfleet_agent::listener::tls_acceptor(&identity).unwrap();
+        let credentials = imfleet_agent::serving::Credentials::new(&identity).unwrap();
         let incoming = tokio_stream::wrappers::ReceiverStream::new(
-            imfleet_agent::listener::incoming(listener, acceptor),
+            imfleet_agent::listener::incoming(listener, credentials),
         );
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -410,6 +417,20 @@ impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
         &self,
         _: Request<tonic::Streaming<AgentBinaryChunk>>,
     ) -> Result<Response<AgentUpgradeStarted>, Status> {
+        Err(Status::unimplemented("simulated"))
+    }
+
+    async fn renew_identity(
+        &self,
+        _: Request<imfleet_proto::agent::v1::RenewIdentityRequest>,
+    ) -> Result<Response<imfleet_proto::agent::v1::RenewIdentityReply>, Status> {
+        Err(Status::unimplemented("simulated"))
+    }
+
+    async fn install_identity(
+        &self,
+        _: Request<imfleet_proto::agent::v1::InstallIdentityRequest>,
+    ) -> Result<Response<imfleet_proto::agent::v1::IdentityInstalled>, Status> {
         Err(Status::unimplemented("simulated"))
     }
     async fn prepare_images(

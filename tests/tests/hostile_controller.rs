@@ -31,7 +31,7 @@ impl Hostile {
             &ca,
             agent_identity_now(&ca, &["127.0.0.1"]),
             Some(roots),
-            |_| {},
+            |_, _| {},
         )
         .await;
         Hostile { ca, agent, scratch }
@@ -199,7 +199,13 @@ async fn a_spec_asking_for_more_than_a_deployment_needs_is_refused_and_changes_n
 #[tokio::test]
 async fn an_agent_bootstrapped_without_roots_deploys_nothing() {
     let ca = CertificateAuthority::generate("CA").unwrap();
-    let agent = start_agent(&ca, agent_identity_now(&ca, &["127.0.0.1"]), None, |_| {}).await;
+    let agent = start_agent(
+        &ca,
+        agent_identity_now(&ca, &["127.0.0.1"]),
+        None,
+        |_, _| {},
+    )
+    .await;
     let client = connect(&ca, &agent).await;
     let h = Hostile::start().await;
     let outcome = apply(&client, h.spec(), "t0k3n-value-1234").await;
@@ -320,7 +326,7 @@ async fn an_agent_binary_the_fleet_ca_did_not_sign_is_refused() {
         &ca,
         agent_identity_now(&ca, &["127.0.0.1"]),
         None,
-        |facts| facts.supervision = "supervisor".into(),
+        |facts, _| facts.supervision = "supervisor".into(),
     )
     .await;
     let layout = agent.layout();

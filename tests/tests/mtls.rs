@@ -12,13 +12,13 @@ use imfleet_tests::pki::{agent_identity_now, custom_identity};
 use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
 
 async fn start_agent(ca: &CertificateAuthority, sans: &[&str]) -> RunningAgent {
-    start_agent_with(ca, agent_identity_now(ca, sans), |_| {}).await
+    start_agent_with(ca, agent_identity_now(ca, sans), |_, _| {}).await
 }
 
 async fn start_agent_with(
     ca: &CertificateAuthority,
     issued: IssuedIdentity,
-    lie: impl FnOnce(&mut AgentFacts),
+    lie: impl FnOnce(&mut AgentFacts, &mut imfleet_certs::CertificateInfo),
 ) -> RunningAgent {
     imfleet_tests::inproc::start_agent(ca, issued, None, lie).await
 }
@@ -113,6 +113,27 @@ async fn an_expired_controller_certificate_is_refused() {
         "{err}"
     );
     assert!(err.to_string().contains("controller init"), "{err}");
+}
+
+#[tokio::test]
+async fn an_expired_agent_certificate_is_refused_naming_the_fix() {
+    let ca = CertificateAuthority::generate("CA").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let expired = Validity {
+        not_before: now - time::Duration::days(91),
+        not_after: now - time::Duration::days(1),
+    };
+    let issued = imfleet_tests::pki::agent_identity(&ca, &["127.0.0.1"], expired);
+    let agent = start_agent_with(&ca, issued, |_, _| {}).await;
+    let err = call(&controller(&ca), &agent.address("127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Tls { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("certificate has expired") && text.contains("controller bootstrap"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -222,7 +243,7 @@ async fn the_controller_refuses_a_server_certificate_without_the_agent_role() {
     // Chains to the CA and names the address, but claims another role.
     for units in [&["controller"][..], &[][..], &["agent", "controller"][..]] {
         let impostor = custom_identity(&ca, units, vec![ServerAuth], &["127.0.0.1"]);
-        let agent = start_agent_with(&ca, impostor, |_| {}).await;
+        let agent = start_agent_with(&ca, impostor, |_, _| {}).await;
         let err = call(&me, &agent.address("127.0.0.1")).await.unwrap_err();
         assert!(matches!(err, AgentError::Tls { .. }), "{units:?}: {err}");
         assert!(refusal_text(&err).contains("role"), "{err}");
@@ -237,8 +258,8 @@ async fn certificate_expiry_is_read_from_the_handshake_not_the_reply() {
         .unwrap()
         .not_after
         .unix_timestamp();
-    let agent = start_agent_with(&ca, issued, |facts| {
-        facts.certificate_not_after = 4_102_444_800; // "valid until 2100"
+    let agent = start_agent_with(&ca, issued, |_, claimed| {
+        claimed.not_after = time::OffsetDateTime::from_unix_timestamp(4_102_444_800).unwrap(); // "valid until 2100"
     })
     .await;
     let me = controller(&ca);

@@ -69,7 +69,8 @@ pub struct Monitor {
     containers: containers::ContainerCache,
     records: Records,
     roots: Option<Roots>,
-    certificate_not_after: i64,
+    /// Shared with the serving credentials: a renewal moves it.
+    certificate_not_after: Arc<std::sync::atomic::AtomicI64>,
     started: Instant,
     streams: Arc<Semaphore>,
     /// The last sample per deployment, shared by streams (the lock also
@@ -87,7 +88,7 @@ impl Monitor {
         docker: bollard::Docker,
         records: Records,
         roots: Option<Roots>,
-        certificate_not_after: i64,
+        certificate_not_after: Arc<std::sync::atomic::AtomicI64>,
     ) -> Result<Monitor, sysinfo::Error> {
         Ok(Monitor {
             system: Mutex::new(sysinfo::System::new()?),
@@ -297,7 +298,9 @@ impl Monitor {
             cpu_seconds: me
                 .map(|p| p.accumulated_cpu_time() as f64 / 1000.0)
                 .unwrap_or_default(),
-            certificate_not_after: self.certificate_not_after,
+            certificate_not_after: self
+                .certificate_not_after
+                .load(std::sync::atomic::Ordering::Relaxed),
             uptime_seconds: self.started.elapsed().as_secs(),
             version: crate::version().to_owned(),
         };

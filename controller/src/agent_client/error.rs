@@ -35,6 +35,16 @@ pub enum AgentError {
     },
     #[error("invalid agent address {address}: {detail}")]
     BadAddress { address: String, detail: String },
+    #[error(
+        "the agent at {address} presented certificate {serial}, which is not {host}'s current one ({why}); nothing was sent to it. If the host was re-installed by hand, run `controller bootstrap {host}`; otherwise something else answers with an old key: check the host"
+    )]
+    CertificateRefused {
+        // Boxed: the error stays as small as the others.
+        address: Box<str>,
+        host: Box<str>,
+        serial: Box<str>,
+        why: Box<str>,
+    },
 }
 
 /// How to bring an agent speaking `have` up to date: over mTLS when it can
@@ -129,8 +139,10 @@ fn tls_hint(detail: &str) -> &'static str {
         "The agent refused the certificate this controller presented"
     } else if d.contains("not valid for name") {
         "The agent's certificate does not name the address dialled: the address may belong to another machine, or the host was re-addressed; re-run `controller bootstrap` for it if that is expected"
-    } else if d.contains("unknownissuer") || d.contains("expired") {
-        "The agent's certificate is not one this controller issued (or it expired); re-run `controller bootstrap` for the host if that is expected"
+    } else if d.contains("expired") {
+        "The agent's certificate has expired: it was not renewed in time (renewal starts 30 days before expiry; was the controller off that long?). Run `controller bootstrap` for the host to enrol it again"
+    } else if d.contains("unknownissuer") {
+        "The agent's certificate is not one this controller issued; re-run `controller bootstrap` for the host if that is expected"
     } else {
         "Check that the address really is the bootstrapped host"
     }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use imfleet_proto::agent::v1::agent_client::AgentClient;
 use imfleet_proto::agent::v1::{
     AgentBinaryChunk, AgentUpgradeStarted, ApplyEvent, ApplyRequest, ControlRequest,
-    DeploymentSpec, DeploymentStatus, HealthSample, HostInventory, ImageChunk, InventoryRequest,
-    LoadedImage, LogLine, LogsRequest, PingReply, PingRequest, PrepareImagesRequest,
-    PreparedImages, StatusRequest, WatchHealthRequest,
+    DeploymentSpec, DeploymentStatus, HealthSample, HostInventory, IdentityInstalled, ImageChunk,
+    InstallIdentityRequest, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
+    PingRequest, PrepareImagesRequest, PreparedImages, RenewIdentityRequest, StatusRequest,
+    WatchHealthRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,6 +28,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most decoded of a ping reply.
 const PING_MESSAGE_LIMIT: usize = 16 * 1024;
+/// A key made and a certificate checked on the host.
+const RENEWAL_TIMEOUT: Duration = Duration::from_secs(30);
 const INVENTORY_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A followed log stream ends after a day.
@@ -347,6 +350,34 @@ impl Agent {
         self.call(chunks, UPLOAD_TIMEOUT, |mut c, r| async move {
             c.upgrade_agent(r).await
         })
+        .await
+    }
+
+    /// Renewal, first half: the agent makes a new key and answers a CSR.
+    pub async fn renew_identity(&self) -> Result<String, AgentError> {
+        self.require(Feature::Renewal).await?;
+        let reply = self
+            .call(
+                RenewIdentityRequest {},
+                RENEWAL_TIMEOUT,
+                |mut c, r| async move { c.renew_identity(r).await },
+            )
+            .await?;
+        Ok(reply.csr_pem)
+    }
+
+    /// Renewal, second half: the agent serves `certificate_pem` from its
+    /// next handshake on.
+    pub async fn install_identity(
+        &self,
+        certificate_pem: String,
+    ) -> Result<IdentityInstalled, AgentError> {
+        self.require(Feature::Renewal).await?;
+        self.call(
+            InstallIdentityRequest { certificate_pem },
+            RENEWAL_TIMEOUT,
+            |mut c, r| async move { c.install_identity(r).await },
+        )
         .await
     }
 

@@ -16,6 +16,8 @@ pub enum Feature {
     PrepareImages,
     /// The agent replaces its own binary over mTLS (10).
     UpgradeAgent,
+    /// The agent renews its certificate over mTLS (11).
+    Renewal,
 }
 
 impl Feature {
@@ -27,6 +29,7 @@ impl Feature {
             Feature::WatchHealth => 8,
             Feature::PrepareImages => 9,
             Feature::UpgradeAgent => 10,
+            Feature::Renewal => 11,
         }
     }
 
@@ -37,6 +40,7 @@ impl Feature {
             Feature::WatchHealth => "streaming health",
             Feature::PrepareImages => "rolling upgrades",
             Feature::UpgradeAgent => "upgrading the agent over mTLS",
+            Feature::Renewal => "renewing the agent's certificate",
         }
     }
 
@@ -68,6 +72,7 @@ mod tests {
             Feature::WatchHealth,
             Feature::PrepareImages,
             Feature::UpgradeAgent,
+            Feature::Renewal,
         ] {
             assert!(f.check(imfleet_proto::PROTOCOL_REVISION).is_ok());
         }

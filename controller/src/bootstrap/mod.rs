@@ -17,7 +17,7 @@ use crate::agent_client::{Agent, AgentAddress, AgentError, PingOutcome};
 use crate::progress::{Phase, ProgressSink, Reporter};
 use crate::ssh::{Remote, SshError, SshOptions};
 use crate::state::ControllerState;
-use crate::store::HostRecord;
+use crate::store::{CertificateRecord, CertificateState, HostRecord};
 use plan::{IdentityDecision, LocalAgent, PlanError};
 
 /// How long the agent gets to answer over mTLS after it was (re)started.
@@ -293,7 +293,7 @@ pub async fn bootstrap(
         ssh_port: Some(resolved.port),
         agent_version: pong.reply.agent_version.clone(),
         agent_sha256: local.sha256.clone(),
-        cert_serial: installed.cert_serial,
+        cert_serial: installed.certificate.serial_hex.to_ascii_lowercase(),
         cert_not_after: pong.certificate_not_after,
         supervision: installed.supervision.clone(),
         bootstrapped_at: now,
@@ -303,6 +303,12 @@ pub async fn bootstrap(
         .store
         .record_bootstrap(
             &host,
+            &CertificateRecord::new(
+                &installed.certificate,
+                Some(&host.name),
+                CertificateState::Current,
+                now,
+            ),
             &format!(
                 "agent {} via {}; uploaded {} bytes; certificate {}",
                 host.agent_version,
@@ -327,7 +333,7 @@ pub async fn bootstrap(
 struct RemoteInstall {
     uploaded_bytes: u64,
     certificate_issued: Option<String>,
-    cert_serial: String,
+    certificate: imfleet_certs::CertificateInfo,
     supervision: String,
 }
 
@@ -408,9 +414,7 @@ async fn install_over_ssh(
                 (Some(reason), cert)
             }
         };
-        let cert_serial = imfleet_certs::inspect_pem(&cert_pem)
-            .map(|info| info.serial_hex)
-            .unwrap_or_default();
+        let certificate = imfleet_certs::inspect_pem(&cert_pem).map_err(BootstrapError::Sign)?;
 
         let listen = std::net::SocketAddr::new(bind, request.agent_port).to_string();
         let mut install = vec![
@@ -440,7 +444,7 @@ async fn install_over_ssh(
         Ok(RemoteInstall {
             uploaded_bytes,
             certificate_issued,
-            cert_serial,
+            certificate,
             supervision,
         })
     }

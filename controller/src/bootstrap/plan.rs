@@ -196,17 +196,21 @@ pub fn decide_identity(
     let Some(cert) = installed_cert else {
         return IdentityDecision::Issue("the agent has no certificate yet".into());
     };
-    let horizon = now + imfleet_certs::RENEW_BEFORE;
     for name in names {
-        if let Err(e) = imfleet_certs::verify_server_identity(ca_pem, cert, name, horizon) {
+        if let Err(e) = imfleet_certs::verify_server_identity(ca_pem, cert, name, now) {
             return IdentityDecision::Issue(format!(
                 "the installed certificate is unusable for {name}: {e}"
             ));
         }
     }
     match imfleet_certs::inspect_pem(cert) {
-        Ok(info) if info.not_before <= now => IdentityDecision::Keep,
-        Ok(_) => IdentityDecision::Issue("the installed certificate is not yet valid".into()),
+        Ok(info) if info.not_before > now => {
+            IdentityDecision::Issue("the installed certificate is not yet valid".into())
+        }
+        Ok(info) if imfleet_certs::renewal_due(info.not_before, info.not_after, now) => {
+            IdentityDecision::Issue("the installed certificate is due for renewal".into())
+        }
+        Ok(_) => IdentityDecision::Keep,
         Err(e) => IdentityDecision::Issue(format!("the installed certificate is unreadable: {e}")),
     }
 }
@@ -340,7 +344,14 @@ mod tests {
             decide_identity(Some(&other_name), ca.cert_pem(), &names, now),
             IdentityDecision::Issue(_)
         ));
-        let expiring = issue(&names, Validity::starting_now(time::Duration::days(5)));
+        // Two thirds of its life gone: renewed.
+        let expiring = issue(
+            &names,
+            Validity {
+                not_before: now - time::Duration::days(61),
+                not_after: now + time::Duration::days(29),
+            },
+        );
         assert!(matches!(
             decide_identity(Some(&expiring), ca.cert_pem(), &names, now),
             IdentityDecision::Issue(_)

@@ -3,6 +3,7 @@
 
 mod agents;
 mod bootstrap;
+mod certs;
 mod deploy;
 mod init;
 mod lifecycle;
@@ -52,6 +53,8 @@ pub enum Command {
     /// Manage the agents themselves (upgrade them over mTLS).
     #[command(subcommand)]
     Agents(agents::AgentsCommand),
+    /// Certificates the fleet's CA issued (`certs renew` renews agents' now).
+    Certs(certs::CertsArgs),
     /// Show a host's hardware, OS, network and configuration facts.
     Inventory(preflight::InventoryArgs),
     /// Check a host against PortSIP's requirements before installing.
@@ -96,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ping(args) => agents::ping(&dir, args).await,
         Command::Hosts(args) => agents::hosts(&dir, args).await,
         Command::Agents(command) => agents::agents(&dir, command).await,
+        Command::Certs(args) => certs::certs(&dir, args).await,
         Command::Inventory(args) => preflight::inventory(&dir, args).await,
         Command::Preflight(args) => preflight::preflight(&dir, args).await,
         Command::Deploy(args) => deploy::run(&dir, *args).await,

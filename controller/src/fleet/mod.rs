@@ -7,7 +7,10 @@ pub mod ops;
 
 use std::future::Future;
 
+use std::sync::Arc;
+
 use futures::StreamExt;
+use imfleet_certs::CertificateAuthority;
 
 use crate::agent_client::{Agent, AgentAddress, AgentError};
 use crate::state::{ClientIdentity, ControllerState};
@@ -36,6 +39,8 @@ pub enum FleetError {
     Store(#[from] StoreError),
     #[error(transparent)]
     AgentUpgrade(Box<crate::agent_upgrade::AgentUpgradeError>),
+    #[error(transparent)]
+    Renewal(Box<crate::renewal::RenewalError>),
 }
 
 /// One host's part of a fleet-wide operation.
@@ -49,6 +54,7 @@ pub struct HostResult<T> {
 #[derive(Debug, Clone)]
 pub struct Fleet {
     identity: ClientIdentity,
+    ca: Arc<CertificateAuthority>,
     store: Store,
     concurrency: usize,
 }
@@ -57,6 +63,7 @@ impl Fleet {
     pub fn new(state: &ControllerState) -> Fleet {
         Fleet {
             identity: state.identity.clone(),
+            ca: state.ca.clone(),
             store: state.store.clone(),
             concurrency: DEFAULT_CONCURRENCY,
         }
@@ -64,6 +71,14 @@ impl Fleet {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn identity(&self) -> &ClientIdentity {
+        &self.identity
+    }
+
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
     }
 
     /// The hosts selected, each once, or the first unknown name.
@@ -90,8 +105,20 @@ impl Fleet {
             .ok_or_else(|| FleetError::UnknownHost(name.to_owned()))
     }
 
+    /// Connects to the host's agent, accepting only the host's current
+    /// certificate, and renews that certificate first if it is due.
     pub async fn connect(&self, host: &HostRecord) -> Result<Agent, AgentError> {
-        Agent::connect(&self.identity, &address_of(host)).await
+        let agent = self.connect_current(host).await?;
+        crate::renewal::renew_if_due(self, host, &agent).await;
+        Ok(agent)
+    }
+
+    /// Connects to the host's agent, accepting only the host's current
+    /// certificate; renews nothing.
+    pub async fn connect_current(&self, host: &HostRecord) -> Result<Agent, AgentError> {
+        let agent = Agent::connect(&self.identity, &address_of(host)).await?;
+        crate::renewal::accept(self, host, &agent).await?;
+        Ok(agent)
     }
 
     /// Connects to each host and runs `op` on it, at most the fleet's
@@ -138,7 +165,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -182,6 +208,7 @@ mod tests {
                 cert_pem: String::new(),
                 key_pem: String::new(),
             },
+            ca: Arc::new(CertificateAuthority::generate("test").unwrap()),
             store,
             concurrency: 2,
         };

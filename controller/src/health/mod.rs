@@ -22,8 +22,9 @@ use crate::store::EventKind;
 pub const DISK_FULL_RATIO: f64 = 0.90;
 /// ...and one that was full is fine again below this (no flapping at 90 %).
 pub const DISK_OK_RATIO: f64 = 0.88;
-/// Warn when the agent's certificate expires within this many seconds.
-pub const CERTIFICATE_WARNING_SECONDS: i64 = 30 * 86_400;
+/// Warn when the agent's certificate expires within this many seconds:
+/// renewal is due at 30 days left, so this means it has failed for a week.
+pub const CERTIFICATE_WARNING_SECONDS: i64 = 21 * 86_400;
 
 /// What one sample, or an agent's silence, says about a host.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::health::ingest::Admission;
 
+use crate::fleet::Fleet;
 use crate::state::{ControllerState, StateError};
 use crate::store::{HostRecord, Store, StoreError};
 use view::{Changes, FleetView};
@@ -36,6 +37,9 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9743";
 /// How often the store is read for hosts bootstrapped meanwhile.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often certificates are checked for renewal (due at two thirds of a
+/// 90-day life: an hour late is nothing).
+const RENEW_EVERY: Duration = Duration::from_secs(3600);
 /// On SIGTERM, how long what is queued may take to be written (the unit
 /// allows 30 s to stop; the store waits at most 10 s for a lock).
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(15);
@@ -207,11 +211,13 @@ pub async fn run(
         interval_ms = shared.config.interval.as_millis() as u64,
         "serving"
     );
-    let mut identity = state.identity.clone();
+    let mut fleet = Fleet::new(&state);
     let mut watchers: HashMap<String, (HostRecord, tokio::task::AbortHandle)> = HashMap::new();
     let mut rescan = tokio::time::interval(RESCAN_EVERY);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -219,7 +225,7 @@ pub async fn run(
             Some(()) = reload.recv() => {
                 match ControllerState::open_or_init(state_dir) {
                     Ok((fresh, _)) => {
-                        identity = fresh.identity.clone();
+                        fleet = Fleet::new(&fresh);
                         for (_, (_, task)) in watchers.drain() {
                             task.abort();
                         }
@@ -227,9 +233,27 @@ pub async fn run(
                     }
                     Err(e) => tracing::error!("reload failed, keeping the old identity: {e}"),
                 }
-                rescan_hosts(&shared, &identity, &mut watchers).await;
+                rescan_hosts(&shared, &fleet, &mut watchers).await;
             }
-            _ = rescan.tick() => rescan_hosts(&shared, &identity, &mut watchers).await,
+            _ = rescan.tick() => rescan_hosts(&shared, &fleet, &mut watchers).await,
+            _ = renew.tick() => {
+                // The daemon's own identity first (renewed where the CA is,
+                // by re-opening the state), then the agents'.
+                if identity_due(fleet.identity()) {
+                    match ControllerState::open_or_init(state_dir) {
+                        Ok((fresh, _)) => {
+                            fleet = Fleet::new(&fresh);
+                            for (_, (_, task)) in watchers.drain() {
+                                task.abort();
+                            }
+                            tracing::info!("renewed the controller's certificate; every stream reconnects");
+                            rescan_hosts(&shared, &fleet, &mut watchers).await;
+                        }
+                        Err(e) => tracing::error!("cannot renew the controller's certificate: {e}"),
+                    }
+                }
+                tokio::spawn(renew_due_agents(fleet.clone()));
+            }
             _ = prune.tick() => {
                 let keep = shared.config.retention.as_secs().min(i64::MAX as u64) as i64;
                 match shared.store.prune_health(crate::now_unix(), keep).await {
@@ -260,11 +284,45 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts a watcher for every host not watched yet (or whose agent moved
-/// or was re-enrolled) and stops those of hosts no longer known.
+/// Whether the controller's own certificate is due for renewal.
+fn identity_due(identity: &crate::state::ClientIdentity) -> bool {
+    imfleet_certs::inspect_pem(&identity.cert_pem).is_ok_and(|info| {
+        imfleet_certs::renewal_due(
+            info.not_before,
+            info.not_after,
+            time::OffsetDateTime::now_utc(),
+        )
+    })
+}
+
+/// Connects to every host whose certificate is due, which renews it
+/// (streams stay on the connections they have).
+async fn renew_due_agents(fleet: Fleet) {
+    let Ok(hosts) = fleet.store().hosts().await else {
+        return;
+    };
+    let horizon = crate::now_unix() + imfleet_certs::AGENT_LIFETIME.whole_seconds() / 3;
+    let due: Vec<HostRecord> = hosts
+        .into_iter()
+        .filter(|h| h.cert_not_after <= horizon)
+        .collect();
+    crate::fleet::bounded(due, 4, |host| {
+        let fleet = fleet.clone();
+        async move {
+            if let Err(e) = fleet.connect(&host).await {
+                tracing::debug!(host = %host.name, "renewal check: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Starts a watcher for every host not watched yet (or whose agent moved)
+/// and stops those of hosts no longer known. A renewed certificate does
+/// not restart a stream.
 async fn rescan_hosts(
     shared: &Shared,
-    identity: &crate::state::ClientIdentity,
+    fleet: &Fleet,
     watchers: &mut HashMap<String, (HostRecord, tokio::task::AbortHandle)>,
 ) {
     let hosts = match shared.store.hosts().await {
@@ -275,8 +333,7 @@ async fn rescan_hosts(
         }
     };
     let same = |a: &HostRecord, b: &HostRecord| {
-        (&a.agent_address, a.agent_port, &a.cert_serial)
-            == (&b.agent_address, b.agent_port, &b.cert_serial)
+        (&a.agent_address, a.agent_port) == (&b.agent_address, b.agent_port)
     };
     let by_name: HashMap<&str, &HostRecord> = hosts.iter().map(|h| (h.name.as_str(), h)).collect();
     watchers.retain(|name, (record, task)| {
@@ -308,7 +365,7 @@ async fn rescan_hosts(
         } else {
             shared.view.track(host.clone(), Default::default());
         }
-        let task = tokio::spawn(watcher::run(shared.clone(), identity.clone(), host.clone()));
+        let task = tokio::spawn(watcher::run(shared.clone(), fleet.clone(), host.clone()));
         watchers.insert(host.name.clone(), (host.clone(), task.abort_handle()));
     }
     shared.ready.store(true, Ordering::Relaxed);

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::agent_client::{Agent, AgentError};
+use crate::agent_client::AgentError;
 use crate::deployment::DEPLOYMENT_NAME;
+use crate::fleet::Fleet;
 use crate::health::MAX_EVENT_DETAIL;
 use crate::health::backoff::{Backoff, jitter};
 use crate::health::ingest::{MAX_MESSAGE_BYTES, admit};
 use crate::health::pacing::Pace;
-use crate::state::ClientIdentity;
 use crate::store::HostRecord;
 use crate::text::printable;
 
@@ -42,6 +42,9 @@ pub fn clean_stream(interval: Duration) -> Duration {
     (interval * 10).max(Duration::from_secs(30))
 }
 
+/// How often a stream looks for a renewed certificate of its host.
+const RENEWAL_RECHECK: Duration = Duration::from_secs(60);
+
 /// How long opening a stream may take (the agent's answer, headers only).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,7 +58,7 @@ enum Ended {
     Misbehaved(String),
 }
 
-pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostRecord) {
+pub(super) async fn run(shared: Shared, fleet: Fleet, host: HostRecord) {
     let interval = shared.config.interval;
     let name = host.name.as_str();
     // A fleet's streams start spread over an interval, not all at once.
@@ -63,7 +66,7 @@ pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostReco
     let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_cap(interval));
     loop {
         let started = Instant::now();
-        let mut ended = stream_once(&shared, &identity, &host).await;
+        let mut ended = stream_once(&shared, &fleet, &host).await;
         let lasted = started.elapsed();
         if lasted >= FORGIVEN_AFTER {
             shared.view.forgive(name);
@@ -100,13 +103,13 @@ pub(super) async fn run(shared: Shared, identity: ClientIdentity, host: HostReco
 }
 
 /// Streams until the stream ends.
-async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostRecord) -> Ended {
+async fn stream_once(shared: &Shared, fleet: &Fleet, host: &HostRecord) -> Ended {
     let lost = |opened, why: String| Ended::Lost {
         opened,
         why: printable(&why, MAX_EVENT_DETAIL).into_owned(),
     };
-    let address = crate::fleet::address_of(host);
-    let agent = match Agent::connect(identity, &address).await {
+    // Only the host's current certificate, renewed first when due.
+    let agent = match fleet.connect(host).await {
         Ok(agent) => agent,
         Err(e) => return lost(false, crate::error_chain(&e)),
     };
@@ -128,12 +131,23 @@ async fn stream_once(shared: &Shared, identity: &ClientIdentity, host: &HostReco
             );
         }
     };
-    // The expiry the daemon reports is the certificate's, not the agent's word.
-    let presented = agent
+    // The expiry the daemon reports is the certificate's, not the agent's
+    // word: the one presented, or the one a renewal since confirmed (the
+    // stream stays on the connection made with the old one).
+    let mut presented = agent
         .presented_certificate()
         .map(|c| c.not_after.unix_timestamp());
+    let mut renewal_checked = Instant::now();
     let limit = stall_limit(interval);
     loop {
+        if renewal_checked.elapsed() >= RENEWAL_RECHECK {
+            renewal_checked = Instant::now();
+            if let Ok(Some(now)) = shared.store.host(&host.name).await
+                && presented.is_some_and(|p| now.cert_not_after > p)
+            {
+                presented = Some(now.cert_not_after);
+            }
+        }
         match tokio::time::timeout(limit, stream.message()).await {
             Err(_) => return lost(true, format!("no health sample for {} s", limit.as_secs())),
             // tonic's decoder refuses a message over the limit this way.

@@ -35,8 +35,12 @@ pub enum EventKind {
     /// A data filesystem above 90 % used.
     DiskFull,
     DiskOk,
-    /// The agent's certificate expires within 30 days.
+    /// The agent's certificate expires within 21 days (renewal failing).
     CertificateExpiring,
+    /// The agent serves a renewed certificate; the previous one is refused.
+    CertificateRenewed,
+    /// The host was forgotten: its certificates are revoked.
+    HostForgotten,
     /// The host changed state too often: further changes are held back.
     Flapping,
     /// A flapping host has been steady long enough; how it is now.
@@ -69,6 +73,8 @@ named!(EventKind {
     DiskFull => "disk-full",
     DiskOk => "disk-ok",
     CertificateExpiring => "certificate-expiring",
+    CertificateRenewed => "certificate-renewed",
+    HostForgotten => "host-forgotten",
     Flapping => "flapping",
     Steady => "steady",
     AgentUpgraded => "agent-upgraded",

@@ -3,6 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::certificates::{self, CertificateRecord};
 use super::events::{EventKind, insert_event};
 use super::{Store, StoreError};
 
@@ -92,16 +93,20 @@ impl Store {
         self.call(move |c| Ok(upsert(c, &host)?)).await
     }
 
-    /// Records a (re-)bootstrapped host and its event together.
+    /// Records a (re-)bootstrapped host, the certificate it serves (now its
+    /// only accepted one) and its event together.
     pub async fn record_bootstrap(
         &self,
         host: &HostRecord,
+        certificate: &CertificateRecord,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let (host, detail) = (host.clone(), detail.to_owned());
+        let (host, certificate, detail) = (host.clone(), certificate.clone(), detail.to_owned());
         self.call(move |c| {
             let tx = c.transaction()?;
             upsert(&tx, &host)?;
+            certificates::insert(&tx, &certificate)?;
+            certificates::make_current(&tx, &host.name, &certificate.serial, host.bootstrapped_at)?;
             insert_event(&tx, Some(&host.name), EventKind::Bootstrap, &detail, None)?;
             Ok(tx.commit()?)
         })
@@ -157,14 +162,15 @@ pub(super) fn set_seen(
 
 #[cfg(test)]
 mod tests {
-    use crate::store::tests::{host, open};
+    use crate::store::tests::{certificate_of, host, open};
 
     #[tokio::test]
     async fn hosts_upsert_and_lookup_by_name_or_address() {
         let (_dir, store) = open();
         store.upsert_host(&host("im1", "10.0.0.5")).await.unwrap();
+        let im2 = host("im2", "10.0.0.6");
         store
-            .record_bootstrap(&host("im2", "10.0.0.6"), "agent 0.1.0")
+            .record_bootstrap(&im2, &certificate_of(&im2), "agent 0.1.0")
             .await
             .unwrap();
         let mut changed = host("im1", "10.0.0.7");

@@ -110,6 +110,26 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX health_by_time ON health_history(at);
     CREATE INDEX events_by_time ON events(at);",
+    // 5: every certificate the CA issued, and whether it is still accepted
+    // (see store::certificates). Hosts bootstrapped before have their
+    // current one recorded.
+    "CREATE TABLE certificates (
+        serial        TEXT PRIMARY KEY,
+        host          TEXT,
+        role          TEXT NOT NULL,
+        key_sha256    TEXT NOT NULL,
+        not_before    INTEGER NOT NULL,
+        not_after     INTEGER NOT NULL,
+        state         TEXT NOT NULL,
+        issued_at     INTEGER NOT NULL,
+        changed_at    INTEGER NOT NULL
+    );
+    CREATE INDEX certificates_by_host ON certificates(host, state);
+    INSERT INTO certificates (serial, host, role, key_sha256, not_before, not_after, state,
+        issued_at, changed_at)
+    SELECT cert_serial, name, 'agent', '', bootstrapped_at, cert_not_after, 'current',
+        bootstrapped_at, bootstrapped_at
+    FROM hosts WHERE cert_serial != '';",
 ];
 
 /// Brings the schema up to date. Several processes may open one database at

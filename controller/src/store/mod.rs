@@ -23,6 +23,7 @@ macro_rules! named {
     };
 }
 
+mod certificates;
 mod deployments;
 mod events;
 mod health;
@@ -35,6 +36,7 @@ use std::sync::mpsc;
 
 use rusqlite::Connection;
 
+pub use certificates::{CertificateRecord, CertificateState};
 pub use deployments::{DeploymentRecord, Outcome, Revision};
 pub use events::{Event, EventKind, EventQuery};
 pub use health::{
@@ -57,6 +59,8 @@ pub enum StoreError {
     },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("certificate {serial} was not issued to {host}, or is no longer accepted")]
+    NotIssued { host: String, serial: String },
     #[error(
         "state database schema version {found} is newer than this controller understands ({known}); upgrade the controller"
     )]
@@ -200,6 +204,21 @@ pub(crate) mod tests {
             supervision: "systemd".into(),
             bootstrapped_at: 1_700_000_000,
             last_seen_at: None,
+        }
+    }
+
+    /// The certificate `host` serves, as bootstrap records it.
+    pub(crate) fn certificate_of(host: &HostRecord) -> CertificateRecord {
+        CertificateRecord {
+            serial: host.cert_serial.clone(),
+            host: Some(host.name.clone()),
+            role: "agent".into(),
+            key_sha256: String::new(),
+            not_before: host.bootstrapped_at,
+            not_after: host.cert_not_after,
+            state: CertificateState::Current,
+            issued_at: host.bootstrapped_at,
+            changed_at: host.bootstrapped_at,
         }
     }
 

@@ -50,6 +50,18 @@ impl Layout {
     pub fn pending_key(&self) -> PathBuf {
         self.etc_dir().join("agent.key.pending")
     }
+    /// Key made for a renewal over the channel (0600); it becomes
+    /// `agent.key` once its certificate is installed.
+    pub fn renewal_key(&self) -> PathBuf {
+        self.etc_dir().join("agent.key.next")
+    }
+    /// The identity a renewal replaced, kept for the operator (key 0600).
+    pub fn previous_certificate(&self) -> PathBuf {
+        self.etc_dir().join("agent.pem.previous")
+    }
+    pub fn previous_key(&self) -> PathBuf {
+        self.etc_dir().join("agent.key.previous")
+    }
     pub fn certificate(&self) -> PathBuf {
         self.etc_dir().join("agent.pem")
     }

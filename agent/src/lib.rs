@@ -5,7 +5,9 @@
 //! - `imfleet_proto::model::layout`: where the agent keeps its files (shared).
 //! - [`config`]: `agent.toml`, written at bootstrap.
 //! - [`identity`]: key generation on the host, CSR out, certificate in.
-//! - [`server`]: the gRPC service and the mTLS role gate in front of it.
+//! - [`server`]: the gRPC service.
+//! - [`gate`]: the mTLS role gate in front of it, with the signed list of
+//!   accepted controller certificates.
 //! - [`listener`]: accepting connections and TLS handshakes, bounded.
 //! - [`serving`]: the identity served with, swapped by a renewal in place.
 //! - [`policy`]: what a spec may ask for (roots fixed at bootstrap).
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod facts;
+pub mod gate;
 pub mod health;
 pub mod identity;
 pub mod listener;

@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use imfleet_certs::Role;
 use imfleet_proto::agent::v1::agent_server::{Agent, AgentServer};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditLog, Caller, Entry};
 use crate::deploy::{DeployError, Deployer, DeployerConfig};
+use crate::gate::ControllerGate;
 use crate::identity::{IdentityError, ServingIdentity};
 use crate::policy::Roots;
 use crate::serving::Credentials;
@@ -64,6 +64,8 @@ pub struct AgentService {
     credentials: Arc<Credentials>,
     /// One renewal step at a time.
     renewing: tokio::sync::Mutex<()>,
+    /// Who may call: the controller role, from the list of accepted ones.
+    gate: Arc<ControllerGate>,
 }
 
 impl AgentService {
@@ -102,6 +104,7 @@ impl AgentService {
             restart,
             credentials,
             renewing: Default::default(),
+            gate: Arc::new(ControllerGate::open(layout, ca_pem)),
         })
     }
 
@@ -164,6 +167,7 @@ impl Agent for AgentService {
                 .map(Roots::describe)
                 .unwrap_or_default(),
             last_upgrade: crate::upgrade::last_upgrade(&self.layout),
+            controllers_version: self.gate.version(),
         }))
     }
 
@@ -459,29 +463,6 @@ impl Agent for AgentService {
     }
 }
 
-/// Admits a request only if the TLS peer presented a certificate with
-/// exactly the controller role and a clientAuth EKU. TLS has already checked
-/// the chain (and the EKU where there is one: TLS stacks accept a
-/// certificate with none); this is the one place the role is checked, for
-/// every RPC. The admitted caller is attached to the request for the audit.
-#[allow(clippy::result_large_err)]
-pub fn require_controller(mut request: Request<()>) -> Result<Request<()>, Status> {
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    match imfleet_certs::check_peer(leaf, Role::Controller) {
-        Ok(info) => {
-            let caller = Caller::new(&info, request.remote_addr());
-            request.extensions_mut().insert(caller);
-            Ok(request)
-        }
-        Err(e) => Err(Status::permission_denied(e.to_string())),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -549,7 +530,8 @@ pub async fn serve(
         shutdown.await;
         monitor.close();
     };
-    let service = AgentServer::with_interceptor(agent, require_controller);
+    let gate = agent.gate.clone();
+    let service = AgentServer::with_interceptor(agent, move |request| gate.check(request));
     let incoming = ReceiverStream::new(crate::listener::incoming(listener, credentials));
     Server::builder()
         // A controller that vanished (link down, host gone) is noticed and

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod authority;
+pub mod controllers;
 mod error;
 mod inspect;
 mod request;
@@ -19,6 +20,7 @@ pub mod storage;
 pub mod tls;
 
 pub use authority::{CertificateAuthority, IssuedIdentity, Validity};
+pub use controllers::ControllerList;
 pub use error::CertError;
 pub use inspect::{
     CertificateInfo, check_peer, inspect_der, inspect_pem, key_matches_certificate, role_of_der,

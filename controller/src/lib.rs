@@ -3,6 +3,8 @@
 //!
 //! Module map:
 //! - [`state`]: the state directory (CA, controller identity, database).
+//! - [`controller_list`]: the controller's own certificates and the signed
+//!   list of them agents accept (revocation).
 //! - [`store`]: the SQLite state database (one thread owns the connection;
 //!   hosts, deployments and their revisions, rollouts, events).
 //! - [`ssh`]: the one-time SSH channel, through the system OpenSSH client.
@@ -29,6 +31,7 @@ pub mod agent_client;
 pub mod agent_tls;
 pub mod agent_upgrade;
 pub mod bootstrap;
+pub mod controller_list;
 pub mod deployment;
 pub mod fleet;
 pub mod health;

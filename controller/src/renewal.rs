@@ -172,7 +172,12 @@ pub async fn renew_hosts(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<HostResult<
 #[derive(Debug, Serialize)]
 pub struct CertificateList {
     pub ca: Summary,
+    /// The controller certificate in use.
     pub controller: Summary,
+    /// Every controller certificate agents are told of, and the version of
+    /// that list.
+    pub controllers: crate::controller_list::ControllerCertificates,
+    /// Every agent certificate issued.
     pub certificates: Vec<CertificateRecord>,
 }
 
@@ -198,10 +203,21 @@ impl Summary {
     }
 }
 
-pub async fn list(fleet: &Fleet) -> Result<CertificateList, RenewalError> {
+/// The certificates of the state directory `dir`, whose fleet is `fleet`.
+pub async fn list(
+    fleet: &Fleet,
+    dir: &std::path::Path,
+) -> Result<CertificateList, crate::state::StateError> {
+    let summary = |pem: &str| {
+        Summary::of(pem).map_err(|source| crate::state::StateError::Cert {
+            path: dir.display().to_string(),
+            source,
+        })
+    };
     Ok(CertificateList {
-        ca: Summary::of(fleet.ca().cert_pem())?,
-        controller: Summary::of(&fleet.identity().cert_pem)?,
+        ca: summary(fleet.ca().cert_pem())?,
+        controller: summary(&fleet.identity().cert_pem)?,
+        controllers: crate::controller_list::ControllerCertificates::load(dir)?,
         certificates: fleet.store().certificates().await?,
     })
 }

@@ -24,6 +24,8 @@ pub enum StateError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Controllers(#[from] crate::controller_list::ControllerListError),
     #[error(
         "state directory {0} is incomplete: the CA key is missing but certificates issued by it exist; restore it from backup (creating a new CA would orphan every bootstrapped agent)"
     )]
@@ -96,6 +98,9 @@ pub struct ClientIdentity {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The CA-signed list of accepted controller certificates, sent with
+    /// every request (see `controller_list`); none sends nothing.
+    pub controllers: Option<String>,
 }
 
 impl std::fmt::Debug for ClientIdentity {
@@ -136,7 +141,8 @@ impl ControllerState {
 
         let mut created = Vec::new();
         let ca = load_or_create_ca(dir, &mut created)?;
-        let identity = load_or_issue_identity(dir, &ca, &mut created)?;
+        let mut identity = load_or_issue_identity(dir, &ca, &mut created)?;
+        identity.controllers = Some(controller_list(dir, &ca, &identity)?);
         let db_path = dir.join(files::DATABASE);
         if !db_path.exists() {
             created.push(files::DATABASE.to_owned());
@@ -293,7 +299,61 @@ fn load_or_issue_identity(
         ca_pem: ca.cert_pem().to_owned(),
         cert_pem,
         key_pem,
+        controllers: None,
     })
+}
+
+/// Records the identity in use among the controller certificates and
+/// returns the list agents accept, signed.
+fn controller_list(
+    dir: &Path,
+    ca: &CertificateAuthority,
+    identity: &ClientIdentity,
+) -> Result<String, StateError> {
+    use crate::controller_list::ControllerCertificates;
+    let info = imfleet_certs::inspect_pem(&identity.cert_pem)
+        .map_err(cert_err(dir, files::CONTROLLER_CERT))?;
+    let now = crate::now_unix();
+    let mut certificates = ControllerCertificates::load(dir)?;
+    if certificates.observe(&info, now) {
+        certificates.save(dir)?;
+    }
+    Ok(certificates.signed(ca, now)?)
+}
+
+/// Revokes the controller certificate `serial`: agents refuse it from
+/// their next contact with this controller. Revoking the certificate in
+/// use issues a new one first. Returns the state opened afterwards and
+/// whether anything changed.
+pub fn revoke_controller(dir: &Path, serial: &str) -> Result<(ControllerState, bool), StateError> {
+    use crate::controller_list::ControllerCertificates;
+    let (state, _) = ControllerState::open_or_init(dir)?;
+    let current = imfleet_certs::inspect_pem(&state.identity.cert_pem)
+        .map_err(cert_err(dir, files::CONTROLLER_CERT))?;
+    drop(state);
+    let changed = {
+        let lock_path = dir.join(files::LOCK);
+        let lock = File::create(&lock_path).map_err(|source| StateError::Io {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+        lock.lock().map_err(|source| StateError::Io {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+        let mut certificates = ControllerCertificates::load(dir)?;
+        let changed = certificates.revoke(serial, crate::now_unix())?;
+        certificates.save(dir)?;
+        if current.serial_hex.eq_ignore_ascii_case(serial) {
+            // The next open issues a new identity.
+            for name in [files::CONTROLLER_CERT, files::CONTROLLER_KEY] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
+        changed
+    };
+    let (state, _) = ControllerState::open_or_init(dir)?;
+    Ok((state, changed))
 }
 
 fn hostname_or_default() -> String {

@@ -78,6 +78,7 @@ pub fn client(trusted_ca: &CertificateAuthority, presented: &IssuedIdentity) -> 
         ca_pem: trusted_ca.cert_pem().to_owned(),
         cert_pem: presented.cert_pem.clone(),
         key_pem: presented.key_pem.clone(),
+        controllers: None,
     }
 }
 

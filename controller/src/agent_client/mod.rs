@@ -96,6 +96,9 @@ pub struct Agent {
     presented: crate::agent_tls::Presented,
     /// Learnt from the first ping on this connection.
     revision: std::sync::Arc<std::sync::OnceLock<u32>>,
+    /// The signed list of accepted controller certificates, sent with
+    /// every request.
+    controllers: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// The answer to a ping, with the time the round trip took.
@@ -148,6 +151,10 @@ impl Agent {
             client: AgentClient::new(channel),
             presented,
             revision: Default::default(),
+            controllers: identity
+                .controllers
+                .as_deref()
+                .and_then(|list| list.parse().ok()),
         })
     }
 
@@ -176,6 +183,11 @@ impl Agent {
     {
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
+        if let Some(list) = &self.controllers {
+            request
+                .metadata_mut()
+                .insert(imfleet_certs::controllers::HEADER, list.clone());
+        }
         rpc(self.client.clone(), request)
             .await
             .map(tonic::Response::into_inner)

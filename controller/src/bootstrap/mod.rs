@@ -395,12 +395,26 @@ async fn install_over_ssh(
             )
             .await?;
         let installed_cert = (shown.status == 0).then_some(shown.stdout.as_str());
-        let decision = plan::decide_identity(
-            installed_cert,
-            state.ca.cert_pem(),
-            sans,
-            time::OffsetDateTime::now_utc(),
-        );
+        // A certificate superseded, revoked or never recorded is replaced
+        // whatever it says of itself.
+        let refused = match installed_cert.and_then(|c| imfleet_certs::inspect_pem(c).ok()) {
+            Some(info) => {
+                let record = state.store.certificate(&info.serial_hex).await?;
+                crate::renewal::refusal(&request.target, record.as_ref())
+            }
+            None => None,
+        };
+        let decision = match refused {
+            Some(why) => IdentityDecision::Issue(format!(
+                "the installed certificate is no longer accepted: {why}"
+            )),
+            None => plan::decide_identity(
+                installed_cert,
+                state.ca.cert_pem(),
+                sans,
+                time::OffsetDateTime::now_utc(),
+            ),
+        };
         let (certificate_issued, cert_pem) = match decision {
             IdentityDecision::Keep => (None, shown.stdout.clone()),
             IdentityDecision::Issue(reason) => {

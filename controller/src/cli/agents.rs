@@ -24,6 +24,29 @@ pub struct PingArgs {
 
 #[derive(Args)]
 pub struct HostsArgs {
+    #[command(subcommand)]
+    command: Option<HostsCommand>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum HostsCommand {
+    /// Decommission a host: revoke its certificates (refused from now on,
+    /// even if it comes back) and remove it with its deployment records and
+    /// history. Nothing on the host is changed: remove the IM first
+    /// (`controller rm HOST --yes`) if it should not keep running.
+    Forget(ForgetArgs),
+}
+
+#[derive(Args)]
+struct ForgetArgs {
+    /// The host, by name or agent address.
+    host: String,
+    /// Confirm: the host's records cannot be brought back.
+    #[arg(long)]
+    yes: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -90,6 +113,28 @@ pub async fn ping(dir: &Path, args: PingArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn hosts(dir: &Path, args: HostsArgs) -> anyhow::Result<ExitCode> {
     let fleet = super::open_fleet(dir).await?;
+    if let Some(HostsCommand::Forget(forget)) = args.command {
+        if !forget.yes {
+            anyhow::bail!(
+                "forgetting {} revokes its certificates and removes its records for good; run again with --yes (nothing was changed)",
+                output::shown(&forget.host, 256)
+            );
+        }
+        let (host, revoked) = fleet.forget(&forget.host).await?;
+        if forget.json {
+            output::print_json(&serde_json::json!({
+                "host": host.name,
+                "forgotten": true,
+                "certificates_revoked": revoked,
+            }))?;
+        } else {
+            println!(
+                "{}: forgotten; {revoked} certificate(s) revoked. The agent and the IM service, if any, still run on the host.",
+                host.name
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let hosts = fleet.resolve(&Selection::All).await?;
     let statuses = ops::ping(&fleet, &hosts).await;
     if args.json {

@@ -23,6 +23,20 @@ enum CertsCommand {
     /// once two thirds of their life have passed). The agent makes a new key;
     /// its old certificate is refused once the new one is confirmed.
     Renew(RenewArgs),
+    /// Revoke a controller certificate (one copied off pbx01, or the one in
+    /// use, which is then replaced): every agent refuses it from its next
+    /// contact with this controller, which is made now with every reachable
+    /// one. Agent certificates are revoked with `controller hosts forget`.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The certificate's serial (see `controller certs`).
+    serial: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -40,8 +54,54 @@ struct RenewArgs {
 
 pub async fn certs(dir: &Path, args: CertsArgs) -> anyhow::Result<ExitCode> {
     let fleet = super::open_fleet(dir).await?;
+    if let Some(CertsCommand::Revoke(revoke)) = &args.command {
+        if let Some(agent) = fleet.store().certificate(&revoke.serial).await?
+            && agent.role == "agent"
+        {
+            anyhow::bail!(
+                "{} is an agent certificate (of {}); a renewal supersedes it, and `controller hosts forget` revokes a host's (nothing was changed)",
+                agent.serial,
+                agent.host.as_deref().unwrap_or("-")
+            );
+        }
+        drop(fleet);
+        let revoked = imfleet_controller::controller_list::revoke(dir, &revoke.serial).await?;
+        let untold = revoked.hosts.iter().filter(|h| !h.holds_list).count();
+        if revoke.json {
+            output::print_json(&revoked)?;
+        } else {
+            println!(
+                "controller certificate {} {}; the controller now uses {}. List version {}: held by {} of {} agent(s).",
+                revoked.serial,
+                if revoked.changed {
+                    "revoked"
+                } else {
+                    "was revoked already"
+                },
+                revoked.controller_serial,
+                revoked.list_version,
+                revoked.hosts.len() - untold,
+                revoked.hosts.len()
+            );
+            for h in revoked.hosts.iter().filter(|h| !h.holds_list) {
+                eprintln!(
+                    "{}: does not hold the list yet ({}); it will at its next contact with this controller",
+                    h.host,
+                    output::shown(
+                        h.error.as_deref().unwrap_or("an agent too old to keep it"),
+                        512
+                    )
+                );
+            }
+        }
+        return Ok(if untold == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     let Some(CertsCommand::Renew(renew)) = args.command else {
-        let list = renewal::list(&fleet).await?;
+        let list = renewal::list(&fleet, dir).await?;
         if args.json {
             output::print_json(&list)?;
         } else {
@@ -86,6 +146,24 @@ fn render(list: &CertificateList) {
         output::shown(&list.controller.subject, 128),
         list.controller.serial,
         output::expiry(list.controller.not_after)
+    );
+    for c in &list.controllers.certificates {
+        if c.serial != list.controller.serial {
+            println!(
+                "            also serial {}, expires {}{}",
+                c.serial,
+                output::expiry(c.not_after),
+                if c.revoked_at.is_some() {
+                    ", REVOKED"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    println!(
+        "            list version {} (agents hold it from their next contact)",
+        list.controllers.version
     );
     if list.certificates.is_empty() {
         println!("No agent certificates yet. Add a host with `controller bootstrap <host>`.");

@@ -105,6 +105,18 @@ impl Fleet {
             .ok_or_else(|| FleetError::UnknownHost(name.to_owned()))
     }
 
+    /// Decommissions a host: its certificates revoked (refused from now on,
+    /// also if it is bootstrapped again), its records removed. Returns the
+    /// host and how many certificates were revoked.
+    pub async fn forget(&self, name: &str) -> Result<(HostRecord, usize), FleetError> {
+        let host = self.host(name).await?;
+        let revoked = self
+            .store
+            .forget_host(&host.name, crate::now_unix())
+            .await?;
+        Ok((host, revoked))
+    }
+
     /// Connects to the host's agent, accepting only the host's current
     /// certificate, and renews that certificate first if it is due.
     pub async fn connect(&self, host: &HostRecord) -> Result<Agent, AgentError> {
@@ -207,6 +219,7 @@ mod tests {
                 ca_pem: String::new(),
                 cert_pem: String::new(),
                 key_pem: String::new(),
+                controllers: None,
             },
             ca: Arc::new(CertificateAuthority::generate("test").unwrap()),
             store,

@@ -26,6 +26,9 @@ pub struct AgentStatus {
     pub certificate_days_left: i64,
     pub round_trip_ms: Option<f64>,
     pub bootstrapped_at: String,
+    /// Version of the list of accepted controller certificates the agent
+    /// holds (0: none; older agents keep none).
+    pub controllers_version: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -50,6 +53,7 @@ pub async fn ping(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<AgentStatus> {
             certificate_days_left: (host.cert_not_after - now) / 86_400,
             round_trip_ms: None,
             bootstrapped_at: crate::rfc3339(host.bootstrapped_at),
+            controllers_version: None,
             error: None,
         };
         match result {
@@ -71,6 +75,7 @@ pub async fn ping(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<AgentStatus> {
                 status.supervision = Some(reply.supervision);
                 status.protocol_revision = Some(reply.protocol_revision);
                 status.round_trip_ms = Some(pong.round_trip.as_secs_f64() * 1000.0);
+                status.controllers_version = Some(reply.controllers_version);
             }
             Err(e) => status.error = Some(crate::error_chain(&e)),
         }

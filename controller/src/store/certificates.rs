@@ -212,6 +212,47 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Forgets a host (decommission): revokes every certificate issued to
+    /// it, removes it with its deployments, history and rollout steps, and
+    /// records the event. Refused while a rollout holds the host. Returns
+    /// how many certificates were revoked.
+    pub async fn forget_host(&self, host: &str, now: i64) -> Result<usize, StoreError> {
+        let host = host.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let rollout: Option<i64> = tx
+                .query_row(
+                    "SELECT r.id FROM rollout_steps s JOIN rollouts r ON r.id = s.rollout_id
+                     WHERE s.host = ?1 AND r.active",
+                    [&host],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(rollout) = rollout {
+                return Err(StoreError::HostInRollout { host, rollout });
+            }
+            let revoked = tx.execute(
+                "UPDATE certificates SET state = 'revoked', changed_at = ?2
+                 WHERE host = ?1 AND state != 'revoked'",
+                params![host, now],
+            )?;
+            tx.execute("DELETE FROM rollout_steps WHERE host = ?1", [&host])?;
+            tx.execute("DELETE FROM hosts WHERE name = ?1", [&host])?;
+            insert_event(
+                &tx,
+                Some(&host),
+                EventKind::HostForgotten,
+                &format!("forgotten; {revoked} certificate(s) revoked"),
+                None,
+            )?;
+            tx.commit()?;
+            Ok(revoked)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,10 @@ pub enum StoreError {
     #[error("certificate {serial} was not issued to {host}, or is no longer accepted")]
     NotIssued { host: String, serial: String },
     #[error(
+        "{host} is part of rollout {rollout}, which is not finished; finish it (`controller upgrade --resume`) or abort it (`controller upgrade --abort`) first (nothing was changed)"
+    )]
+    HostInRollout { host: String, rollout: i64 },
+    #[error(
         "state database schema version {found} is newer than this controller understands ({known}); upgrade the controller"
     )]
     TooNew { found: i64, known: i64 },

@@ -62,6 +62,10 @@ impl Layout {
     pub fn previous_key(&self) -> PathBuf {
         self.etc_dir().join("agent.key.previous")
     }
+    /// The newest CA-signed list of accepted controller certificates.
+    pub fn controllers_list(&self) -> PathBuf {
+        self.etc_dir().join("controllers.list")
+    }
     pub fn certificate(&self) -> PathBuf {
         self.etc_dir().join("agent.pem")
     }

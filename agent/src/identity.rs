@@ -180,12 +180,51 @@ pub fn install_renewal(layout: &Layout, cert_pem: &str) -> Result<ServingIdentit
     }
     let key = layout.key();
     std::fs::rename(&key_path, &key).map_err(io_err(&key))?;
+    let etc = layout.etc_dir();
+    imfleet_certs::storage::sync_dir(&etc).map_err(io_err(&etc))?;
     Ok(ServingIdentity {
         cert_pem: leaf.clone(),
         key_pem,
         ca_pem: current.ca_pem,
         info,
     })
+}
+
+/// Most CAs an agent trusts at once (two during a rotation).
+pub const MAX_TRUSTED_CAS: usize = 4;
+
+/// Replaces the CAs this agent trusts with `bundle` (CA rotation): taken
+/// only if a CA it trusts now signed it, and only CA certificates.
+pub fn replace_trusted_cas(
+    layout: &Layout,
+    bundle: &str,
+    signature: &[u8],
+) -> Result<ServingIdentity, IdentityError> {
+    if bundle.len() > MAX_CERTIFICATE_BYTES {
+        return Err(IdentityError::Refused("too long"));
+    }
+    let current = load(layout)?;
+    let message = imfleet_certs::trusted_cas_message(bundle);
+    if !imfleet_certs::verify_ca_signature(&current.ca_pem, &message, signature) {
+        return Err(IdentityError::Refused(
+            "the CA bundle is not signed by a CA this host trusts",
+        ));
+    }
+    let certs = imfleet_certs::split_certificates_pem(bundle);
+    if certs.is_empty() || certs.len() > MAX_TRUSTED_CAS {
+        return Err(IdentityError::Refused(
+            "one to four CA certificates are expected",
+        ));
+    }
+    for cert in &certs {
+        if !imfleet_certs::inspect_pem(cert)?.is_ca {
+            return Err(IdentityError::Refused("not a CA certificate"));
+        }
+    }
+    let text = certs.concat();
+    let path = layout.ca_certificate();
+    write_file_atomically(&path, text.as_bytes(), 0o644).map_err(io_err(&path))?;
+    load(layout)
 }
 
 /// The installed certificate, if any.
@@ -386,5 +425,43 @@ mod tests {
             &std::fs::read_to_string(layout.key()).unwrap(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn trusted_cas_change_only_with_a_trusted_signature_and_only_to_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let ca = CertificateAuthority::generate("old").unwrap();
+        let next = CertificateAuthority::generate("new").unwrap();
+        let csr = request(&layout, "im1").unwrap();
+        let cert = ca
+            .sign_agent_request(
+                &csr,
+                "im1",
+                &["127.0.0.2".to_owned()],
+                Validity::starting_now(AGENT_LIFETIME),
+            )
+            .unwrap();
+        install(&layout, &format!("{cert}{}", ca.cert_pem())).unwrap();
+        let both = format!("{}{}", ca.cert_pem(), next.cert_pem());
+        let sign = |by: &CertificateAuthority, bundle: &str| {
+            by.sign(&imfleet_certs::trusted_cas_message(bundle))
+                .unwrap()
+        };
+        // Signed by a CA it does not trust yet, or over another bundle: refused.
+        for (bundle, signature) in [
+            (both.clone(), sign(&next, &both)),
+            (both.clone(), sign(&ca, next.cert_pem())),
+            (cert.clone(), sign(&ca, &cert)),
+        ] {
+            assert!(replace_trusted_cas(&layout, &bundle, &signature).is_err());
+            assert_eq!(load(&layout).unwrap().ca_pem, ca.cert_pem());
+        }
+        let now = replace_trusted_cas(&layout, &both, &sign(&ca, &both)).unwrap();
+        assert_eq!(imfleet_certs::split_certificates_pem(&now.ca_pem).len(), 2);
+        // Then the new CA alone, signed by the new CA.
+        let only = next.cert_pem().to_owned();
+        let now = replace_trusted_cas(&layout, &only, &sign(&next, &only)).unwrap();
+        assert_eq!(now.ca_pem, only);
     }
 }

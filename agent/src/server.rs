@@ -13,7 +13,7 @@ use imfleet_proto::agent::v1::{
     DeploymentStatus, HealthSample, HostInventory, IdentityInstalled, ImageChunk,
     InstallIdentityRequest, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
     PingRequest, PrepareImagesRequest, PreparedImages, RenewIdentityReply, RenewIdentityRequest,
-    StatusRequest, WatchHealthRequest, control_request::Action,
+    SetTrustedCasRequest, StatusRequest, TrustedCas, WatchHealthRequest, control_request::Action,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -56,14 +56,14 @@ pub struct AgentService {
     monitor: Arc<crate::health::Monitor>,
     audit: Arc<AuditLog>,
     layout: Layout,
-    /// The CA this agent trusts (agent binaries must carry its signature).
-    ca_pem: String,
     /// Asks the agent's own supervisor to restart it (an upgrade).
     restart: crate::upgrade::RestartRequest,
-    /// What the agent serves with; a renewal replaces it.
+    /// What the agent serves with and the CAs it trusts (agent binaries
+    /// must carry their signature); a renewal or a CA rotation replaces them.
     credentials: Arc<Credentials>,
-    /// One renewal step at a time.
-    renewing: tokio::sync::Mutex<()>,
+    /// One renewal or CA change at a time, held by the blocking task that
+    /// does it (so a cancelled call cannot let the next one in early).
+    renewing: Arc<tokio::sync::Mutex<()>>,
     /// Who may call: the controller role, from the list of accepted ones.
     gate: Arc<ControllerGate>,
 }
@@ -72,7 +72,6 @@ impl AgentService {
     pub fn new(
         facts: AgentFacts,
         layout: &Layout,
-        ca_pem: &str,
         roots: Option<Roots>,
         restart: crate::upgrade::RestartRequest,
         credentials: Arc<Credentials>,
@@ -100,11 +99,10 @@ impl AgentService {
             monitor: Arc::new(monitor),
             audit: Arc::new(AuditLog::open(&audit_path).map_err(ServeError::Audit)?),
             layout: layout.clone(),
-            ca_pem: ca_pem.to_owned(),
             restart,
+            gate: Arc::new(ControllerGate::open(layout, credentials.clone())),
             credentials,
             renewing: Default::default(),
-            gate: Arc::new(ControllerGate::open(layout, ca_pem)),
         })
     }
 
@@ -168,6 +166,13 @@ impl Agent for AgentService {
                 .unwrap_or_default(),
             last_upgrade: crate::upgrade::last_upgrade(&self.layout),
             controllers_version: self.gate.version(),
+            trusted_ca_fingerprints: imfleet_certs::split_certificates_pem(
+                &self.credentials.ca_pem(),
+            )
+            .iter()
+            .filter_map(|pem| imfleet_certs::inspect_pem(pem).ok())
+            .map(|info| info.sha256_fingerprint)
+            .collect(),
         }))
     }
 
@@ -351,7 +356,7 @@ impl Agent for AgentService {
             Some(_held) => crate::upgrade::receive(
                 &self.layout,
                 &self.facts.supervision,
-                &self.ca_pem,
+                &self.credentials.ca_pem(),
                 request.into_inner(),
             )
             .await
@@ -390,12 +395,15 @@ impl Agent for AgentService {
         request: Request<RenewIdentityRequest>,
     ) -> Result<Response<RenewIdentityReply>, Status> {
         let caller = Caller::of(&request);
-        let _one = self.renewing.lock().await;
+        let one = self.renewing.clone().lock_owned().await;
         let layout = self.layout.clone();
-        let result = tokio::task::spawn_blocking(move || crate::identity::request_renewal(&layout))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))
-            .and_then(|r| r.map_err(identity_status));
+        let result = tokio::task::spawn_blocking(move || {
+            let _one = one;
+            crate::identity::request_renewal(&layout)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+        .and_then(|r| r.map_err(identity_status));
         self.audit(
             &caller,
             "renew_identity",
@@ -412,9 +420,10 @@ impl Agent for AgentService {
     ) -> Result<Response<IdentityInstalled>, Status> {
         let caller = Caller::of(&request);
         let certificate = request.into_inner().certificate_pem;
-        let _one = self.renewing.lock().await;
+        let one = self.renewing.clone().lock_owned().await;
         let layout = self.layout.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let _one = one;
             crate::identity::install_renewal(&layout, &certificate)
         })
         .await
@@ -445,6 +454,50 @@ impl Agent for AgentService {
             serial: info.serial_hex,
             not_after: info.not_after.unix_timestamp(),
         }))
+    }
+
+    async fn set_trusted_cas(
+        &self,
+        request: Request<SetTrustedCasRequest>,
+    ) -> Result<Response<TrustedCas>, Status> {
+        let caller = Caller::of(&request);
+        let SetTrustedCasRequest {
+            bundle_pem,
+            signature,
+        } = request.into_inner();
+        let one = self.renewing.clone().lock_owned().await;
+        let layout = self.layout.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _one = one;
+            crate::identity::replace_trusted_cas(&layout, &bundle_pem, &signature)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+        .and_then(|r| r.map_err(identity_status))
+        .and_then(|identity| {
+            self.credentials
+                .replace(&identity)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(imfleet_certs::split_certificates_pem(&identity.ca_pem)
+                .iter()
+                .filter_map(|pem| imfleet_certs::inspect_pem(pem).ok())
+                .map(|info| info.sha256_fingerprint)
+                .collect::<Vec<_>>())
+        });
+        let detail = match &result {
+            Ok(fingerprints) => fingerprints.join(" "),
+            Err(_) => String::new(),
+        };
+        self.audit(
+            &caller,
+            "set_trusted_cas",
+            "",
+            detail,
+            outcome_text(&result),
+        );
+        let fingerprints = result?;
+        tracing::info!(cas = fingerprints.len(), "trusting a new set of CAs");
+        Ok(Response::new(TrustedCas { fingerprints }))
     }
 
     async fn watch_health(
@@ -488,14 +541,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let credentials = Credentials::new(identity)?;
-    let agent = AgentService::new(
-        facts,
-        layout,
-        &identity.ca_pem,
-        roots,
-        restart,
-        credentials.clone(),
-    )?;
+    let agent = AgentService::new(facts, layout, roots, restart, credentials.clone())?;
     // An apply this agent did not live to finish is finished or undone
     // before the next change (requests wait for the deployer's lock).
     let deployer = agent.deployer.clone();

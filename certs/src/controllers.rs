@@ -1,5 +1,5 @@
 //! The controller certificates an agent accepts: a list of serials the
-//! fleet CA signed, with a version that only grows. The controller sends it
+//! fleet CA signed, with a version that only grows, and the revoked ones. The controller sends it
 //! with every request (a request header); an agent keeps the newest list it
 //! has verified and, once it has one, admits only the controller
 //! certificates it names. So a revoked controller certificate is refused by
@@ -16,12 +16,24 @@ pub const MAX_SERIALS: usize = 64;
 /// Longest encoded list accepted.
 pub const MAX_ENCODED_BYTES: usize = 16 * 1024;
 
-/// The accepted controller certificates, by serial (lower-case hex).
+/// The accepted controller certificates, by serial (lower-case hex), and
+/// the revoked ones not yet expired (serial, not-after in Unix seconds):
+/// an agent remembers every revocation it has seen, so a controller whose
+/// records were restored from an older backup cannot admit one again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerList {
     /// Grows with every change (milliseconds since the epoch when made).
     pub version: u64,
     pub serials: Vec<String>,
+    pub revoked: Vec<(String, i64)>,
+}
+
+fn is_serial(serial: &str) -> bool {
+    !serial.is_empty()
+        && serial.len() <= 40
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl ControllerList {
@@ -33,6 +45,9 @@ impl ControllerList {
             text.push_str(serial);
             text.push('\n');
         }
+        for (serial, not_after) in &self.revoked {
+            text.push_str(&format!("revoked {serial} {not_after}\n"));
+        }
         text
     }
 
@@ -42,20 +57,37 @@ impl ControllerList {
             return None;
         }
         let version = lines.next()?.strip_prefix("version ")?.parse().ok()?;
-        let mut serials = Vec::new();
+        let (mut serials, mut revoked) = (Vec::new(), Vec::new());
         for line in lines {
-            let serial = line.strip_prefix("serial ")?;
-            let valid = !serial.is_empty()
-                && serial.len() <= 40
-                && serial
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !valid || serials.len() == MAX_SERIALS {
-                return None;
+            if let Some(serial) = line.strip_prefix("serial ") {
+                if !is_serial(serial) || serials.len() == MAX_SERIALS {
+                    return None;
+                }
+                serials.push(serial.to_owned());
+            } else {
+                let (serial, not_after) = line.strip_prefix("revoked ")?.split_once(' ')?;
+                if !is_serial(serial) || revoked.len() == MAX_SERIALS {
+                    return None;
+                }
+                revoked.push((serial.to_owned(), not_after.parse().ok()?));
             }
-            serials.push(serial.to_owned());
         }
-        Some(ControllerList { version, serials })
+        Some(ControllerList {
+            version,
+            serials,
+            revoked,
+        })
+    }
+
+    /// The version an encoded list claims, read without checking its
+    /// signature: only to skip lists no newer than one already held.
+    pub fn claimed_version(encoded: &str) -> Option<u64> {
+        if encoded.len() > MAX_ENCODED_BYTES {
+            return None;
+        }
+        let text = hex::decode(encoded.split_once('.')?.0).ok()?;
+        let text = String::from_utf8(text).ok()?;
+        text.lines().nth(1)?.strip_prefix("version ")?.parse().ok()
     }
 
     pub fn admits(&self, serial: &str) -> bool {
@@ -100,10 +132,12 @@ mod tests {
         let list = ControllerList {
             version: 7,
             serials: vec!["0a1b".into(), "ff".into()],
+            revoked: vec![("0c".into(), 1_900_000_000)],
         };
         let encoded = list.sign(&ca).unwrap();
         let back = ControllerList::verify(&encoded, ca.cert_pem()).unwrap();
         assert_eq!(back, list);
+        assert_eq!(ControllerList::claimed_version(&encoded), Some(7));
         assert!(back.admits("ff") && !back.admits("0a"));
 
         let other = crate::CertificateAuthority::generate("CA").unwrap();
@@ -113,6 +147,7 @@ mod tests {
         let forged = ControllerList {
             version: 8,
             serials: vec!["0a1b".into(), "ff".into(), "01".into()],
+            revoked: Vec::new(),
         };
         let swapped = format!("{}.{signature}", hex::encode(forged.message()));
         assert!(ControllerList::verify(&swapped, ca.cert_pem()).is_err());

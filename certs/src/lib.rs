@@ -28,7 +28,7 @@ pub use inspect::{
 };
 pub use request::{KeyAndRequest, generate_key_and_request};
 pub use role::Role;
-pub use signing::{agent_binary_message, verify_ca_signature};
+pub use signing::{agent_binary_message, trusted_cas_message, verify_ca_signature};
 
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: time::Duration = time::Duration::days(3650);

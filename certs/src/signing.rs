@@ -16,6 +16,17 @@ pub fn agent_binary_message(sha256_hex: &str, version: &str, protocol_revision: 
         .into_bytes()
 }
 
+/// What is signed when the controller replaces the CAs an agent trusts (a
+/// CA rotation): the bundle's hash, bound to this purpose.
+pub fn trusted_cas_message(bundle_pem: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    format!(
+        "imfleet trusted CAs\nsha256 {}\n",
+        hex::encode(Sha256::digest(bundle_pem.as_bytes()))
+    )
+    .into_bytes()
+}
+
 impl crate::CertificateAuthority {
     /// The CA's signature (ECDSA P-256, SHA-256, DER) over `message`.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CertError> {

@@ -31,7 +31,8 @@ pub fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes a file atomically (temp + rename) with `mode` from creation on.
+/// Writes a file atomically and durably (temp + fsync + rename + directory
+/// fsync) with `mode` from creation on.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
@@ -45,5 +46,13 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> std::io::Res
     file.write_all(contents)?;
     file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename itself survives a power cut only once the directory is
+    // synced (a renewal must not come back as the identity it replaced).
+    sync_dir(dir)
+}
+
+/// Syncs a directory, so renames and new names in it are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -122,15 +122,19 @@ impl ControllerCertificates {
         self.version = (self.version + 1).max(millis);
     }
 
-    /// The serials agents accept now.
+    /// The serials agents accept now, and those revoked not yet expired.
     pub fn accepted(&self, now: i64) -> ControllerList {
+        let live = self.certificates.iter().filter(|c| c.not_after > now);
         ControllerList {
             version: self.version,
-            serials: self
-                .certificates
-                .iter()
-                .filter(|c| c.revoked_at.is_none() && c.not_after > now)
+            serials: live
+                .clone()
+                .filter(|c| c.revoked_at.is_none())
                 .map(|c| c.serial.clone())
+                .collect(),
+            revoked: live
+                .filter(|c| c.revoked_at.is_some())
+                .map(|c| (c.serial.clone(), c.not_after))
                 .collect(),
         }
     }
@@ -226,6 +230,7 @@ mod tests {
         assert!(!list.revoke(&first.serial_hex, now).unwrap());
         assert!(list.version > v2);
         assert_eq!(list.accepted(now).serials, vec![second.serial_hex.clone()]);
+        assert_eq!(list.accepted(now).revoked[0].0, first.serial_hex);
         assert!(matches!(
             list.revoke("00ff", now),
             Err(ControllerListError::Unknown(_))

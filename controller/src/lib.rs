@@ -3,6 +3,8 @@
 //!
 //! Module map:
 //! - [`state`]: the state directory (CA, controller identity, database).
+//! - [`ca_rotation`]: replacing the fleet CA in phases (both trusted,
+//!   certificates re-issued, the old one dropped), decisions pure.
 //! - [`controller_list`]: the controller's own certificates and the signed
 //!   list of them agents accept (revocation).
 //! - [`store`]: the SQLite state database (one thread owns the connection;
@@ -31,6 +33,7 @@ pub mod agent_client;
 pub mod agent_tls;
 pub mod agent_upgrade;
 pub mod bootstrap;
+pub mod ca_rotation;
 pub mod controller_list;
 pub mod deployment;
 pub mod fleet;

@@ -231,6 +231,12 @@ pub async fn renew_if_due(fleet: &Fleet, host: &HostRecord, agent: &Agent) {
     if !due(&presented) {
         return;
     }
+    // One renewal per host at a time in this process (the daemon's hourly
+    // pass and a stream's reconnection may meet); across processes, the
+    // record keeps every renewal acceptable until one is confirmed.
+    let Some(_renewing) = Renewing::claim(&host.name) else {
+        return;
+    };
     match renew(fleet, host, agent).await {
         Ok(renewed) => tracing::info!(
             host = %host.name,
@@ -251,6 +257,29 @@ pub async fn renew_if_due(fleet: &Fleet, host: &HostRecord, agent: &Agent) {
     }
 }
 
+/// A host being renewed by this process; released when dropped.
+struct Renewing(String);
+
+static RENEWING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl Renewing {
+    fn claim(host: &str) -> Option<Renewing> {
+        let mut hosts = RENEWING.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.iter().any(|h| h == host) {
+            return None;
+        }
+        hosts.push(host.to_owned());
+        Some(Renewing(host.to_owned()))
+    }
+}
+
+impl Drop for Renewing {
+    fn drop(&mut self) {
+        let mut hosts = RENEWING.lock().unwrap_or_else(|p| p.into_inner());
+        hosts.retain(|h| *h != self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +296,15 @@ mod tests {
             issued_at: 0,
             changed_at: 86_400,
         }
+    }
+
+    #[test]
+    fn one_renewal_per_host_at_a_time() {
+        let first = Renewing::claim("im7").unwrap();
+        assert!(Renewing::claim("im7").is_none());
+        assert!(Renewing::claim("im8").is_some());
+        drop(first);
+        assert!(Renewing::claim("im7").is_some());
     }
 
     #[test]

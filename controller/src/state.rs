@@ -26,6 +26,8 @@ pub enum StateError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Controllers(#[from] crate::controller_list::ControllerListError),
+    #[error("{path}: {detail}")]
+    Corrupt { path: String, detail: String },
     #[error(
         "state directory {0} is incomplete: the CA key is missing but certificates issued by it exist; restore it from backup (creating a new CA would orphan every bootstrapped agent)"
     )]
@@ -140,8 +142,35 @@ impl ControllerState {
         lock.lock().map_err(io(&lock_path))?;
 
         let mut created = Vec::new();
+        // A CA rotation cut while the new CA was moved into place is finished.
+        use crate::ca_rotation::{Phase, Rotation};
+        let rotation = match Rotation::load(dir)? {
+            Some(r) if r.phase == Phase::Finishing => {
+                Rotation::finish(dir)?;
+                None
+            }
+            other => other,
+        };
         let ca = load_or_create_ca(dir, &mut created)?;
+        // During a rotation both CAs are trusted; the new one signs from the
+        // re-issue phase on.
+        let (signing, trusted) = match &rotation {
+            None => (ca, None),
+            Some(r) => {
+                let next = Rotation::next_ca(dir)?;
+                let trusted = format!("{}{}", ca.cert_pem(), next.cert_pem());
+                if r.phase == Phase::Trust {
+                    (ca, Some(trusted))
+                } else {
+                    (next, Some(trusted))
+                }
+            }
+        };
+        let ca = signing;
         let mut identity = load_or_issue_identity(dir, &ca, &mut created)?;
+        if let Some(trusted) = trusted {
+            identity.ca_pem = trusted;
+        }
         identity.controllers = Some(controller_list(dir, &ca, &identity)?);
         let db_path = dir.join(files::DATABASE);
         if !db_path.exists() {
@@ -321,6 +350,30 @@ fn controller_list(
     Ok(certificates.signed(ca, now)?)
 }
 
+/// Runs `f` holding the state directory's lock (what `open_or_init` takes).
+pub(crate) fn with_lock<T>(
+    dir: &Path,
+    f: impl FnOnce() -> Result<T, StateError>,
+) -> Result<T, StateError> {
+    let lock_path = dir.join(files::LOCK);
+    let lock = File::create(&lock_path).map_err(|source| StateError::Io {
+        path: lock_path.display().to_string(),
+        source,
+    })?;
+    lock.lock().map_err(|source| StateError::Io {
+        path: lock_path.display().to_string(),
+        source,
+    })?;
+    f()
+}
+
+/// The controller's own identity is issued anew at the next open.
+pub(crate) fn drop_identity(dir: &Path) {
+    for name in [files::CONTROLLER_CERT, files::CONTROLLER_KEY] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+}
+
 /// Revokes the controller certificate `serial`: agents refuse it from
 /// their next contact with this controller. Revoking the certificate in
 /// use issues a new one first. Returns the state opened afterwards and
@@ -331,27 +384,15 @@ pub fn revoke_controller(dir: &Path, serial: &str) -> Result<(ControllerState, b
     let current = imfleet_certs::inspect_pem(&state.identity.cert_pem)
         .map_err(cert_err(dir, files::CONTROLLER_CERT))?;
     drop(state);
-    let changed = {
-        let lock_path = dir.join(files::LOCK);
-        let lock = File::create(&lock_path).map_err(|source| StateError::Io {
-            path: lock_path.display().to_string(),
-            source,
-        })?;
-        lock.lock().map_err(|source| StateError::Io {
-            path: lock_path.display().to_string(),
-            source,
-        })?;
+    let changed = with_lock(dir, || {
         let mut certificates = ControllerCertificates::load(dir)?;
         let changed = certificates.revoke(serial, crate::now_unix())?;
         certificates.save(dir)?;
         if current.serial_hex.eq_ignore_ascii_case(serial) {
-            // The next open issues a new identity.
-            for name in [files::CONTROLLER_CERT, files::CONTROLLER_KEY] {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
+            drop_identity(dir);
         }
-        changed
-    };
+        Ok(changed)
+    })?;
     let (state, _) = ControllerState::open_or_init(dir)?;
     Ok((state, changed))
 }

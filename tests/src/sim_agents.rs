@@ -114,10 +114,9 @@ pub async fn start_each(
             imfleet_controller::store::CertificateState::Current,
             0,
         );
-        store
-            .record_bootstrap(&record, &certificate, "simulated")
-            .await
-            .unwrap();
+        // As bootstrap would record them, without its event.
+        store.upsert_host(&record).await.unwrap();
+        store.record_certificate(&certificate).await.unwrap();
         let listener = tokio::net::TcpListener::bind(SocketAddr::from((address(i), PORT)))
             .await
             .unwrap();
@@ -431,6 +430,13 @@ impl imfleet_proto::agent::v1::agent_server::Agent for Agent {
         &self,
         _: Request<imfleet_proto::agent::v1::InstallIdentityRequest>,
     ) -> Result<Response<imfleet_proto::agent::v1::IdentityInstalled>, Status> {
+        Err(Status::unimplemented("simulated"))
+    }
+
+    async fn set_trusted_cas(
+        &self,
+        _: Request<imfleet_proto::agent::v1::SetTrustedCasRequest>,
+    ) -> Result<Response<imfleet_proto::agent::v1::TrustedCas>, Status> {
         Err(Status::unimplemented("simulated"))
     }
     async fn prepare_images(

@@ -309,3 +309,79 @@ fn a_revoked_controller_certificate_is_refused_by_every_agent_told() {
     assert!(entry["revoked_at"].is_i64(), "{listed:#}");
     assert_eq!(host.sshd_log().matches("Accepted publickey").count(), 1);
 }
+
+#[test]
+fn a_ca_rotation_across_three_hosts_waits_for_one_away_then_finishes() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let controller = Controller::new();
+    let hosts: Vec<TestHost> = (0..3).map(|_| TestHost::start()).collect();
+    for host in &hosts {
+        let run = controller.bootstrap(host, SshUser::Root, &[]);
+        assert!(run.success(), "{run:#?}");
+    }
+    let ca_of = |c: &Controller| {
+        c.run(&["certs", "--json"]).json()["ca"]["sha256_fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let old_ca = ca_of(&controller);
+
+    // One host is away (its agent frozen) when the rotation starts.
+    let away = hosts[2].serving_agent_pid();
+    kill(Pid::from_raw(away), Signal::SIGSTOP).unwrap();
+    let run = controller.run(&["ca", "rotate", "--json"]);
+    let waiting = run.json_any();
+    assert_eq!(run.status, Some(1), "{run:#?}");
+    assert_eq!(waiting["finished"], false);
+    assert_eq!(waiting["phase"], "trust", "{waiting:#}");
+    let steps: Vec<&str> = waiting["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps.iter().filter(|s| **s == "done").count(),
+        2,
+        "{waiting:#}"
+    );
+    assert_eq!(steps.iter().filter(|s| **s == "unreachable").count(), 1);
+    // Meanwhile everything still works, with the old CA in place.
+    assert_eq!(ca_of(&controller), old_ca);
+    for host in &hosts[..2] {
+        answers(&controller, &host.address().to_string());
+    }
+
+    // Back: the same command goes on from where it stopped, to the end.
+    kill(Pid::from_raw(away), Signal::SIGCONT).unwrap();
+    let run = controller.run(&["ca", "rotate", "--json"]);
+    let done = run.json();
+    assert_eq!(done["finished"], true, "{done:#}");
+    let new_ca = ca_of(&controller);
+    assert_ne!(new_ca, old_ca);
+    assert_eq!(done["new_ca"], new_ca.as_str());
+
+    // Every host answers, trusts only the new CA and serves its certificate.
+    let ca_pem = std::fs::read_to_string(controller.state.path().join("ca.pem")).unwrap();
+    assert_eq!(imfleet_certs::split_certificates_pem(&ca_pem).len(), 1);
+    let now = time::OffsetDateTime::now_utc();
+    for host in &hosts {
+        let address = host.address().to_string();
+        answers(&controller, &address);
+        let etc = host.opt_imfleet().join("etc");
+        let trusted = std::fs::read_to_string(etc.join("ca.pem")).unwrap();
+        let trusted = imfleet_certs::split_certificates_pem(&trusted);
+        assert_eq!(trusted.len(), 1, "{trusted:?}");
+        assert_eq!(
+            imfleet_certs::inspect_pem(&trusted[0])
+                .unwrap()
+                .sha256_fingerprint,
+            new_ca
+        );
+        let served = std::fs::read_to_string(etc.join("agent.pem")).unwrap();
+        imfleet_certs::verify_server_identity(&ca_pem, &served, &address, now).unwrap();
+        assert_eq!(host.sshd_log().matches("Accepted publickey").count(), 1);
+    }
+}

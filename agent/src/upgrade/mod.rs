@@ -146,6 +146,15 @@ pub async fn receive(
     if header.size > MAX_BINARY_BYTES {
         return Err(UpgradeError::TooLarge(header.size));
     }
+    // An older protocol would drop what this one enforces (the controller
+    // list above all); only the host's own rollback goes back.
+    if header.protocol_revision < crate::protocol_revision() {
+        return Err(UpgradeError::Refused(format!(
+            "the binary speaks protocol revision {}, older than this agent's {}: downgrades are refused",
+            header.protocol_revision,
+            crate::protocol_revision()
+        )));
+    }
     let bin_dir = layout.bin_dir();
     // In the binary's own directory (root's), so the swap is one rename;
     // removed on drop unless it is installed.

@@ -9,8 +9,8 @@ use imfleet_proto::agent::v1::{
     AgentBinaryChunk, AgentUpgradeStarted, ApplyEvent, ApplyRequest, ControlRequest,
     DeploymentSpec, DeploymentStatus, HealthSample, HostInventory, IdentityInstalled, ImageChunk,
     InstallIdentityRequest, InventoryRequest, LoadedImage, LogLine, LogsRequest, PingReply,
-    PingRequest, PrepareImagesRequest, PreparedImages, RenewIdentityRequest, StatusRequest,
-    WatchHealthRequest,
+    PingRequest, PrepareImagesRequest, PreparedImages, RenewIdentityRequest, SetTrustedCasRequest,
+    StatusRequest, TrustedCas, WatchHealthRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -389,6 +389,25 @@ impl Agent {
             InstallIdentityRequest { certificate_pem },
             RENEWAL_TIMEOUT,
             |mut c, r| async move { c.install_identity(r).await },
+        )
+        .await
+    }
+
+    /// CA rotation: the agent trusts the CAs of `bundle_pem` from now on, if
+    /// a CA it trusts now made `signature`.
+    pub async fn set_trusted_cas(
+        &self,
+        bundle_pem: String,
+        signature: Vec<u8>,
+    ) -> Result<TrustedCas, AgentError> {
+        self.require(Feature::CaRotation).await?;
+        self.call(
+            SetTrustedCasRequest {
+                bundle_pem,
+                signature,
+            },
+            RENEWAL_TIMEOUT,
+            |mut c, r| async move { c.set_trusted_cas(r).await },
         )
         .await
     }

@@ -18,6 +18,8 @@ pub enum Feature {
     UpgradeAgent,
     /// The agent renews its certificate over mTLS (11).
     Renewal,
+    /// The agent replaces the CAs it trusts (11).
+    CaRotation,
 }
 
 impl Feature {
@@ -29,7 +31,7 @@ impl Feature {
             Feature::WatchHealth => 8,
             Feature::PrepareImages => 9,
             Feature::UpgradeAgent => 10,
-            Feature::Renewal => 11,
+            Feature::Renewal | Feature::CaRotation => 11,
         }
     }
 
@@ -41,6 +43,7 @@ impl Feature {
             Feature::PrepareImages => "rolling upgrades",
             Feature::UpgradeAgent => "upgrading the agent over mTLS",
             Feature::Renewal => "renewing the agent's certificate",
+            Feature::CaRotation => "rotating the fleet CA",
         }
     }
 
@@ -73,6 +76,7 @@ mod tests {
             Feature::PrepareImages,
             Feature::UpgradeAgent,
             Feature::Renewal,
+            Feature::CaRotation,
         ] {
             assert!(f.check(imfleet_proto::PROTOCOL_REVISION).is_ok());
         }

@@ -3,6 +3,7 @@
 
 mod agents;
 mod bootstrap;
+mod ca;
 mod certs;
 mod deploy;
 mod init;
@@ -55,6 +56,9 @@ pub enum Command {
     Agents(agents::AgentsCommand),
     /// Certificates the fleet's CA issued (`certs renew` renews agents' now).
     Certs(certs::CertsArgs),
+    /// The fleet CA (`ca rotate` replaces it, over mTLS).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Show a host's hardware, OS, network and configuration facts.
     Inventory(preflight::InventoryArgs),
     /// Check a host against PortSIP's requirements before installing.
@@ -100,6 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hosts(args) => agents::hosts(&dir, args).await,
         Command::Agents(command) => agents::agents(&dir, command).await,
         Command::Certs(args) => certs::certs(&dir, args).await,
+        Command::Ca(command) => ca::ca(&dir, command).await,
         Command::Inventory(args) => preflight::inventory(&dir, args).await,
         Command::Preflight(args) => preflight::preflight(&dir, args).await,
         Command::Deploy(args) => deploy::run(&dir, *args).await,

@@ -212,6 +212,7 @@ pub async fn run(
         "serving"
     );
     let mut fleet = Fleet::new(&state);
+    let mut marks = state_marks(state_dir);
     let mut watchers: HashMap<String, (HostRecord, tokio::task::AbortHandle)> = HashMap::new();
     let mut rescan = tokio::time::interval(RESCAN_EVERY);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,34 +224,27 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
-                match ControllerState::open_or_init(state_dir) {
-                    Ok((fresh, _)) => {
-                        fleet = Fleet::new(&fresh);
-                        for (_, (_, task)) in watchers.drain() {
-                            task.abort();
-                        }
-                        tracing::info!("reloaded: identity re-read, every stream reconnects");
-                    }
-                    Err(e) => tracing::error!("reload failed, keeping the old identity: {e}"),
+                reopen(state_dir, &mut fleet, &mut watchers, "reloaded");
+                marks = state_marks(state_dir);
+                rescan_hosts(&shared, &fleet, &mut watchers).await;
+            }
+            _ = rescan.tick() => {
+                // Another command renewed or revoked the controller's
+                // certificate, or moved a CA rotation on: re-read them.
+                let now = state_marks(state_dir);
+                if now != marks {
+                    reopen(state_dir, &mut fleet, &mut watchers, "the controller's certificates changed");
+                    marks = now;
                 }
                 rescan_hosts(&shared, &fleet, &mut watchers).await;
             }
-            _ = rescan.tick() => rescan_hosts(&shared, &fleet, &mut watchers).await,
             _ = renew.tick() => {
                 // The daemon's own identity first (renewed where the CA is,
                 // by re-opening the state), then the agents'.
                 if identity_due(fleet.identity()) {
-                    match ControllerState::open_or_init(state_dir) {
-                        Ok((fresh, _)) => {
-                            fleet = Fleet::new(&fresh);
-                            for (_, (_, task)) in watchers.drain() {
-                                task.abort();
-                            }
-                            tracing::info!("renewed the controller's certificate; every stream reconnects");
-                            rescan_hosts(&shared, &fleet, &mut watchers).await;
-                        }
-                        Err(e) => tracing::error!("cannot renew the controller's certificate: {e}"),
-                    }
+                    reopen(state_dir, &mut fleet, &mut watchers, "renewed the controller's certificate");
+                    marks = state_marks(state_dir);
+                    rescan_hosts(&shared, &fleet, &mut watchers).await;
                 }
                 tokio::spawn(renew_due_agents(fleet.clone()));
             }
@@ -282,6 +276,40 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// The files whose change makes the daemon re-open the state: its
+/// certificate, the list of accepted controller certificates, a CA
+/// rotation's record.
+fn state_marks(dir: &Path) -> Vec<Option<Vec<u8>>> {
+    [
+        crate::state::files::CONTROLLER_CERT,
+        crate::controller_list::FILE,
+        crate::ca_rotation::ROTATION,
+    ]
+    .iter()
+    .map(|name| std::fs::read(dir.join(name)).ok())
+    .collect()
+}
+
+/// Re-opens the state (identity, CAs, list) and restarts every stream
+/// with it; on failure keeps what it has.
+fn reopen(
+    dir: &Path,
+    fleet: &mut Fleet,
+    watchers: &mut HashMap<String, (HostRecord, tokio::task::AbortHandle)>,
+    why: &str,
+) {
+    match ControllerState::open_or_init(dir) {
+        Ok((fresh, _)) => {
+            *fleet = Fleet::new(&fresh);
+            for (_, (_, task)) in watchers.drain() {
+                task.abort();
+            }
+            tracing::info!("{why}: identity re-read, every stream reconnects");
+        }
+        Err(e) => tracing::error!("{why}, but the state cannot be re-read (keeping the old): {e}"),
+    }
 }
 
 /// Whether the controller's own certificate is due for renewal.

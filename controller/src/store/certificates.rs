@@ -120,9 +120,12 @@ pub(super) fn make_current(
     serial: &str,
     now: i64,
 ) -> rusqlite::Result<()> {
+    // Only what was issued before it: a renewal another process started
+    // since stays acceptable until it is confirmed in its turn.
     conn.execute(
         "UPDATE certificates SET state = 'superseded', changed_at = ?3
-         WHERE host = ?1 AND serial != ?2 AND state IN ('issued', 'current')",
+         WHERE host = ?1 AND serial != ?2 AND state IN ('issued', 'current')
+           AND rowid < (SELECT rowid FROM certificates WHERE serial = ?2)",
         params![host, serial, now],
     )?;
     conn.execute(
@@ -139,11 +142,33 @@ pub(super) fn make_current(
     Ok(())
 }
 
+fn host_exists(conn: &Connection, host: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM hosts WHERE name = ?1)",
+        [host],
+        |r| r.get(0),
+    )
+}
+
 impl Store {
-    /// Records a certificate just signed, before it leaves the controller.
+    /// Records a certificate just signed, before it leaves the controller;
+    /// refused for a host no longer known (forgotten meanwhile).
     pub async fn record_certificate(&self, cert: &CertificateRecord) -> Result<(), StoreError> {
         let cert = cert.clone();
-        self.call(move |c| Ok(insert(c, &cert)?)).await
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            if let Some(host) = &cert.host
+                && !host_exists(&tx, host)?
+            {
+                return Err(StoreError::NotIssued {
+                    host: host.clone(),
+                    serial: cert.serial,
+                });
+            }
+            insert(&tx, &cert)?;
+            Ok(tx.commit()?)
+        })
+        .await
     }
 
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
@@ -190,6 +215,9 @@ impl Store {
                     |r| r.get(0),
                 )
                 .optional()?;
+            if !host_exists(&tx, &host)? {
+                return Err(StoreError::NotIssued { host, serial });
+            }
             let changed = match state.as_deref() {
                 Some("current") => false,
                 Some("issued") => {
@@ -213,8 +241,8 @@ impl Store {
 }
 
 impl Store {
-    /// Forgets a host (decommission): revokes every certificate issued to
-    /// it, removes it with its deployments, history and rollout steps, and
+    /// Forgets a host (decommission): revokes every certificate of it still
+    /// accepted (superseded ones are refused already), removes it with its deployments, history and rollout steps, and
     /// records the event. Refused while a rollout holds the host. Returns
     /// how many certificates were revoked.
     pub async fn forget_host(&self, host: &str, now: i64) -> Result<usize, StoreError> {
@@ -234,7 +262,7 @@ impl Store {
             }
             let revoked = tx.execute(
                 "UPDATE certificates SET state = 'revoked', changed_at = ?2
-                 WHERE host = ?1 AND state != 'revoked'",
+                 WHERE host = ?1 AND state IN ('issued', 'current')",
                 params![host, now],
             )?;
             tx.execute("DELETE FROM rollout_steps WHERE host = ?1", [&host])?;
@@ -292,8 +320,20 @@ mod tests {
                 Err(StoreError::NotIssued { .. })
             ));
         }
+        // Another process's renewal, issued later, is not superseded by the
+        // confirmation of this one.
+        store
+            .record_certificate(&cert("0303", "im1", CertificateState::Issued))
+            .await
+            .unwrap();
         assert!(store.confirm_certificate("im1", "0202", 5).await.unwrap());
-        assert!(!store.confirm_certificate("im1", "0202", 6).await.unwrap());
+        assert_eq!(
+            store.certificate("0303").await.unwrap().unwrap().state,
+            CertificateState::Issued
+        );
+        assert!(store.confirm_certificate("im1", "0303", 5).await.unwrap());
+        assert!(store.confirm_certificate("im1", "0202", 5).await.is_err());
+        assert!(!store.confirm_certificate("im1", "0303", 6).await.unwrap());
         let states: Vec<_> = store
             .certificates()
             .await
@@ -305,13 +345,14 @@ mod tests {
             states,
             vec![
                 ("01".to_owned(), CertificateState::Superseded),
-                ("0202".to_owned(), CertificateState::Current)
+                ("0202".to_owned(), CertificateState::Superseded),
+                ("0303".to_owned(), CertificateState::Current)
             ]
         );
         let moved = store.host("im1").await.unwrap().unwrap();
         assert_eq!(
             (moved.cert_serial.as_str(), moved.cert_not_after),
-            ("0202", 1_004)
+            ("0303", 1_004)
         );
         // The superseded one can never come back.
         assert!(store.confirm_certificate("im1", "01", 7).await.is_err());
@@ -319,6 +360,31 @@ mod tests {
             kinds(&store, "im1")
                 .await
                 .contains(&EventKind::CertificateRenewed)
+        );
+
+        // Forgotten: every certificate of the host revoked, the host gone,
+        // and nothing more recorded for it.
+        assert_eq!(store.forget_host("im1", 9).await.unwrap(), 1);
+        assert!(store.host("im1").await.unwrap().is_none());
+        assert!(
+            store
+                .record_certificate(&cert("0404", "im1", CertificateState::Issued))
+                .await
+                .is_err()
+        );
+        let states: Vec<_> = store
+            .certificates()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.state)
+            .collect();
+        use CertificateState::{Revoked, Superseded};
+        assert_eq!(states, vec![Superseded, Superseded, Revoked]);
+        assert!(
+            kinds(&store, "im1")
+                .await
+                .contains(&EventKind::HostForgotten)
         );
     }
 }

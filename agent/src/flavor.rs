@@ -1,6 +1,6 @@
 //! Test builds of the agent (feature `test-flavors`, never in a release):
-//! binaries that report a newer version and protocol revision, for the
-//! agent-upgrade tests, and that misbehave the way a broken release could:
+//! binaries that report a newer (or an older) version and protocol
+//! revision, for the agent-upgrade tests, and that misbehave the way a broken release could:
 //! exit at start, or run without ever serving. Each is its own binary
 //! (`src/bin/agent-*.rs`) that sets its flavour before the agent's `main`.
 
@@ -14,13 +14,26 @@ pub enum Flavor {
     CrashAtStart,
     /// A newer build that runs but never serves.
     NeverServes,
+    /// A working build one protocol revision older (what a fleet upgraded
+    /// from runs).
+    Previous,
 }
 
 static FLAVOR: OnceLock<Flavor> = OnceLock::new();
 
 impl Flavor {
     pub fn version(self) -> &'static str {
-        concat!(env!("CARGO_PKG_VERSION"), "+next")
+        match self {
+            Flavor::Previous => concat!(env!("CARGO_PKG_VERSION"), "-previous"),
+            _ => concat!(env!("CARGO_PKG_VERSION"), "+next"),
+        }
+    }
+
+    pub fn protocol_revision(self) -> u32 {
+        match self {
+            Flavor::Previous => imfleet_proto::PROTOCOL_REVISION - 1,
+            _ => imfleet_proto::PROTOCOL_REVISION + 1,
+        }
     }
 }
 

@@ -56,8 +56,8 @@ pub fn version() -> &'static str {
 /// The protocol revision this build speaks.
 pub fn protocol_revision() -> u32 {
     #[cfg(feature = "test-flavors")]
-    if flavor::current().is_some() {
-        return imfleet_proto::PROTOCOL_REVISION + 1;
+    if let Some(flavor) = flavor::current() {
+        return flavor.protocol_revision();
     }
     imfleet_proto::PROTOCOL_REVISION
 }

@@ -183,3 +183,35 @@ fn under_systemd_a_good_build_is_confirmed_and_a_silent_one_put_back() {
     let journal = host.journal("imfleet-agent-upgrade.service");
     assert!(journal.contains("agent upgrade confirmed"), "{journal}");
 }
+
+#[test]
+fn a_command_that_meets_an_older_agent_names_the_upgrade_and_does_it_when_asked() {
+    let previous = bin("agent-previous");
+    let (host, controller) =
+        imfleet_tests::bootstrapped_host_with(&["--agent-binary", previous.to_str().unwrap()]);
+    let address = host.address().to_string();
+    assert_eq!(pinged(&controller, &address).0, "0.1.0-previous");
+
+    // Named, not done.
+    let run = controller.run(&["ping", &address]);
+    assert!(run.success(), "{run:#?}");
+    assert!(
+        run.stderr.contains("older than this controller")
+            && run
+                .stderr
+                .contains(&format!("controller agents upgrade {address}")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(pinged(&controller, &address).0, "0.1.0-previous");
+
+    // Done when asked, over mTLS.
+    let run = controller.run(&["status", &address, "--upgrade-agents"]);
+    assert!(run.stderr.contains("upgrading the agents"), "{run:#?}");
+    let (version, revision) = pinged(&controller, &address);
+    assert_eq!(version, "0.1.0");
+    assert_eq!(revision, u64::from(imfleet_proto::PROTOCOL_REVISION));
+    let quiet = controller.run(&["ping", &address]);
+    assert!(!quiet.stderr.contains("older than"), "{}", quiet.stderr);
+    assert_eq!(sessions(&host.sshd_log()), 1, "{}", host.sshd_log());
+}

@@ -178,6 +178,26 @@ pub struct AgentsUpgradeArgs {
 
 pub async fn agents(dir: &Path, command: AgentsCommand) -> anyhow::Result<ExitCode> {
     let AgentsCommand::Upgrade(args) = command;
+    upgrade(dir, args).await
+}
+
+/// Upgrades the agents of `hosts` to the one beside this controller (what
+/// `--upgrade-agents` does after another command).
+pub async fn upgrade_hosts(dir: &Path, hosts: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
+    upgrade(
+        dir,
+        AgentsUpgradeArgs {
+            hosts,
+            all: false,
+            max_parallel: 4,
+            agent_binary: std::env::var_os("IMFLEET_AGENT_BINARY").map(std::path::PathBuf::from),
+            json,
+        },
+    )
+    .await
+}
+
+async fn upgrade(dir: &Path, args: AgentsUpgradeArgs) -> anyhow::Result<ExitCode> {
     use imfleet_controller::agent_upgrade::{AgentBuild, Upgraded, upgrade_agents};
     let (state, _) = super::open_state(dir)?;
     let fleet = imfleet_controller::fleet::Fleet::new(&state);

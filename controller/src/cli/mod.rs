@@ -37,6 +37,10 @@ pub struct Cli {
     /// More log output (-v info, -vv debug). IMFLEET_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Once the command is done, upgrade (over mTLS) every agent it found
+    /// older than this controller; without it, such agents are only named.
+    #[arg(long, global = true)]
+    pub upgrade_agents: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -97,7 +101,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
-    match cli.command {
+    let upgrading_agents = matches!(cli.command, Command::Agents(_));
+    let outcome = command(&dir, cli.command).await;
+    let older = imfleet_controller::fleet::older_agents();
+    if older.is_empty() || upgrading_agents {
+        return outcome;
+    }
+    let names: Vec<String> = older.iter().map(|(h, _)| h.clone()).collect();
+    if cli.upgrade_agents {
+        eprintln!(
+            "upgrading the agents older than this controller: {}",
+            names.join(", ")
+        );
+        let upgraded = agents::upgrade_hosts(&dir, names, false).await?;
+        return Ok(if upgraded == ExitCode::SUCCESS {
+            outcome?
+        } else {
+            upgraded
+        });
+    }
+    for (host, revision) in &older {
+        eprintln!(
+            "note: {host} runs an agent older than this controller (protocol revision {revision}, this controller's is {}): `controller agents upgrade {host}` upgrades it over mTLS, the IM running on (or add --upgrade-agents to any command)",
+            imfleet_proto::PROTOCOL_REVISION
+        );
+    }
+    outcome
+}
+
+async fn command(dir: &std::path::Path, command: Command) -> anyhow::Result<ExitCode> {
+    let dir = dir.to_path_buf();
+    match command {
         Command::Init(args) => init::run(&dir, args),
         Command::Bootstrap(args) => bootstrap::run(&dir, args).await,
         Command::Ping(args) => agents::ping(&dir, args).await,

@@ -122,6 +122,12 @@ impl Fleet {
     pub async fn connect(&self, host: &HostRecord) -> Result<Agent, AgentError> {
         let agent = self.connect_current(host).await?;
         crate::renewal::renew_if_due(self, host, &agent).await;
+        // Asked once per connection anyway (every operation checks it).
+        if let Ok(revision) = agent.protocol_revision().await
+            && revision < imfleet_proto::PROTOCOL_REVISION
+        {
+            note_older(&host.name, revision);
+        }
         Ok(agent)
     }
 
@@ -152,6 +158,25 @@ impl Fleet {
         })
         .await
     }
+}
+
+/// Hosts whose agent this process found older than this controller's
+/// build (name, protocol revision): what the CLI offers to upgrade.
+static OLDER_AGENTS: std::sync::Mutex<Vec<(String, u32)>> = std::sync::Mutex::new(Vec::new());
+
+fn note_older(host: &str, revision: u32) {
+    let mut older = OLDER_AGENTS.lock().unwrap_or_else(|p| p.into_inner());
+    if !older.iter().any(|(h, _)| h == host) {
+        older.push((host.to_owned(), revision));
+    }
+}
+
+/// The agents met so far that are older than this controller.
+pub fn older_agents() -> Vec<(String, u32)> {
+    OLDER_AGENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// Where a host's agent listens.

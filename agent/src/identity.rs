@@ -204,7 +204,8 @@ pub fn replace_trusted_cas(
         return Err(IdentityError::Refused("too long"));
     }
     let current = load(layout)?;
-    let message = imfleet_certs::trusted_cas_message(bundle);
+    let message =
+        imfleet_certs::trusted_cas_message(&imfleet_certs::fingerprints(&current.ca_pem), bundle);
     if !imfleet_certs::verify_ca_signature(&current.ca_pem, &message, signature) {
         return Err(IdentityError::Refused(
             "the CA bundle is not signed by a CA this host trusts",
@@ -445,7 +446,8 @@ mod tests {
         install(&layout, &format!("{cert}{}", ca.cert_pem())).unwrap();
         let both = format!("{}{}", ca.cert_pem(), next.cert_pem());
         let sign = |by: &CertificateAuthority, bundle: &str| {
-            by.sign(&imfleet_certs::trusted_cas_message(bundle))
+            let current = imfleet_certs::fingerprints(&load(&layout).unwrap().ca_pem);
+            by.sign(&imfleet_certs::trusted_cas_message(&current, bundle))
                 .unwrap()
         };
         // Signed by a CA it does not trust yet, or over another bundle: refused.
@@ -457,11 +459,16 @@ mod tests {
             assert!(replace_trusted_cas(&layout, &bundle, &signature).is_err());
             assert_eq!(load(&layout).unwrap().ca_pem, ca.cert_pem());
         }
-        let now = replace_trusted_cas(&layout, &both, &sign(&ca, &both)).unwrap();
+        let trusting_both = sign(&ca, &both);
+        let now = replace_trusted_cas(&layout, &both, &trusting_both).unwrap();
         assert_eq!(imfleet_certs::split_certificates_pem(&now.ca_pem).len(), 2);
         // Then the new CA alone, signed by the new CA.
         let only = next.cert_pem().to_owned();
-        let now = replace_trusted_cas(&layout, &only, &sign(&next, &only)).unwrap();
+        let dropping_old = sign(&next, &only);
+        let now = replace_trusted_cas(&layout, &only, &dropping_old).unwrap();
         assert_eq!(now.ca_pem, only);
+        // A change signed for another set is not replayed on this one.
+        assert!(replace_trusted_cas(&layout, &both, &trusting_both).is_err());
+        assert!(replace_trusted_cas(&layout, &only, &dropping_old).is_err());
     }
 }

@@ -106,6 +106,28 @@ impl AgentService {
         })
     }
 
+    /// Changes the agent's identity or trusted CAs on a blocking thread,
+    /// one change at a time, and serves the result from the next handshake
+    /// before the next change may begin (a cancelled call cannot let one in
+    /// early: the lock goes with the work).
+    async fn change_identity(
+        &self,
+        change: impl FnOnce(&Layout) -> Result<ServingIdentity, IdentityError> + Send + 'static,
+    ) -> Result<ServingIdentity, Status> {
+        let one = self.renewing.clone().lock_owned().await;
+        let (layout, credentials) = (self.layout.clone(), self.credentials.clone());
+        tokio::task::spawn_blocking(move || {
+            let _one = one;
+            let identity = change(&layout).map_err(identity_status)?;
+            credentials
+                .replace(&identity)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(identity)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
     fn audit(&self, caller: &Caller, rpc: &str, deployment: &str, detail: String, outcome: String) {
         self.audit.record(&Entry {
             caller,
@@ -166,13 +188,7 @@ impl Agent for AgentService {
                 .unwrap_or_default(),
             last_upgrade: crate::upgrade::last_upgrade(&self.layout),
             controllers_version: self.gate.version(),
-            trusted_ca_fingerprints: imfleet_certs::split_certificates_pem(
-                &self.credentials.ca_pem(),
-            )
-            .iter()
-            .filter_map(|pem| imfleet_certs::inspect_pem(pem).ok())
-            .map(|info| info.sha256_fingerprint)
-            .collect(),
+            trusted_ca_fingerprints: imfleet_certs::fingerprints(&self.credentials.ca_pem()),
         }))
     }
 
@@ -420,23 +436,10 @@ impl Agent for AgentService {
     ) -> Result<Response<IdentityInstalled>, Status> {
         let caller = Caller::of(&request);
         let certificate = request.into_inner().certificate_pem;
-        let one = self.renewing.clone().lock_owned().await;
-        let layout = self.layout.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let _one = one;
-            crate::identity::install_renewal(&layout, &certificate)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))
-        .and_then(|r| r.map_err(identity_status))
-        .and_then(|identity| {
-            // The files hold the new identity now; serving it can only fail
-            // if they do not load, which the next start would report too.
-            self.credentials
-                .replace(&identity)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(identity.info)
-        });
+        let result = self
+            .change_identity(move |layout| crate::identity::install_renewal(layout, &certificate))
+            .await
+            .map(|identity| identity.info);
         let detail = match &result {
             Ok(info) => format!("serial {}", info.serial_hex),
             Err(_) => String::new(),
@@ -465,25 +468,12 @@ impl Agent for AgentService {
             bundle_pem,
             signature,
         } = request.into_inner();
-        let one = self.renewing.clone().lock_owned().await;
-        let layout = self.layout.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let _one = one;
-            crate::identity::replace_trusted_cas(&layout, &bundle_pem, &signature)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))
-        .and_then(|r| r.map_err(identity_status))
-        .and_then(|identity| {
-            self.credentials
-                .replace(&identity)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(imfleet_certs::split_certificates_pem(&identity.ca_pem)
-                .iter()
-                .filter_map(|pem| imfleet_certs::inspect_pem(pem).ok())
-                .map(|info| info.sha256_fingerprint)
-                .collect::<Vec<_>>())
-        });
+        let result = self
+            .change_identity(move |layout| {
+                crate::identity::replace_trusted_cas(layout, &bundle_pem, &signature)
+            })
+            .await
+            .map(|identity| imfleet_certs::fingerprints(&identity.ca_pem));
         let detail = match &result {
             Ok(fingerprints) => fingerprints.join(" "),
             Err(_) => String::new(),

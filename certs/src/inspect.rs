@@ -177,6 +177,32 @@ pub fn verify_server_identity(
         .map_err(|e| CertError::Verify(e.to_string()))
 }
 
+/// Verifies `cert_pem` as an agent's TLS server verifies a client: chains
+/// to `ca_pem`, is valid at `now`, is for client auth.
+pub fn verify_client_identity(
+    ca_pem: &str,
+    cert_pem: &str,
+    now: OffsetDateTime,
+) -> Result<(), CertError> {
+    let roots = crate::tls::root_store(ca_pem)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::tls::provider(),
+    )
+    .build()
+    .map_err(|e| CertError::Verify(e.to_string()))?;
+    let leaf = CertificateDer::from(first_der(cert_pem)?);
+    let secs = u64::try_from(now.unix_timestamp()).unwrap_or_default();
+    verifier
+        .verify_client_cert(
+            &leaf,
+            &[],
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)),
+        )
+        .map(|_| ())
+        .map_err(|e| CertError::Verify(e.to_string()))
+}
+
 /// Checks that `key` is the private half of the certificate's public key.
 pub(crate) fn check_key_matches(cert_pem: &str, key: &rcgen::KeyPair) -> Result<(), CertError> {
     let der = first_der(cert_pem)?;

@@ -24,11 +24,11 @@ pub use controllers::ControllerList;
 pub use error::CertError;
 pub use inspect::{
     CertificateInfo, check_peer, inspect_der, inspect_pem, key_matches_certificate, role_of_der,
-    split_certificates_pem, verify_server_identity,
+    split_certificates_pem, verify_client_identity, verify_server_identity,
 };
 pub use request::{KeyAndRequest, generate_key_and_request};
 pub use role::Role;
-pub use signing::{agent_binary_message, trusted_cas_message, verify_ca_signature};
+pub use signing::{agent_binary_message, fingerprints, trusted_cas_message, verify_ca_signature};
 
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: time::Duration = time::Duration::days(3650);

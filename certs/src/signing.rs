@@ -17,14 +17,29 @@ pub fn agent_binary_message(sha256_hex: &str, version: &str, protocol_revision: 
 }
 
 /// What is signed when the controller replaces the CAs an agent trusts (a
-/// CA rotation): the bundle's hash, bound to this purpose.
-pub fn trusted_cas_message(bundle_pem: &str) -> Vec<u8> {
+/// CA rotation): the bundle's hash and the set it replaces (the SHA-256 of
+/// each CA trusted now, in any order), bound to this purpose. Bound to the
+/// set it replaces, a signed change cannot be replayed once that set has
+/// changed (in a later rotation, say).
+pub fn trusted_cas_message(current: &[String], bundle_pem: &str) -> Vec<u8> {
     use sha2::{Digest, Sha256};
+    let mut current = current.to_vec();
+    current.sort();
     format!(
-        "imfleet trusted CAs\nsha256 {}\n",
+        "imfleet trusted CAs\nfrom {}\nsha256 {}\n",
+        current.join(","),
         hex::encode(Sha256::digest(bundle_pem.as_bytes()))
     )
     .into_bytes()
+}
+
+/// The SHA-256 of each certificate of a PEM bundle (lower-case hex).
+pub fn fingerprints(bundle_pem: &str) -> Vec<String> {
+    crate::split_certificates_pem(bundle_pem)
+        .iter()
+        .filter_map(|pem| crate::inspect_pem(pem).ok())
+        .map(|info| info.sha256_fingerprint)
+        .collect()
 }
 
 impl crate::CertificateAuthority {

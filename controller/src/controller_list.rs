@@ -149,6 +149,23 @@ impl ControllerCertificates {
     }
 }
 
+/// Revokes every controller certificate but `keep` (the end of a CA
+/// rotation: the old CA's are refused from then on). Hold the state lock.
+pub fn revoke_all_but(dir: &Path, keep: &str) -> Result<(), ControllerListError> {
+    let mut certificates = ControllerCertificates::load(dir)?;
+    let now = crate::now_unix();
+    let others: Vec<String> = certificates
+        .certificates
+        .iter()
+        .filter(|c| c.serial != keep && c.revoked_at.is_none())
+        .map(|c| c.serial.clone())
+        .collect();
+    for serial in others {
+        certificates.revoke(&serial, now)?;
+    }
+    certificates.save(dir)
+}
+
 /// What revoking a controller certificate did.
 #[derive(Debug, Serialize)]
 pub struct Revoked {

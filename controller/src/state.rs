@@ -296,7 +296,15 @@ fn load_or_issue_identity(
         read(dir, files::CONTROLLER_KEY)?,
     ) {
         (Some(cert), Some(key)) => {
+            // Issued by the CA that signs now (a CA rotation moves it on),
+            // matching its key, and not due for renewal.
             let usable = imfleet_certs::key_matches_certificate(&cert, &key).is_ok()
+                && imfleet_certs::verify_client_identity(
+                    ca.cert_pem(),
+                    &cert,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .is_ok()
                 && imfleet_certs::inspect_pem(&cert).is_ok_and(|info| {
                     !imfleet_certs::renewal_due(
                         info.not_before,

@@ -363,6 +363,17 @@ fn a_ca_rotation_across_three_hosts_waits_for_one_away_then_finishes() {
     assert_ne!(new_ca, old_ca);
     assert_eq!(done["new_ca"], new_ca.as_str());
 
+    // Only the controller certificate of the new CA is still accepted.
+    let listed = controller.run(&["certs", "--json"]).json();
+    let accepted: Vec<&serde_json::Value> = listed["controllers"]["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["revoked_at"].is_null())
+        .collect();
+    assert_eq!(accepted.len(), 1, "{listed:#}");
+    assert_eq!(accepted[0]["serial"], listed["controller"]["serial"]);
+
     // Every host answers, trusts only the new CA and serves its certificate.
     let ca_pem = std::fs::read_to_string(controller.state.path().join("ca.pem")).unwrap();
     assert_eq!(imfleet_certs::split_certificates_pem(&ca_pem).len(), 1);

@@ -131,6 +131,12 @@ impl Rotation {
         if read(dir, NEXT_CERT)?.is_some() {
             std::fs::rename(dir.join(NEXT_CERT), dir.join(names)).map_err(io(dir, NEXT_CERT))?;
         }
-        std::fs::remove_file(dir.join(ROTATION)).map_err(io(dir, ROTATION))
+        std::fs::remove_file(dir.join(ROTATION)).map_err(io(dir, ROTATION))?;
+        imfleet_certs::storage::sync_dir(dir).map_err(io(dir, "."))
+    }
+
+    /// The new CA's certificate.
+    pub fn next_ca_pem(dir: &Path) -> Result<String, StateError> {
+        Ok(Rotation::next_ca(dir)?.cert_pem().to_owned())
     }
 }

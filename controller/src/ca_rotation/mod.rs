@@ -43,6 +43,8 @@ pub enum Phase {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
+    #[error("another `controller ca rotate` is running on this state directory; let it finish")]
+    Busy,
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -76,6 +78,16 @@ pub struct RotationReport {
 /// Runs the rotation as far as it can go now (starting one if none is
 /// under way); `skip` names hosts to go on without.
 pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, RotationError> {
+    // One run at a time: each moves the phase on from what it observed.
+    let _ = ControllerState::open_or_init(dir)?;
+    let lock_path = crate::state::run_dir(dir).join("rotation.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|source| StateError::Io {
+        path: lock_path.display().to_string(),
+        source,
+    })?;
+    if lock.try_lock().is_err() {
+        return Err(RotationError::Busy);
+    }
     loop {
         let (state, _) = ControllerState::open_or_init(dir)?;
         let fleet = Fleet::new(&state);
@@ -105,15 +117,27 @@ pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, Rotat
             rotation.skipped.dedup();
             crate::state::with_lock(dir, || rotation.save(dir))?;
         }
-        let old = fingerprint(&state, 0);
+        let cas = Cas::of(&state, &rotation)?;
         let new = rotation.new_ca.clone();
         let hosts = fleet.store().hosts().await?;
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         let outcomes = crate::fleet::bounded(hosts, 4, |host| {
-            let (fleet, state, rotation, old, new) = (&fleet, &state, &rotation, &old, &new);
-            async move { advance(fleet, state, rotation, old, new, host).await }
+            let (fleet, state, rotation, cas) = (&fleet, &state, &rotation, &cas);
+            async move { advance(fleet, state, rotation, cas, host).await }
         })
         .await;
         let steps: Vec<Step> = outcomes.iter().map(|o| o.step).collect();
+        // A host bootstrapped meanwhile is taken through this phase too.
+        let now: Vec<String> = fleet
+            .store()
+            .hosts()
+            .await?
+            .into_iter()
+            .map(|h| h.name)
+            .collect();
+        if now != names {
+            continue;
+        }
         if !decide::phase_done(&steps) {
             return Ok(RotationReport {
                 finished: false,
@@ -128,6 +152,16 @@ pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, Rotat
             Phase::Reissue => Phase::Drop,
             Phase::Drop | Phase::Finishing => {
                 crate::state::with_lock(dir, || Rotation::finish(dir))?;
+                // Controller certificates of the old CA are refused from now
+                // on, also on connections made before the old CA was dropped.
+                let (state, _) = ControllerState::open_or_init(dir)?;
+                let current = imfleet_certs::inspect_pem(&state.identity.cert_pem)
+                    .map(|i| i.serial_hex)
+                    .unwrap_or_default();
+                crate::state::with_lock(dir, || {
+                    crate::controller_list::revoke_all_but(dir, &current)?;
+                    Ok(())
+                })?;
                 tracing::info!(new_ca = %new, "CA rotation finished");
                 return Ok(RotationReport {
                     finished: true,
@@ -138,26 +172,53 @@ pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, Rotat
                 });
             }
         };
+        // From `reissue` on, the next open issues the controller's own
+        // certificate from the new CA (one the signing CA did not issue is
+        // never kept).
         crate::state::with_lock(dir, || {
             rotation.phase = next;
-            rotation.save(dir)?;
-            if next == Phase::Reissue {
-                // The controller's own certificate comes from the new CA now.
-                crate::state::drop_identity(dir);
-            }
-            Ok(())
+            rotation.save(dir)
         })?;
         tracing::info!(phase = ?next, "CA rotation: next phase");
     }
 }
 
-/// SHA-256 of the `index`th CA the controller trusts (0: the one in place).
-fn fingerprint(state: &ControllerState, index: usize) -> String {
-    imfleet_certs::split_certificates_pem(&state.identity.ca_pem)
-        .get(index)
-        .and_then(|pem| imfleet_certs::inspect_pem(pem).ok())
-        .map(|i| i.sha256_fingerprint)
-        .unwrap_or_default()
+/// The two CAs of a rotation, as the state opened with them trusts them.
+struct Cas {
+    old: String,
+    new: String,
+    new_pem: String,
+    /// Both, as agents are told to trust them in the `trust` phase.
+    both_pem: String,
+}
+
+impl Cas {
+    fn of(state: &ControllerState, rotation: &Rotation) -> Result<Cas, StateError> {
+        let trusted = imfleet_certs::split_certificates_pem(&state.identity.ca_pem);
+        let fingerprint = |pem: &String| {
+            imfleet_certs::inspect_pem(pem)
+                .map(|i| i.sha256_fingerprint)
+                .unwrap_or_default()
+        };
+        let new_pem = trusted
+            .iter()
+            .find(|pem| fingerprint(pem) == rotation.new_ca);
+        let old_pem = trusted
+            .iter()
+            .find(|pem| fingerprint(pem) != rotation.new_ca);
+        match (old_pem, new_pem, trusted.len()) {
+            (Some(old), Some(new), 2) => Ok(Cas {
+                old: fingerprint(old),
+                new: rotation.new_ca.clone(),
+                new_pem: new.clone(),
+                both_pem: format!("{old}{new}"),
+            }),
+            _ => Err(StateError::Corrupt {
+                path: state.dir().join(ROTATION).display().to_string(),
+                detail: "the CAs of the rotation under way are not the two the state directory trusts; restore the state directory from backup".into(),
+            }),
+        }
+    }
 }
 
 /// Observes one host, does what its step asks, and observes it again.
@@ -165,8 +226,7 @@ async fn advance(
     fleet: &Fleet,
     state: &ControllerState,
     rotation: &Rotation,
-    old: &str,
-    new: &str,
+    cas: &Cas,
     host: HostRecord,
 ) -> HostOutcome {
     let skipped = rotation.skipped.contains(&host.name);
@@ -178,22 +238,21 @@ async fn advance(
     if skipped {
         return outcome(Step::Skipped, None);
     }
-    let (seen, agent, why) = observe(fleet, state, &host, old, new).await;
+    let (seen, agent, why) = observe(fleet, state, &host, cas).await;
     let step = decide::step(rotation.phase, &seen, false);
-    let Some(agent) = agent else {
+    let Some((agent, trusted)) = agent else {
         return outcome(step, why);
     };
     let acted = match step {
         Step::TrustBoth | Step::TrustNew => {
             let bundle = if step == Step::TrustBoth {
-                state.identity.ca_pem.clone()
+                cas.both_pem.clone()
             } else {
-                imfleet_certs::split_certificates_pem(&state.identity.ca_pem)
-                    .get(1)
-                    .cloned()
-                    .unwrap_or_default()
+                cas.new_pem.clone()
             };
-            match state.ca.sign(&imfleet_certs::trusted_cas_message(&bundle)) {
+            // Bound to what the host trusts now: not replayable later.
+            let message = imfleet_certs::trusted_cas_message(&trusted, &bundle);
+            match state.ca.sign(&message) {
                 Ok(signature) => agent
                     .set_trusted_cas(bundle, signature)
                     .await
@@ -211,20 +270,19 @@ async fn advance(
     if let Err(why) = acted {
         return outcome(step, Some(why));
     }
-    let (seen, _, why) = observe(fleet, state, &host, old, new).await;
+    let (seen, _, why) = observe(fleet, state, &host, cas).await;
     let step = decide::step(rotation.phase, &seen, false);
     outcome(step, if step.settled() { None } else { why })
 }
 
-/// What a host trusts and serves now, with a connection to it if it
-/// answers (else why not).
+/// What a host trusts and serves now, with a connection to it and the CAs
+/// it trusts if it answers (else why not).
 async fn observe(
     fleet: &Fleet,
     state: &ControllerState,
     host: &HostRecord,
-    old: &str,
-    new: &str,
-) -> (Observed, Option<Agent>, Option<String>) {
+    cas: &Cas,
+) -> (Observed, Option<(Agent, Vec<String>)>, Option<String>) {
     let agent = match fleet.connect(host).await {
         Ok(agent) => agent,
         Err(e) => return (Observed::default(), None, Some(crate::error_chain(&e))),
@@ -233,14 +291,11 @@ async fn observe(
         Ok(pong) => pong,
         Err(e) => return (Observed::default(), None, Some(crate::error_chain(&e))),
     };
-    let trusted = &pong.reply.trusted_ca_fingerprints;
+    let trusted = pong.reply.trusted_ca_fingerprints;
     // Its certificate is the new CA's if a client trusting only that CA
     // completes a handshake with it.
     let new_only = ClientIdentity {
-        ca_pem: imfleet_certs::split_certificates_pem(&state.identity.ca_pem)
-            .get(1)
-            .cloned()
-            .unwrap_or_default(),
+        ca_pem: cas.new_pem.clone(),
         ..state.identity.clone()
     };
     let serves_new = Agent::connect(&new_only, &address_of(host)).await.is_ok();
@@ -249,13 +304,13 @@ async fn observe(
         can_rotate: Feature::CaRotation
             .check(pong.reply.protocol_revision)
             .is_ok(),
-        trusts_old: trusted.iter().any(|f| f == old),
-        trusts_new: trusted.iter().any(|f| f == new),
+        trusts_old: trusted.contains(&cas.old),
+        trusts_new: trusted.contains(&cas.new),
         serves_new,
     };
     let why = (!seen.can_rotate).then(|| {
         "its agent is too old to rotate CAs: upgrade it first (`controller agents upgrade`)"
             .to_owned()
     });
-    (seen, Some(agent), why)
+    (seen, Some((agent, trusted)), why)
 }

@@ -26,7 +26,14 @@ pub enum RenewalError {
     Sign(#[from] CertError),
     #[error("the agent took certificate {expected} but serves {served}; it stays unconfirmed")]
     NotServed { expected: String, served: String },
+    #[error(
+        "{0} certificates issued to this host in the last day were never taken by its agent; no more until one is (see `controller certs` and the agent's log)"
+    )]
+    Unconfirmed(usize),
 }
+
+/// Unconfirmed renewals of one host in a day before renewal stops.
+pub const MAX_UNCONFIRMED: usize = 3;
 
 /// A renewal that completed.
 #[derive(Debug, Clone, Serialize)]
@@ -113,6 +120,16 @@ pub async fn renew(
             expected: "a certificate".into(),
             served: "none".into(),
         })?;
+    // A host that keeps not taking its renewals is not given one more
+    // certificate an hour.
+    let day_ago = crate::now_unix() - 86_400;
+    let pending = fleet
+        .store()
+        .unconfirmed_certificates(&host.name, day_ago)
+        .await?;
+    if pending >= MAX_UNCONFIRMED {
+        return Err(RenewalError::Unconfirmed(pending));
+    }
     let csr = agent.renew_identity().await?;
     // The names the controller chose at bootstrap; the handshake proved the
     // certificate is this CA's and names the address dialled.

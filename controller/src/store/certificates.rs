@@ -171,6 +171,25 @@ impl Store {
         .await
     }
 
+    /// How many certificates issued to `host` since `since` are still
+    /// unconfirmed (renewals its agent has not taken).
+    pub async fn unconfirmed_certificates(
+        &self,
+        host: &str,
+        since: i64,
+    ) -> Result<usize, StoreError> {
+        let host = host.to_owned();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM certificates
+                 WHERE host = ?1 AND issued_at >= ?2 AND state = 'issued'",
+                params![host, since],
+                |r| r.get::<_, i64>(0),
+            )? as usize)
+        })
+        .await
+    }
+
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
         let serial = serial.to_ascii_lowercase();
         self.call(move |c| {
@@ -320,6 +339,7 @@ mod tests {
                 Err(StoreError::NotIssued { .. })
             ));
         }
+        assert_eq!(store.unconfirmed_certificates("im1", 0).await.unwrap(), 1);
         // Another process's renewal, issued later, is not superseded by the
         // confirmation of this one.
         store
@@ -333,6 +353,7 @@ mod tests {
         );
         assert!(store.confirm_certificate("im1", "0303", 5).await.unwrap());
         assert!(store.confirm_certificate("im1", "0202", 5).await.is_err());
+        assert_eq!(store.unconfirmed_certificates("im1", 0).await.unwrap(), 0);
         assert!(!store.confirm_certificate("im1", "0303", 6).await.unwrap());
         let states: Vec<_> = store
             .certificates()

@@ -44,6 +44,10 @@ pub enum StateError {
         "no home directory to keep controller state in; pass --state-dir or set IMFLEET_STATE_DIR"
     )]
     NoDefault,
+    #[error(
+        "{path} {what}, so there is no imfleet state here. If the state lives on the PBX cluster's failover filesystem, it is not mounted on this node: run the command where it is. For a new fleet, run `controller init` (it creates a new CA, which agents bootstrapped elsewhere do not trust). Nothing was created"
+    )]
+    NotInitialised { path: String, what: &'static str },
 }
 
 /// Makes `dir` a private (0700) state directory: creates it, or takes over
@@ -129,7 +133,42 @@ pub struct ControllerState {
 }
 
 impl ControllerState {
-    /// Opens the state directory, creating whatever is missing.
+    /// Opens an initialised state directory (every command but `init`):
+    /// never creates a CA or a database, so a state directory that is not
+    /// there (an unmounted failover filesystem) is an error, not a new
+    /// fleet. The controller's own certificate is renewed when due.
+    pub fn open(dir: &Path) -> Result<ControllerState, StateError> {
+        let missing = |what| StateError::NotInitialised {
+            path: dir.display().to_string(),
+            what,
+        };
+        match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_none() {
+                    return Err(missing("is empty"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(missing("does not exist"));
+            }
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                });
+            }
+        }
+        let has = |name: &str| dir.join(name).exists();
+        if !has(files::CA_CERT) && !has(files::CA_KEY) {
+            return Err(missing("holds no fleet CA (ca.pem, ca.key)"));
+        }
+        if !has(files::DATABASE) {
+            return Err(missing("holds no state database (state.db)"));
+        }
+        Ok(ControllerState::open_or_init(dir)?.0)
+    }
+
+    /// Opens the state directory, creating whatever is missing (`init`).
     pub fn open_or_init(dir: &Path) -> Result<(ControllerState, InitReport), StateError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
@@ -388,7 +427,7 @@ pub(crate) fn drop_identity(dir: &Path) {
 /// whether anything changed.
 pub fn revoke_controller(dir: &Path, serial: &str) -> Result<(ControllerState, bool), StateError> {
     use crate::controller_list::ControllerCertificates;
-    let (state, _) = ControllerState::open_or_init(dir)?;
+    let state = ControllerState::open(dir)?;
     let current = imfleet_certs::inspect_pem(&state.identity.cert_pem)
         .map_err(cert_err(dir, files::CONTROLLER_CERT))?;
     drop(state);
@@ -401,8 +440,7 @@ pub fn revoke_controller(dir: &Path, serial: &str) -> Result<(ControllerState, b
         }
         Ok(changed)
     })?;
-    let (state, _) = ControllerState::open_or_init(dir)?;
-    Ok((state, changed))
+    Ok((ControllerState::open(dir)?, changed))
 }
 
 fn hostname_or_default() -> String {
@@ -486,6 +524,30 @@ mod tests {
         ControllerState::open_or_init(tmp.path()).unwrap();
         assert!(tmp.path().join(files::CA_KEY).exists());
         assert!(!tmp.path().join(files::CA_KEY_PENDING).exists());
+    }
+
+    #[test]
+    fn only_init_creates_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("mnt/imfleet");
+        for dir in [missing.clone(), tmp.path().to_owned()] {
+            let err = ControllerState::open(&dir).unwrap_err();
+            assert!(matches!(err, StateError::NotInitialised { .. }), "{err}");
+            assert!(
+                err.to_string().contains("not mounted on this node"),
+                "{err}"
+            );
+        }
+        assert!(!missing.exists());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        // A directory holding something else is not a fleet either.
+        std::fs::write(tmp.path().join("notes.txt"), "x").unwrap();
+        assert!(ControllerState::open(tmp.path()).is_err());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // Initialised, it opens.
+        let dir = tmp.path().join("state");
+        ControllerState::open_or_init(&dir).unwrap();
+        ControllerState::open(&dir).unwrap();
     }
 
     #[test]

@@ -192,7 +192,17 @@ impl Default for Controller {
 }
 
 impl Controller {
+    /// A controller whose state is initialised (as `controller init` does;
+    /// no other command creates state).
     pub fn new() -> Self {
+        let controller = Controller::uninitialised();
+        imfleet_controller::state::ControllerState::open_or_init(controller.state.path())
+            .expect("controller init");
+        controller
+    }
+
+    /// A controller whose state directory is empty.
+    pub fn uninitialised() -> Self {
         Controller {
             state: tempfile::tempdir().expect("tempdir"),
         }

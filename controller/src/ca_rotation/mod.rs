@@ -79,7 +79,7 @@ pub struct RotationReport {
 /// under way); `skip` names hosts to go on without.
 pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, RotationError> {
     // One run at a time: each moves the phase on from what it observed.
-    let _ = ControllerState::open_or_init(dir)?;
+    let _ = ControllerState::open(dir)?;
     let lock_path = crate::state::run_dir(dir).join("rotation.lock");
     let lock = std::fs::File::create(&lock_path).map_err(|source| StateError::Io {
         path: lock_path.display().to_string(),
@@ -89,7 +89,7 @@ pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, Rotat
         return Err(RotationError::Busy);
     }
     loop {
-        let (state, _) = ControllerState::open_or_init(dir)?;
+        let state = ControllerState::open(dir)?;
         let fleet = Fleet::new(&state);
         let mut skipped = Vec::new();
         for name in skip {
@@ -154,7 +154,7 @@ pub async fn rotate(dir: &Path, skip: &[String]) -> Result<RotationReport, Rotat
                 crate::state::with_lock(dir, || Rotation::finish(dir))?;
                 // Controller certificates of the old CA are refused from now
                 // on, also on connections made before the old CA was dropped.
-                let (state, _) = ControllerState::open_or_init(dir)?;
+                let state = ControllerState::open(dir)?;
                 let current = imfleet_certs::inspect_pem(&state.identity.cert_pem)
                     .map(|i| i.serial_hex)
                     .unwrap_or_default();

@@ -199,7 +199,7 @@ pub async fn upgrade_hosts(dir: &Path, hosts: Vec<String>, json: bool) -> anyhow
 
 async fn upgrade(dir: &Path, args: AgentsUpgradeArgs) -> anyhow::Result<ExitCode> {
     use imfleet_controller::agent_upgrade::{AgentBuild, Upgraded, upgrade_agents};
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let fleet = imfleet_controller::fleet::Fleet::new(&state);
     let hosts = fleet
         .resolve(&super::selection(args.all, &args.hosts))

@@ -111,7 +111,7 @@ pub struct BootstrapArgs {
 }
 
 pub async fn run(dir: &Path, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let request = args.agent.bootstrap_request(
         &args.host,
         &args.ssh,

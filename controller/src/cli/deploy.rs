@@ -241,7 +241,7 @@ fn token_source(
 pub async fn run(dir: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be checked here is checked before the host is touched.
     let inputs = checked_inputs(&args)?;
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let progress = output::Progress::new(args.json);
     let host = bootstrapped_host(&state, &args, &inputs.preflight, &progress).await?;
     let agent = Fleet::new(&state).connect(&host).await?;

@@ -13,7 +13,7 @@ pub struct InitArgs {
 }
 
 pub fn run(dir: &Path, args: InitArgs) -> anyhow::Result<ExitCode> {
-    let (_, report) = super::open_state(dir)?;
+    let (_, report) = super::init_state(dir)?;
     if args.json {
         output::print_json(&report)?;
     } else if report.created.is_empty() {

@@ -168,12 +168,18 @@ fn selection(all: bool, hosts: &[String]) -> imfleet_controller::fleet::Selectio
 
 /// The bootstrapped hosts of the state directory.
 async fn open_fleet(dir: &std::path::Path) -> anyhow::Result<imfleet_controller::fleet::Fleet> {
-    let (state, _) = open_state(dir)?;
+    let state = open_state(dir)?;
     Ok(imfleet_controller::fleet::Fleet::new(&state))
 }
 
-/// Opens the state directory, creating it on first use.
-fn open_state(dir: &std::path::Path) -> anyhow::Result<(ControllerState, InitReport)> {
-    ControllerState::open_or_init(dir)
+/// Opens the initialised state directory (only `init` creates one).
+fn open_state(dir: &std::path::Path) -> anyhow::Result<ControllerState> {
+    ControllerState::open(dir)
         .with_context(|| format!("open the controller state in {}", dir.display()))
+}
+
+/// Opens the state directory, creating what is missing (`init`).
+fn init_state(dir: &std::path::Path) -> anyhow::Result<(ControllerState, InitReport)> {
+    ControllerState::open_or_init(dir)
+        .with_context(|| format!("initialise the controller state in {}", dir.display()))
 }

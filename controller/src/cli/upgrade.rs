@@ -111,7 +111,7 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
             "an upgrade needs the IM token it installs: a NEW one, as the HA guide asks. Generate it in the PBX portal (Servers > IM Servers > Generate Token) and pass --token-file FILE, or give --pbx-api to have it generated (and read back on --resume/--abort)"
         ),
     };
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let events = sink(args.json);
     let result = if args.resume {
         rollout::resume(&state, token, pbx, events.sink.clone()).await
@@ -175,7 +175,7 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
 }
 
 pub async fn rollouts(dir: &Path, args: RolloutsArgs) -> anyhow::Result<ExitCode> {
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let rollouts = state.store.rollouts(args.limit).await?;
     if args.json {
         output::print_json(&rollouts)?;

@@ -27,7 +27,7 @@ pub struct WatchArgs {
 
 pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdout().is_terminal() && !args.json;
-    let (state, _) = super::open_state(dir)?;
+    let state = super::open_state(dir)?;
     let mut ticker = tokio::time::interval(args.every.max(Duration::from_millis(200)));
     loop {
         ticker.tick().await;

@@ -179,7 +179,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     check(&config)?;
-    let (state, _) = ControllerState::open_or_init(state_dir)?;
+    let state = ControllerState::open(state_dir)?;
     let socket_path = http::socket_path(state_dir);
     let unix = http::bind_socket(&socket_path).await?;
     let tcp = tokio::net::TcpListener::bind(config.metrics_listen)
@@ -300,8 +300,8 @@ fn reopen(
     watchers: &mut HashMap<String, (HostRecord, tokio::task::AbortHandle)>,
     why: &str,
 ) {
-    match ControllerState::open_or_init(dir) {
-        Ok((fresh, _)) => {
+    match ControllerState::open(dir) {
+        Ok(fresh) => {
             *fleet = Fleet::new(&fresh);
             for (_, (_, task)) in watchers.drain() {
                 task.abort();

@@ -152,6 +152,7 @@ pub async fn deploy_with(
     progress: &Reporter,
 ) -> Result<DeployReport, DeployError> {
     let started = Instant::now();
+    store.check_not_in_rollout(&request.host).await?;
     check_agent(agent, request).await?;
     let gate = progress
         .phase(Phase::Preflight, "", preflight_gate(agent, request))

@@ -259,6 +259,34 @@ async fn an_agent_too_old_is_refused_before_the_pbx_or_the_host_changes() {
 }
 
 #[tokio::test]
+async fn a_host_an_active_rollout_holds_is_not_deployed_to() {
+    let (_dir, store) = store().await;
+    let step = crate::store::PlannedStep {
+        host: "im1".into(),
+        batch: 0,
+        canary: false,
+        from_revision: None,
+    };
+    store
+        .begin_rollout("pbx01:1", serde_json::json!({}), vec![step])
+        .await
+        .unwrap();
+    let agent = FakeAgent::new(success(false));
+    let pbx = FakePbx::default();
+    let (_, progress) = recorder();
+    let req = request(true, TokenSource::FromPbx);
+    let err = deploy_with(&store, &agent, &req, Some(&pbx), &progress)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("controller upgrade --abort"),
+        "{err}"
+    );
+    assert!(pbx.calls().is_empty());
+    assert!(agent.calls().is_empty());
+}
+
+#[tokio::test]
 async fn directories_outside_the_agents_roots_stop_everything() {
     let (_dir, store) = store().await;
     let mut agent = FakeAgent::new(success(false));

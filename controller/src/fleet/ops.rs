@@ -258,6 +258,7 @@ pub async fn control(
 ) -> Vec<HostResult<DeploymentStatus>> {
     fleet
         .run(hosts, |host, agent| async move {
+            fleet.store().check_not_in_rollout(&host.name).await?;
             let purge_paths = match (purge, fleet.store().deployment(&host.name).await?) {
                 (true, Some(d)) => portsip::purge_paths(&d.data_path),
                 _ => Vec::new(),

@@ -268,15 +268,7 @@ impl Store {
         let host = host.to_owned();
         self.call(move |c| {
             let tx = c.transaction()?;
-            let rollout: Option<i64> = tx
-                .query_row(
-                    "SELECT r.id FROM rollout_steps s JOIN rollouts r ON r.id = s.rollout_id
-                     WHERE s.host = ?1 AND r.active",
-                    [&host],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(rollout) = rollout {
+            if let Some(rollout) = super::rollouts::active_rollout_holding(&tx, &host)? {
                 return Err(StoreError::HostInRollout { host, rollout });
             }
             let revoked = tx.execute(

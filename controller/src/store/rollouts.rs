@@ -163,7 +163,33 @@ pub struct PlannedStep {
     pub from_revision: Option<i64>,
 }
 
+/// The active rollout that has `host` among its steps, if any.
+pub(super) fn active_rollout_holding(
+    conn: &rusqlite::Connection,
+    host: &str,
+) -> rusqlite::Result<Option<i64>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        "SELECT r.id FROM rollout_steps s JOIN rollouts r ON r.id = s.rollout_id
+         WHERE s.host = ?1 AND r.active",
+        [host],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 impl Store {
+    /// Refuses, naming the rollout and the way out, when an active rollout
+    /// holds `host` (deploy, start, stop and rm must not act under it).
+    pub async fn check_not_in_rollout(&self, host: &str) -> Result<(), StoreError> {
+        let host = host.to_owned();
+        self.call(move |c| match active_rollout_holding(c, &host)? {
+            Some(rollout) => Err(StoreError::HostInRollout { host, rollout }),
+            None => Ok(()),
+        })
+        .await
+    }
+
     /// Starts a rollout with its plan, unless another is active.
     pub async fn begin_rollout(
         &self,
@@ -424,6 +450,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(second.to_string().contains("--resume"));
+        // The rollout holds its hosts: deploy, start, stop and rm refuse them.
+        let held = store.check_not_in_rollout("im2").await.unwrap_err();
+        assert!(matches!(held, StoreError::HostInRollout { rollout, .. } if rollout == id));
+        assert!(held.to_string().contains("--abort"), "{held}");
+        store.upsert_host(&host("im3", "10.0.0.7")).await.unwrap();
+        store.check_not_in_rollout("im3").await.unwrap();
 
         store
             .set_step(id, "im1", StepPhase::Swapping, Some(7), "")
@@ -481,6 +513,7 @@ mod tests {
             .await
             .unwrap();
         assert!(store.active_rollout().await.unwrap().is_none());
+        store.check_not_in_rollout("im2").await.unwrap();
         let next = store
             .begin_rollout("x", params, plan(&["im2"]))
             .await

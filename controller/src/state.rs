@@ -176,48 +176,46 @@ impl ControllerState {
         };
         prepare_state_dir(dir)?;
         // One controller process at a time creates files; others wait here.
-        let lock_path = dir.join(files::LOCK);
-        let lock = File::create(&lock_path).map_err(io(&lock_path))?;
-        lock.lock().map_err(io(&lock_path))?;
-
-        let mut created = Vec::new();
-        // A CA rotation cut while the new CA was moved into place is finished.
-        use crate::ca_rotation::{Phase, Rotation};
-        let rotation = match Rotation::load(dir)? {
-            Some(r) if r.phase == Phase::Finishing => {
-                Rotation::finish(dir)?;
-                None
-            }
-            other => other,
-        };
-        let ca = load_or_create_ca(dir, &mut created)?;
-        // During a rotation both CAs are trusted; the new one signs from the
-        // re-issue phase on.
-        let (signing, trusted) = match &rotation {
-            None => (ca, None),
-            Some(r) => {
-                let next = Rotation::next_ca(dir)?;
-                let trusted = format!("{}{}", ca.cert_pem(), next.cert_pem());
-                if r.phase == Phase::Trust {
-                    (ca, Some(trusted))
-                } else {
-                    (next, Some(trusted))
+        let (ca, identity, store, created) = with_lock(dir, || {
+            let mut created = Vec::new();
+            // A CA rotation cut while the new CA was moved into place is finished.
+            use crate::ca_rotation::{Phase, Rotation};
+            let rotation = match Rotation::load(dir)? {
+                Some(r) if r.phase == Phase::Finishing => {
+                    Rotation::finish(dir)?;
+                    None
                 }
+                other => other,
+            };
+            let ca = load_or_create_ca(dir, &mut created)?;
+            // During a rotation both CAs are trusted; the new one signs from the
+            // re-issue phase on.
+            let (signing, trusted) = match &rotation {
+                None => (ca, None),
+                Some(r) => {
+                    let next = Rotation::next_ca(dir)?;
+                    let trusted = format!("{}{}", ca.cert_pem(), next.cert_pem());
+                    if r.phase == Phase::Trust {
+                        (ca, Some(trusted))
+                    } else {
+                        (next, Some(trusted))
+                    }
+                }
+            };
+            let ca = signing;
+            let mut identity = load_or_issue_identity(dir, &ca, &mut created)?;
+            if let Some(trusted) = trusted {
+                identity.ca_pem = trusted;
             }
-        };
-        let ca = signing;
-        let mut identity = load_or_issue_identity(dir, &ca, &mut created)?;
-        if let Some(trusted) = trusted {
-            identity.ca_pem = trusted;
-        }
-        identity.controllers = Some(controller_list(dir, &ca, &identity)?);
-        let db_path = dir.join(files::DATABASE);
-        if !db_path.exists() {
-            created.push(files::DATABASE.to_owned());
-        }
-        let store = Store::open(&db_path)?;
-        ensure_private_dir(&run_dir(dir)).map_err(io(dir))?;
-        drop(lock);
+            identity.controllers = Some(controller_list(dir, &ca, &identity)?);
+            let db_path = dir.join(files::DATABASE);
+            if !db_path.exists() {
+                created.push(files::DATABASE.to_owned());
+            }
+            let store = Store::open(&db_path)?;
+            ensure_private_dir(&run_dir(dir)).map_err(io(dir))?;
+            Ok((ca, identity, store, created))
+        })?;
 
         let report = InitReport {
             state_dir: dir.display().to_string(),

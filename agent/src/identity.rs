@@ -332,16 +332,24 @@ mod tests {
         assert_eq!(loaded.ca_pem, ca.cert_pem());
     }
 
-    #[test]
-    fn renewal_swaps_the_identity_keeps_the_previous_and_refuses_what_is_not_its_own() {
+    /// A host enrolled under `ca` for 127.0.0.2: its layout and certificate.
+    fn enrolled(ca: &CertificateAuthority) -> (tempfile::TempDir, Layout, String) {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
+        let csr = request(&layout, "im1").unwrap();
+        let sans = ["127.0.0.2".to_owned()];
+        let validity = Validity::starting_now(AGENT_LIFETIME);
+        let cert = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
+        install(&layout, &format!("{cert}{}", ca.cert_pem())).unwrap();
+        (dir, layout, cert)
+    }
+
+    #[test]
+    fn renewal_swaps_the_identity_keeps_the_previous_and_refuses_what_is_not_its_own() {
         let ca = CertificateAuthority::generate("test CA").unwrap();
+        let (_dir, layout, first) = enrolled(&ca);
         let sans = vec!["127.0.0.2".to_owned()];
         let validity = Validity::starting_now(AGENT_LIFETIME);
-        let csr = request(&layout, "im1").unwrap();
-        let first = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
-        install(&layout, &format!("{first}{}", ca.cert_pem())).unwrap();
         let before = load(&layout).unwrap();
 
         // Nothing asked for: refused.
@@ -406,14 +414,10 @@ mod tests {
 
     #[test]
     fn a_renewal_cut_between_certificate_and_key_is_finished_at_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
         let ca = CertificateAuthority::generate("test CA").unwrap();
+        let (_dir, layout, _) = enrolled(&ca);
         let sans = vec!["127.0.0.2".to_owned()];
         let validity = Validity::starting_now(AGENT_LIFETIME);
-        let csr = request(&layout, "im1").unwrap();
-        let first = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
-        install(&layout, &format!("{first}{}", ca.cert_pem())).unwrap();
         let csr = request_renewal(&layout).unwrap();
         let renewed = ca.sign_agent_request(&csr, "im1", &sans, validity).unwrap();
         // As if the agent died right after writing the certificate.
@@ -430,20 +434,9 @@ mod tests {
 
     #[test]
     fn trusted_cas_change_only_with_a_trusted_signature_and_only_to_cas() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
         let ca = CertificateAuthority::generate("old").unwrap();
         let next = CertificateAuthority::generate("new").unwrap();
-        let csr = request(&layout, "im1").unwrap();
-        let cert = ca
-            .sign_agent_request(
-                &csr,
-                "im1",
-                &["127.0.0.2".to_owned()],
-                Validity::starting_now(AGENT_LIFETIME),
-            )
-            .unwrap();
-        install(&layout, &format!("{cert}{}", ca.cert_pem())).unwrap();
+        let (_dir, layout, cert) = enrolled(&ca);
         let both = format!("{}{}", ca.cert_pem(), next.cert_pem());
         let sign = |by: &CertificateAuthority, bundle: &str| {
             let current = imfleet_certs::fingerprints(&load(&layout).unwrap().ca_pem);

@@ -134,9 +134,4 @@ impl Rotation {
         std::fs::remove_file(dir.join(ROTATION)).map_err(io(dir, ROTATION))?;
         imfleet_certs::storage::sync_dir(dir).map_err(io(dir, "."))
     }
-
-    /// The new CA's certificate.
-    pub fn next_ca_pem(dir: &Path) -> Result<String, StateError> {
-        Ok(Rotation::next_ca(dir)?.cert_pem().to_owned())
-    }
 }

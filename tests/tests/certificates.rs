@@ -257,8 +257,10 @@ fn a_revoked_controller_certificate_is_refused_by_every_agent_told() {
     let told = pong[0]["controllers_version"].as_u64().unwrap();
     assert!(told > 0, "the agent holds no controller list: {pong:#}");
 
-    // Someone copies pbx01's controller identity (here: the whole state).
-    let thief = Controller::new();
+    // Someone copies pbx01's controller identity (here: the whole state)
+    // into an empty directory: over an initialised one, the copied
+    // database would meet the other fleet's write-ahead log.
+    let thief = Controller::uninitialised();
     for entry in std::fs::read_dir(controller.state.path()).unwrap() {
         let entry = entry.unwrap();
         if entry.file_type().unwrap().is_file() {

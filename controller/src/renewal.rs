@@ -24,6 +24,8 @@ pub enum RenewalError {
     Store(#[from] StoreError),
     #[error("cannot sign the agent's request: {0}")]
     Sign(#[from] CertError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("the agent took certificate {expected} but serves {served}; it stays unconfirmed")]
     NotServed { expected: String, served: String },
     #[error(
@@ -133,7 +135,7 @@ pub async fn renew(
     let csr = agent.renew_identity().await?;
     // The names the controller chose at bootstrap; the handshake proved the
     // certificate is this CA's and names the address dialled.
-    let certificate = fleet.ca().sign_agent_request(
+    let certificate = fleet.ca().load()?.sign_agent_request(
         &csr,
         &host.name,
         &presented.subject_alt_names,

@@ -74,7 +74,7 @@ pub fn start_for(
         let (state, _) =
             imfleet_controller::state::ControllerState::open_or_init(controller.state.path())
                 .unwrap();
-        start_each(&state.ca, &state.store, behaviours).await
+        start_each(&state.ca.load().unwrap(), &state.store, behaviours).await
     })
 }
 

@@ -72,6 +72,8 @@ pub enum BootstrapError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// What a bootstrap did.
@@ -547,6 +549,7 @@ async fn enrol(
         .await?;
     let cert = state
         .ca
+        .load()?
         .sign_agent_request(
             &csr,
             common_name,

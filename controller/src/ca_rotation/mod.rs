@@ -25,7 +25,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use decide::{Observed, Step};
-pub use files::{ROTATION, Rotation};
+pub use files::{NEXT_KEY, ROTATION, Rotation};
 
 use crate::agent_client::{Agent, Feature};
 use crate::fleet::{Fleet, FleetError, address_of};
@@ -252,7 +252,12 @@ async fn advance(
             };
             // Bound to what the host trusts now: not replayable later.
             let message = imfleet_certs::trusted_cas_message(&trusted, &bundle);
-            match state.ca.sign(&message) {
+            match state
+                .ca
+                .load()
+                .map_err(|e| e.to_string())
+                .and_then(|ca| ca.sign(&message).map_err(|e| e.to_string()))
+            {
                 Ok(signature) => agent
                     .set_trusted_cas(bundle, signature)
                     .await

@@ -205,7 +205,7 @@ async fn upgrade(dir: &Path, args: AgentsUpgradeArgs) -> anyhow::Result<ExitCode
         .resolve(&super::selection(args.all, &args.hosts))
         .await?;
     let path = imfleet_controller::bootstrap::locate_agent_binary(args.agent_binary.as_deref())?;
-    let build = AgentBuild::read(&path, &state.ca).await?;
+    let build = AgentBuild::read(&path, &state.ca.load()?).await?;
     let progress = output::Progress::new(args.json);
     progress.message(format!(
         "upgrading {} host(s) to agent {}",

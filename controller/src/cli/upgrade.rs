@@ -7,12 +7,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Args;
 use imfleet_controller::deployment::TokenSource;
+use imfleet_controller::rollout::credentials::Stored;
 use imfleet_controller::rollout::{
-    self, EventSink, Limits, RolloutEvent, RolloutPlan, Timing, UpgradeRequest,
+    self, Credentials, EventSink, Limits, RolloutEvent, RolloutPlan, Timing, UpgradeRequest,
 };
+use imfleet_controller::serve::api::{Driving, Submission, Upgrade};
+use imfleet_controller::serve::client;
 use imfleet_controller::store::{Rollout, RolloutState};
 
 use super::deploy::{PbxArgs, given_token};
@@ -21,7 +24,7 @@ use super::output;
 #[derive(Args)]
 pub struct UpgradeArgs {
     /// Hosts to upgrade, in this order.
-    #[arg(required_unless_present_any = ["all", "resume", "abort"])]
+    #[arg(required_unless_present_any = ["all", "resume", "abort", "follow"])]
     hosts: Vec<String>,
     /// Every host with a deployment.
     #[arg(long, conflicts_with = "hosts")]
@@ -65,13 +68,18 @@ pub struct UpgradeArgs {
     #[arg(long, conflicts_with_all = ["hosts", "all", "abort", "dry_run", "image", "image_file", "db_image",
         "max_parallel", "canary", "min_healthy_time", "healthy_deadline", "progress_deadline", "max_failures", "no_auto_rollback", "force", "stop_grace"])]
     resume: bool,
+    /// Show the rollout `controller serve` drives (Ctrl-C leaves it running).
+    #[arg(long, conflicts_with_all = ["hosts", "all", "resume", "abort", "dry_run", "image", "image_file", "db_image",
+        "max_parallel", "canary", "min_healthy_time", "healthy_deadline", "progress_deadline", "max_failures", "no_auto_rollback", "force", "stop_grace", "token_file"])]
+    follow: bool,
     /// Roll back every host the active rollout changed.
     #[arg(long, conflicts_with_all = ["hosts", "all", "dry_run", "image", "image_file", "db_image",
         "max_parallel", "canary", "min_healthy_time", "healthy_deadline", "progress_deadline", "max_failures", "no_auto_rollback", "force", "stop_grace"])]
     abort: bool,
     /// File holding the NEW IM token (`-` for stdin). Default:
-    /// IMFLEET_IM_TOKEN, else generated through --pbx-api (read back from it
-    /// for --resume and --abort). Never give it as an argument.
+    /// IMFLEET_IM_TOKEN, else generated through --pbx-api. --resume and
+    /// --abort use what the rollout kept unless given. Never give it as an
+    /// argument.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     #[command(flatten)]
@@ -97,74 +105,110 @@ pub struct RolloutsArgs {
 }
 
 pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> {
-    let pbx = args.pbx_api.options()?;
-    let token = given_token(args.token_file.as_deref())?;
-    let token = match (token, &pbx) {
-        (Some(t), _) => TokenSource::Given(t),
-        (None, Some(_)) if args.resume || args.abort => TokenSource::FromPbx,
-        (None, Some(_)) => TokenSource::NewFromPbx,
-        (None, None) if args.dry_run => TokenSource::FromPbx,
-        (None, None) if args.resume || args.abort => bail!(
-            "going on with a rollout needs the token it installs: pass --token-file with the token it was started with, or --pbx-api to read it back from the PBX. Do not generate a new one now: that revokes the token the upgraded hosts run"
-        ),
-        (None, None) => bail!(
-            "an upgrade needs the IM token it installs: a NEW one, as the HA guide asks. Generate it in the PBX portal (Servers > IM Servers > Generate Token) and pass --token-file FILE, or give --pbx-api to have it generated (and read back on --resume/--abort)"
-        ),
+    if args.follow {
+        return follow_daemon(dir, args.json).await;
+    }
+    let given = Credentials {
+        token: given_token(args.token_file.as_deref())?,
+        pbx: args.pbx_api.options()?,
     };
+    let starting = !(args.resume || args.abort);
+    if starting && !args.dry_run && given.token.is_none() && given.pbx.is_none() {
+        bail!(
+            "an upgrade needs the IM token it installs: a NEW one, as the HA guide asks. Generate it in the PBX portal (Servers > IM Servers > Generate Token) and pass --token-file FILE, or give --pbx-api to have it generated"
+        );
+    }
+    let request = starting.then(|| request_of(&args, &given)).transpose()?;
+    if let Some(request) = &request
+        && args.dry_run
+    {
+        let state = super::open_state(dir)?;
+        let plan = rollout::dry_run(&state, request).await?;
+        if args.json {
+            output::print_json(&plan)?;
+        } else {
+            print_plan(&plan);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // With a daemon, the daemon drives the rollout and this follows it.
+    let stored = Stored::of(None, &given);
+    let submission = match &request {
+        Some(request) => Submission::Start {
+            upgrade: Upgrade::of(request),
+            credentials: stored,
+        },
+        None if args.resume => Submission::Resume {
+            credentials: stored,
+        },
+        None => Submission::Abort {
+            credentials: stored,
+        },
+    };
+    if let Some(run) = client::submit(dir, &submission).await? {
+        return follow_run(dir, run, args.json, args.abort).await;
+    }
     let state = super::open_state(dir)?;
     let events = sink(args.json);
-    let result = if args.resume {
-        rollout::resume(&state, token, pbx, events.sink.clone()).await
-    } else if args.abort {
-        rollout::abort(&state, token, pbx, events.sink.clone()).await
-    } else {
-        let request = UpgradeRequest {
-            selection: super::selection(args.all, &args.hosts),
-            image: args.image.clone(),
-            db_image: args.db_image.clone(),
-            image_files: args.image_file.clone(),
-            canaries: args.canary,
-            limits: Limits {
-                max_parallel: args.max_parallel,
-                max_failures: args.max_failures,
-                auto_rollback: !args.no_auto_rollback,
-                accepted_failures: 0,
-                accepted_canary_failures: 0,
-            },
-            timing: Timing {
-                min_healthy: args.min_healthy_time,
-                healthy_deadline: args.healthy_deadline,
-                progress_deadline: args.progress_deadline,
-            },
-            stop_grace_seconds: args.stop_grace,
-            token,
-            pbx,
-            force: args.force,
-        };
-        if args.dry_run {
-            let plan = rollout::dry_run(&state, &request).await?;
-            if args.json {
-                output::print_json(&plan)?;
-            } else {
-                print_plan(&plan);
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        rollout::upgrade(&state, request, events.sink.clone()).await
+    let result = match request {
+        Some(request) => rollout::upgrade(&state, request, events.sink.clone()).await,
+        None if args.resume => rollout::resume(&state, given, events.sink.clone()).await,
+        None => rollout::abort(&state, given, events.sink.clone()).await,
     };
     events.finish();
-    let rollout = result?;
-    if args.json {
+    finished(&result?, args.json, args.abort)
+}
+
+/// The request `upgrade` was given (paths made absolute: a daemon may read them).
+fn request_of(args: &UpgradeArgs, given: &Credentials) -> anyhow::Result<UpgradeRequest> {
+    let image_files = args
+        .image_file
+        .iter()
+        .map(|f| std::path::absolute(f).with_context(|| format!("--image-file {}", f.display())))
+        .collect::<anyhow::Result<Vec<PathBuf>>>()?;
+    Ok(UpgradeRequest {
+        selection: super::selection(args.all, &args.hosts),
+        image: args.image.clone(),
+        db_image: args.db_image.clone(),
+        image_files,
+        canaries: args.canary,
+        limits: Limits {
+            max_parallel: args.max_parallel,
+            max_failures: args.max_failures,
+            auto_rollback: !args.no_auto_rollback,
+            accepted_failures: 0,
+            accepted_canary_failures: 0,
+        },
+        timing: Timing {
+            min_healthy: args.min_healthy_time,
+            healthy_deadline: args.healthy_deadline,
+            progress_deadline: args.progress_deadline,
+        },
+        stop_grace_seconds: args.stop_grace,
+        token: match (&given.token, &given.pbx) {
+            (Some(token), _) => TokenSource::Given(token.clone()),
+            (None, Some(_)) if !args.dry_run => TokenSource::NewFromPbx,
+            _ => TokenSource::FromPbx,
+        },
+        pbx: given.pbx.clone(),
+        force: args.force,
+    })
+}
+
+/// Prints how the rollout stands; success when it succeeded (or, asked to
+/// abort, was aborted).
+fn finished(rollout: &Rollout, json: bool, aborting: bool) -> anyhow::Result<ExitCode> {
+    if json {
         println!(
             "{}",
             output::json_line(&serde_json::json!({"event": "rollout", "rollout": rollout}))?
         );
     } else {
-        print_rollout(&rollout);
+        print_rollout(rollout);
     }
     let ok = match rollout.state {
         RolloutState::Succeeded => true,
-        RolloutState::Aborted => args.abort,
+        RolloutState::Aborted => aborting,
         _ => false,
     };
     Ok(if ok {
@@ -172,6 +216,104 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How long `--follow` waits for the daemon to take an active rollout up.
+const TAKE_UP_WAIT: Duration = Duration::from_secs(15);
+
+/// `upgrade --follow`: the run the daemon drives now, else how the active
+/// rollout stands.
+async fn follow_daemon(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let state = super::open_state(dir)?;
+    // A daemon that just started takes an active rollout up within seconds.
+    let deadline = tokio::time::Instant::now() + TAKE_UP_WAIT;
+    let (driving, active) = loop {
+        let driving = client::driving(dir).await?;
+        if let Some(Driving {
+            run: Some(run),
+            running: true,
+        }) = driving
+        {
+            return follow_run(dir, run, json, false).await;
+        }
+        let Some(active) = state.store.active_rollout().await? else {
+            // It may have just ended: the daemon's newest run says how.
+            if let Some(Driving { run: Some(run), .. }) = driving {
+                return follow_run(dir, run, json, false).await;
+            }
+            bail!("there is no active rollout to follow; see `controller rollouts`");
+        };
+        let waiting = driving.is_some()
+            && matches!(active.state, RolloutState::Running | RolloutState::Aborting);
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            break (driving, active);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let why = if active.state == RolloutState::Paused {
+        "it is paused: `controller upgrade --resume` goes on, `--abort` rolls back".to_owned()
+    } else if rollout::is_driven(&state.run_dir())? {
+        format!("another controller process drives it ({})", active.holder)
+    } else if driving.is_none() {
+        "no `controller serve` runs here: start it (it takes the rollout up), or run `controller upgrade --resume`".to_owned()
+    } else {
+        "`controller serve` takes it up after a delay, unless only the operator can help (see its log: journalctl -u imfleet-controller); `controller upgrade --resume` goes on now".to_owned()
+    };
+    eprintln!("rollout {} is not being driven right now: {why}", active.id);
+    finished(&active, json, false)
+}
+
+/// Shows a run the daemon drives until it ends; Ctrl-C leaves it running.
+async fn follow_run(dir: &Path, run: u64, json: bool, aborting: bool) -> anyhow::Result<ExitCode> {
+    let events = sink(json);
+    let mut after = 0;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let end = loop {
+        let page = tokio::select! {
+            page = client::run_page(dir, run, after) => page,
+            _ = &mut interrupted => {
+                events.finish();
+                eprintln!(
+                    "detached: `controller serve` goes on with the rollout; `controller upgrade --follow` shows it again, `controller rollouts` how it stands"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        // A daemon that stops mid-answer is gone, not unreadable.
+        let gone = match page {
+            Ok(Some(page)) => Some(page),
+            Ok(None) => None,
+            Err(e) => match client::driving(dir).await {
+                Ok(None) => None,
+                _ => return Err(e.into()),
+            },
+        };
+        let Some(page) = gone else {
+            events.finish();
+            bail!(
+                "`controller serve` stopped while driving the rollout; it takes it up again when it starts (or run `controller upgrade --resume`)"
+            );
+        };
+        for event in page.events {
+            match serde_json::from_value::<RolloutEvent>(event) {
+                Ok(event) => (events.sink)(event),
+                Err(e) => tracing::debug!("an event from the daemon could not be read: {e}"),
+            }
+        }
+        after = page.next;
+        if let Some(end) = page.ended {
+            break end;
+        }
+    };
+    events.finish();
+    match (end.rollout, end.error) {
+        (Some(rollout), _) => finished(&rollout, json, aborting),
+        (None, error) => bail!(
+            "{}",
+            error.unwrap_or_else(|| "the run ended without a rollout".into())
+        ),
+    }
 }
 
 pub async fn rollouts(dir: &Path, args: RolloutsArgs) -> anyhow::Result<ExitCode> {

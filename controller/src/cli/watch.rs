@@ -31,7 +31,7 @@ pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut ticker = tokio::time::interval(args.every.max(Duration::from_millis(200)));
     loop {
         ticker.tick().await;
-        let Some(hosts) = imfleet_controller::serve::http::fetch_hosts(dir).await? else {
+        let Some(hosts) = imfleet_controller::serve::client::fetch_hosts(dir).await? else {
             anyhow::bail!(
                 "no `controller serve` answers for {}; start it (systemctl start imfleet-controller, or `controller serve`) to watch the fleet live, or use `controller status`",
                 dir.display()

@@ -458,7 +458,10 @@ fn judge_outcome(
 
 /// Step 6: the PBX must list the IM server's addresses before deploy calls
 /// it done.
-async fn register(pbx: &impl PbxApi, request: &DeployRequest) -> Result<ImAddresses, DeployError> {
+pub(crate) async fn register(
+    pbx: &impl PbxApi,
+    request: &DeployRequest,
+) -> Result<ImAddresses, DeployError> {
     let wanted = ImAddresses::from_ips(request.params.private_ip, request.params.public_ip);
     pbx.set_im_addresses(&wanted).await?;
     let shown = pbx.im_addresses().await?;

@@ -46,7 +46,7 @@ impl ImToken {
         portsip::token_fingerprint(&self.0)
     }
 
-    pub(super) fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -7,10 +7,7 @@ pub mod ops;
 
 use std::future::Future;
 
-use std::sync::Arc;
-
 use futures::StreamExt;
-use imfleet_certs::CertificateAuthority;
 
 use crate::agent_client::{Agent, AgentAddress, AgentError};
 use crate::state::{ClientIdentity, ControllerState};
@@ -54,7 +51,7 @@ pub struct HostResult<T> {
 #[derive(Debug, Clone)]
 pub struct Fleet {
     identity: ClientIdentity,
-    ca: Arc<CertificateAuthority>,
+    ca: crate::state::SigningCa,
     store: Store,
     concurrency: usize,
 }
@@ -77,7 +74,7 @@ impl Fleet {
         &self.identity
     }
 
-    pub fn ca(&self) -> &CertificateAuthority {
+    pub fn ca(&self) -> &crate::state::SigningCa {
         &self.ca
     }
 
@@ -202,6 +199,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -246,7 +244,10 @@ mod tests {
                 key_pem: String::new(),
                 controllers: None,
             },
-            ca: Arc::new(CertificateAuthority::generate("test").unwrap()),
+            ca: crate::state::SigningCa {
+                cert_pem: String::new(),
+                key_path: "/nonexistent".into(),
+            },
             store,
             concurrency: 2,
         };

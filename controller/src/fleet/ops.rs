@@ -175,7 +175,7 @@ pub async fn status_preferring_daemon(
     state_dir: &std::path::Path,
     hosts: &[HostRecord],
 ) -> Vec<ServiceStatus> {
-    let snapshots = match crate::serve::http::fetch_hosts(state_dir).await {
+    let snapshots = match crate::serve::client::fetch_hosts(state_dir).await {
         Ok(snapshots) => snapshots.unwrap_or_default(),
         // Said, not hidden: the agents are asked instead.
         Err(e) => {

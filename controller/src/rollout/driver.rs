@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+use super::RolloutError;
 use super::decide::{Action, decide};
 use super::host::{Ctx, HostTarget, HostTask};
-use super::run::{RECHECK, RolloutError, RolloutOutcome, only, steps_of};
+use super::run::{RECHECK, RolloutOutcome, only, steps_of};
 use super::{EventSink, RolloutEvent, RolloutParams};
 use crate::deployment::run::obtain_token;
 use crate::deployment::{ImToken, TokenSource};

@@ -18,7 +18,7 @@ use crate::deployment::{DeployError, DeployRequest, ImToken, TokenSource};
 use crate::pbx::PbxClient;
 use crate::preflight::{PreflightParams, sizing};
 use crate::progress::{Progress, ProgressSink, Reporter};
-use crate::store::{DeploymentRecord, HostRecord, StepPhase, Store};
+use crate::store::{DeploymentRecord, HostRecord, Outcome, StepPhase, Store};
 
 /// How often a host being verified is asked how it is.
 const VERIFY_EVERY: Duration = Duration::from_secs(1);
@@ -452,6 +452,37 @@ impl HostTask<'_> {
         }
     }
 
+    /// Records that the host runs `record`'s version healthy, as found after
+    /// the controller lost track mid-apply (the apply finished on the host,
+    /// its record was never written), unless the record says so already.
+    async fn adopt(
+        &self,
+        record: &DeploymentRecord,
+        status: &DeploymentStatus,
+    ) -> Result<(), RolloutError> {
+        let store = self.ctx.store;
+        let current = store.deployment(self.host()).await?;
+        if current.is_some_and(|c| c.config_hash == status.config_hash) {
+            return Ok(());
+        }
+        let mut found = record.clone();
+        found.config_hash = status.config_hash.clone();
+        found.image_ids = status
+            .containers
+            .iter()
+            .map(|c| (c.name.clone(), c.image_id.clone()))
+            .collect();
+        found.deployed_at = crate::now_unix();
+        store
+            .record_apply(
+                &found,
+                Outcome::Applied,
+                "found running healthy after the controller lost track of the apply",
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Looks at a host the controller lost mid-swap and records what it is.
     /// An apply the agent was still doing finishes (or is undone) within its
     /// health timeout, so the host is given that long to settle on either
@@ -460,8 +491,10 @@ impl HostTask<'_> {
         let target = self.config_hash(&self.target.to, token)?;
         let restored = self.config_hash(&self.target.from, token)?;
         let deadline = Instant::now() + self.ctx.params.timing.healthy_deadline;
+        let mut last: Option<DeploymentStatus>;
         let observed = loop {
-            let observed = match self.agent.status(DEPLOYMENT_NAME).await {
+            let status = self.agent.status(DEPLOYMENT_NAME).await;
+            let observed = match &status {
                 // An apply the controller lost is still running: wait for it.
                 Ok(s) if s.applying => Observed {
                     runs: Runs::Other,
@@ -484,12 +517,31 @@ impl HostTask<'_> {
                     healthy: false,
                 },
             };
+            last = status.ok();
             let settled = observed.healthy && observed.runs != Runs::Other;
             if settled || Instant::now() >= deadline {
                 break observed;
             }
             tokio::time::sleep(VERIFY_EVERY).await;
         };
+        if let Some(status) = last.filter(|_| observed.healthy) {
+            match observed.runs {
+                Runs::Target => {
+                    self.adopt(&self.target.to, &status).await?;
+                    // The lost apply may have ended before the PBX was told.
+                    if let Some(pbx) = self.ctx.pbx {
+                        let request = self.ctx.request(self.host(), &self.target.to)?;
+                        crate::deployment::run::register(pbx, &request)
+                            .await
+                            .map_err(|e| {
+                                RolloutError::Deploy(self.host().to_owned(), Box::new(e))
+                            })?;
+                    }
+                }
+                Runs::Previous => self.adopt(&self.target.from, &status).await?,
+                Runs::Other => {}
+            }
+        }
         let phase = reconcile(observed, self.ctx.params.limits.auto_rollback, aborting);
         let detail = format!(
             "found running {} ({})",

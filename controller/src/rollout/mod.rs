@@ -9,18 +9,22 @@
 //! - `run`: starting, resuming and aborting (the lock, the token, checks);
 //!   `driver`: one process driving a rollout under the decisions.
 //!
-//! Where the IM token comes from: the controller never stores it. A new
-//! rollout takes it from `--token-file` or has the PBX generate a new one
-//! right before the first swap; `--resume` and `--abort` take it from
-//! `--token-file` or read the PBX's current one (the one the rollout
-//! generated). A rollback applies the previous images with that same
+//! Where the IM token comes from: a new rollout takes it from
+//! `--token-file` or has the PBX generate a new one right before the first
+//! swap. What it was given (token, PBX login) is kept beside the CA key
+//! while the rollout is active (`credentials`), never in the database, so
+//! the daemon can go on after a crash or failover; `--resume` and
+//! `--abort` use it unless given new ones, and read the PBX's current
+//! token (the one the rollout generated) when no token was given. A rollback applies the previous images with that same
 //! token (the old one was revoked when the new one was made), so the
 //! restored IM can still log in to the PBX. An apply that fails inside the
 //! agent is undone by the agent itself, which restarts the previous
 //! containers exactly as they were.
 
+pub mod credentials;
 pub mod decide;
 mod driver;
+mod error;
 mod host;
 pub mod plan;
 mod run;
@@ -30,9 +34,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use credentials::Credentials;
 pub use decide::Limits;
+pub use error::RolloutError;
 pub use plan::{PlanLine, RolloutPlan};
-pub use run::{LOCK_FILE, RolloutError, RolloutOutcome, abort, dry_run, resume, upgrade};
+pub use run::{LOCK_FILE, RolloutOutcome, abort, dry_run, is_driven, resume, upgrade};
 
 use crate::deployment::TokenSource;
 use crate::fleet::Selection;
@@ -121,7 +127,7 @@ pub struct RolloutParams {
 }
 
 /// What a rollout reports as it goes; `--json` prints one per line.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum RolloutEvent {
     /// The rollout and its order of hosts.

@@ -17,7 +17,7 @@ use crate::preflight::Check;
 use crate::store::{HostRecord, PlannedStep};
 
 /// One host's line of the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PlanLine {
     pub host: String,
     pub batch: u32,

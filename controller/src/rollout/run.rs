@@ -5,17 +5,18 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use super::credentials::{self, Credentials};
 use super::decide::{Observed, Runs, Step, is_failure, reexamine};
 use super::driver::Driver;
 use super::host::HostTarget;
 use super::plan::{self, RolloutPlan};
-use super::{EventSink, RolloutEvent, RolloutParams, UpgradeRequest};
-use crate::deployment::{DEPLOYMENT_NAME, DeployError, TokenSource};
-use crate::fleet::{Fleet, FleetError};
-use crate::pbx::{PbxClient, PbxError, PbxOptions};
+use super::{EventSink, RolloutError, RolloutEvent, RolloutParams, UpgradeRequest};
+use crate::deployment::{DEPLOYMENT_NAME, TokenSource};
+use crate::fleet::Fleet;
+use crate::pbx::{PbxClient, PbxOptions};
 use crate::state::ControllerState;
 use crate::store::{Rollout, RolloutState, StepPhase, StoreError};
 
@@ -26,59 +27,6 @@ pub(super) const RECHECK: Duration = Duration::from_secs(1);
 
 /// How a rollout stands when the command ends.
 pub type RolloutOutcome = Rollout;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RolloutError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("image archive {}: {source}", path.display())]
-    ImageFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{0} has no healthy IM deployment recorded to upgrade; deploy it first (`controller deploy {0} ...`)"
-    )]
-    NotDeployed(String),
-    #[error("{0}: {1}")]
-    Deploy(String, Box<DeployError>),
-    #[error(
-        "{host}: the new images need about {needed_mb} MB in {root} (where the Docker Engine keeps images), {available_mb} MB are free; free some space there first (nothing was changed)"
-    )]
-    NoSpace {
-        host: String,
-        root: String,
-        needed_mb: u64,
-        available_mb: u64,
-    },
-    #[error(transparent)]
-    Fleet(#[from] FleetError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Pbx(#[from] PbxError),
-    #[error(
-        "rollout {id} is being driven by another controller process right now ({holder}); wait for it, or run `controller upgrade --abort` to have it roll back"
-    )]
-    Busy { id: i64, holder: String },
-    #[error(
-        "another `controller upgrade` is checking its hosts right now; wait for it to start its rollout (see `controller rollouts`)"
-    )]
-    Starting,
-    #[error("there is no active rollout to {0}; see `controller rollouts`")]
-    NoActive(&'static str),
-    #[error("the IM token: {0}")]
-    Token(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "rollout {id} stopped: {cause}. Nothing more was started; fix this, then `controller upgrade --resume` (or `--abort`)"
-    )]
-    Stopped { id: i64, cause: Box<RolloutError> },
-}
 
 /// The lock of the process driving rollouts.
 struct RolloutLock(#[allow(dead_code)] File);
@@ -107,6 +55,11 @@ fn try_lock(run_dir: &Path) -> Result<Option<RolloutLock>, RolloutError> {
         Err(TryLockError::WouldBlock) => Ok(None),
         Err(TryLockError::Error(e)) => Err(io(&path)(e)),
     }
+}
+
+/// Whether a process (this one included) drives a rollout right now.
+pub fn is_driven(run_dir: &Path) -> Result<bool, RolloutError> {
+    Ok(try_lock(run_dir)?.is_none())
 }
 
 /// `host:pid` of this process, recorded as the rollout's holder.
@@ -182,6 +135,14 @@ pub async fn upgrade(
         let id = store
             .begin_rollout(&holder(), params_json(&params), plan.steps())
             .await?;
+        let given = Credentials {
+            token: match &request.token {
+                TokenSource::Given(token) => Some(token.clone()),
+                _ => None,
+            },
+            pbx: request.pbx.clone(),
+        };
+        credentials::save(state.dir(), id, &given)?;
         events(RolloutEvent::Started {
             rollout: id,
             resumed: false,
@@ -196,7 +157,45 @@ pub async fn upgrade(
     if let Some(pbx) = pbx {
         pbx.logout().await;
     }
+    forget_if_ended(state, &result);
     result
+}
+
+/// Drops the kept credentials once the rollout has ended.
+fn forget_if_ended(state: &ControllerState, result: &Result<RolloutOutcome, RolloutError>) {
+    if matches!(result, Ok(rollout) if !rollout.state.is_active()) {
+        credentials::forget(state.dir());
+    }
+}
+
+/// The credentials to go on with: each of those given, else the one kept
+/// when the rollout started. Kept (by [`keep`]) only once they worked.
+fn credentials_for(
+    state: &ControllerState,
+    rollout: &Rollout,
+    given: Credentials,
+) -> Result<Credentials, RolloutError> {
+    let kept = credentials::load(state.dir(), rollout.id)?.unwrap_or_default();
+    let merged = Credentials {
+        token: given.token.or(kept.token),
+        pbx: given.pbx.or(kept.pbx),
+    };
+    if merged.token.is_none() && merged.pbx.is_none() {
+        return Err(RolloutError::Token(format!(
+            "rollout {} kept no token (it was started by an older controller): pass --token-file with the token it was started with, or --pbx-api to read it back from the PBX. Do not generate a new one now: that revokes the token the upgraded hosts run",
+            rollout.id
+        )));
+    }
+    Ok(merged)
+}
+
+/// Keeps what a resume or abort went on with (the PBX accepted the login).
+fn keep(
+    state: &ControllerState,
+    rollout: &Rollout,
+    used: &Credentials,
+) -> Result<(), RolloutError> {
+    Ok(credentials::save(state.dir(), rollout.id, used)?)
 }
 
 fn params_json(params: &RolloutParams) -> serde_json::Value {
@@ -207,11 +206,12 @@ fn params_json(params: &RolloutParams) -> serde_json::Value {
 /// while no host has been swapped yet (none was made), else its current one
 /// (the one the rollout made).
 fn later_token(
-    token: TokenSource,
-    pbx: bool,
+    credentials: &Credentials,
     rollout: &Rollout,
     params: &RolloutParams,
 ) -> Result<TokenSource, RolloutError> {
+    let pbx = credentials.pbx.is_some();
+    let token = credentials.token_source().unwrap_or(TokenSource::FromPbx);
     if params.pbx_api && !pbx {
         return Err(RolloutError::Usage(format!(
             "rollout {} was started with --pbx-api: give it again (and the PBX password) so hosts are registered and the token read back",
@@ -231,7 +231,7 @@ fn later_token(
         }
         _ if pbx => Ok(TokenSource::FromPbx),
         _ => Err(RolloutError::Token(
-            "going on with a rollout needs the token it installs; pass --token-file, or --pbx-api to read it from the PBX (it is never stored)".into(),
+            "going on with a rollout needs the token it installs; pass --token-file, or --pbx-api to read it from the PBX".into(),
         )),
     }
 }
@@ -240,8 +240,7 @@ fn later_token(
 /// its failure budget goes on with the failures so far accepted.
 pub async fn resume(
     state: &ControllerState,
-    token: TokenSource,
-    pbx: Option<PbxOptions>,
+    given: Credentials,
     events: EventSink,
 ) -> Result<RolloutOutcome, RolloutError> {
     let _lock = lock_or_busy(state).await?;
@@ -251,9 +250,11 @@ pub async fn resume(
         .await?
         .ok_or(RolloutError::NoActive("resume"))?;
     let mut params = recorded_params(&active)?;
-    let token = later_token(token, pbx.is_some(), &active, &params)?;
+    let credentials = credentials_for(state, &active, given)?;
+    let token = later_token(&credentials, &active, &params)?;
     // The PBX first: a wrong password changes nothing.
-    let pbx = login(pbx).await?;
+    let pbx = login(credentials.pbx.clone()).await?;
+    keep(state, &active, &credentials)?;
     if active.state == RolloutState::Paused {
         let phases: Vec<Step> = steps_of(&active);
         params.limits.accepted_failures =
@@ -312,6 +313,7 @@ async fn go_on(
     if let Some(pbx) = pbx {
         pbx.logout().await;
     }
+    forget_if_ended(state, &result);
     result
 }
 
@@ -382,8 +384,7 @@ async fn reexamine_failed(
 /// record) and this one follows until the rollout ends.
 pub async fn abort(
     state: &ControllerState,
-    token: TokenSource,
-    pbx: Option<PbxOptions>,
+    given: Credentials,
     events: EventSink,
 ) -> Result<RolloutOutcome, RolloutError> {
     let store = &state.store;
@@ -391,7 +392,8 @@ pub async fn abort(
         .active_rollout()
         .await?
         .ok_or(RolloutError::NoActive("abort"))?;
-    let token = later_token(token, pbx.is_some(), &active, &recorded_params(&active)?)?;
+    let credentials = credentials_for(state, &active, given)?;
+    let token = later_token(&credentials, &active, &recorded_params(&active)?)?;
     let _lock = match try_lock(&state.run_dir())? {
         Some(lock) => lock,
         None => {
@@ -422,7 +424,8 @@ pub async fn abort(
         .await?
         .ok_or(RolloutError::NoActive("abort"))?;
     let params = recorded_params(&active)?;
-    let pbx = login(pbx).await?;
+    let pbx = login(credentials.pbx.clone()).await?;
+    keep(state, &active, &credentials)?;
     store
         .move_rollout(
             active.id,

@@ -3,12 +3,17 @@
 //! per host in memory (`view`) and a bounded history and the events in
 //! SQLite, notifies a webhook (`webhook`), and serves Prometheus metrics
 //! plus its own liveness/readiness on TCP and the fleet's state to the CLI
-//! on a Unix socket in the state directory (`http`). New hosts are picked
+//! on a Unix socket in the state directory (`http`; the CLI's side is
+//! `client`). It owns rollouts (`rollouts`): it drives those the CLI submits
+//! (`api`) and takes up an active one nobody drives. New hosts are picked
 //! up by rescanning the store; a reload re-reads the controller identity
 //! and restarts every stream.
 
+pub mod api;
+pub mod client;
 pub mod http;
 mod queue;
+mod rollouts;
 mod view;
 mod watcher;
 pub mod webhook;
@@ -89,6 +94,7 @@ pub(crate) struct Shared {
     store: Store,
     webhook: Option<Webhook>,
     ready: Arc<AtomicBool>,
+    rollouts: Arc<rollouts::Rollouts>,
     /// Changes go to one persister task in the order they were decided, so
     /// a watcher aborted by a reload or rescan never loses one.
     persist: Arc<queue::Queue>,
@@ -201,8 +207,10 @@ pub async fn run(
         store: state.store.clone(),
         webhook,
         ready: Arc::default(),
+        rollouts: rollouts::Rollouts::new(state_dir),
         persist: persist.clone(),
     };
+    let owning = tokio::spawn(shared.rollouts.clone().own(state.store.clone()));
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped));
     tracing::info!(
@@ -259,8 +267,12 @@ pub async fn run(
         }
     }
     tracing::info!("stopping");
-    // No more samples are taken; what was decided is written, within a
-    // deadline well inside the unit's stop timeout.
+    // A rollout being driven stops where it is (every step is recorded
+    // before its side effect); the next daemon takes it up. No more
+    // samples are taken; what was decided is written, within a deadline
+    // well inside the unit's stop timeout.
+    owning.abort();
+    shared.rollouts.stop();
     for (_, (_, task)) in watchers.drain() {
         task.abort();
     }

@@ -389,10 +389,15 @@ async fn a_reconnecting_flood_from_another_address_never_evicts_the_controller()
 
     let me = controller(&ca);
     let mut failed = Vec::new();
-    for _ in 0..20 {
+    // 20 pings over 3 s at least (a controller's pace, well inside its own
+    // source's handshake rate): long enough for the flood to be dropped and
+    // come back many times, however loaded the machine is.
+    let pings = 20;
+    for _ in 0..pings {
         if let Err(e) = call(&me, &agent.address("127.0.0.1")).await {
             failed.push(imfleet_controller::error_chain(&e));
         }
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     }
     use std::io::Write;
     flood.stdin.take().unwrap().write_all(b"stop\n").unwrap();
@@ -401,12 +406,12 @@ async fn a_reconnecting_flood_from_another_address_never_evicts_the_controller()
     let _ = flood.wait();
     let reconnects: u64 = line.trim().parse().unwrap();
     assert!(
-        reconnects > 300,
+        reconnects > 100,
         "the flood was not evicting: {reconnects} reconnects"
     );
     assert!(
         failed.is_empty(),
-        "{} of 20 pings failed: {failed:?}",
+        "{} of {pings} pings failed: {failed:?}",
         failed.len()
     );
 }

@@ -195,6 +195,16 @@ pub(crate) struct Installed {
     pub registered: Option<ImAddresses>,
 }
 
+/// Marks `record` as what runs now, with the image ids the host reports.
+pub(crate) fn stamp_running(record: &mut DeploymentRecord, status: &DeploymentStatus) {
+    record.image_ids = status
+        .containers
+        .iter()
+        .map(|c| (c.name.clone(), c.image_id.clone()))
+        .collect();
+    record.deployed_at = crate::now_unix();
+}
+
 /// The swap with the token in hand: build the spec, apply it, record the
 /// revision (failed ones too), register on the PBX. Deploy and each host's
 /// step of a rollout (forward or back) go through here.
@@ -233,12 +243,7 @@ pub(crate) async fn install(
             return Err(e);
         }
     };
-    record.image_ids = status
-        .containers
-        .iter()
-        .map(|c| (c.name.clone(), c.image_id.clone()))
-        .collect();
-    record.deployed_at = crate::now_unix();
+    stamp_running(&mut record, &status);
     let outcome = if unchanged {
         Outcome::Unchanged
     } else {

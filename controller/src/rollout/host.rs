@@ -467,12 +467,7 @@ impl HostTask<'_> {
         }
         let mut found = record.clone();
         found.config_hash = status.config_hash.clone();
-        found.image_ids = status
-            .containers
-            .iter()
-            .map(|c| (c.name.clone(), c.image_id.clone()))
-            .collect();
-        found.deployed_at = crate::now_unix();
+        crate::deployment::run::stamp_running(&mut found, status);
         store
             .record_apply(
                 &found,

@@ -125,8 +125,22 @@ impl CertificateAuthority {
         common_name: &str,
         validity: Validity,
     ) -> Result<IssuedIdentity, CertError> {
+        self.issue(Role::Controller, common_name, &[], validity)
+    }
+
+    /// Issues an identity of `role` with its key generated here: the
+    /// controller's own, an operator's (handed to that person), the
+    /// daemon's API server (kept in memory). Agents' keys never leave their
+    /// host: see [`Self::sign_agent_request`].
+    pub fn issue(
+        &self,
+        role: Role,
+        common_name: &str,
+        subject_alt_names: &[String],
+        validity: Validity,
+    ) -> Result<IssuedIdentity, CertError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let params = leaf_params(Role::Controller, common_name, &[], validity, &key)?;
+        let params = leaf_params(role, common_name, subject_alt_names, validity, &key)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedIdentity {
             cert_pem: cert.pem(),
@@ -186,9 +200,10 @@ fn leaf_params(
     params.distinguished_name = subject(common_name, Some(role));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![match role {
-        Role::Controller => ExtendedKeyUsagePurpose::ClientAuth,
-        Role::Agent => ExtendedKeyUsagePurpose::ServerAuth,
+    params.extended_key_usages = vec![if role.is_client() {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
     }];
     params.subject_alt_names = subject_alt_names
         .iter()

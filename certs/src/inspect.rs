@@ -129,14 +129,16 @@ pub fn check_peer(der: &[u8], role: Role) -> Result<CertificateInfo, CertError> 
             ));
         }
     }
-    let purpose_ok = match role {
-        Role::Controller => info.client_auth,
-        Role::Agent => info.server_auth,
+    let purpose_ok = if role.is_client() {
+        info.client_auth
+    } else {
+        info.server_auth
     };
     if !info.has_eku || !purpose_ok || info.is_ca {
-        let purpose = match role {
-            Role::Controller => "clientAuth",
-            Role::Agent => "serverAuth",
+        let purpose = if role.is_client() {
+            "clientAuth"
+        } else {
+            "serverAuth"
         };
         return refuse(format!(
             "a `{role}` certificate must be a leaf with an extended key usage naming {purpose}"

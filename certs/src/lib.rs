@@ -35,6 +35,11 @@ pub const CA_LIFETIME: time::Duration = time::Duration::days(3650);
 /// Lifetime of the controller's client certificate. It is renewed where
 /// the CA is (by any command, and by the daemon), so it can be short.
 pub const CONTROLLER_LIFETIME: time::Duration = time::Duration::days(90);
+/// Default lifetime of an operator's certificate (revocable at any time).
+pub const OPERATOR_LIFETIME: time::Duration = time::Duration::days(365);
+/// Lifetime of the daemon's API server certificate: issued when the daemon
+/// starts, again once half of it has passed; its key lives in memory only.
+pub const DAEMON_API_LIFETIME: time::Duration = time::Duration::days(30);
 /// Lifetime of an agent's serving certificate: renewed over mTLS after 60
 /// days, so a controller down for up to 30 days finds every agent valid.
 pub const AGENT_LIFETIME: time::Duration = time::Duration::days(90);

@@ -6,6 +6,11 @@ use std::fmt;
 pub enum Role {
     Controller,
     Agent,
+    /// A person's client certificate for the daemon's API (never accepted
+    /// by an agent).
+    Operator,
+    /// The daemon's API server certificate (what an operator's CLI checks).
+    Daemon,
 }
 
 impl Role {
@@ -13,6 +18,8 @@ impl Role {
         match self {
             Role::Controller => "controller",
             Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Daemon => "daemon",
         }
     }
 
@@ -20,8 +27,17 @@ impl Role {
         match s {
             "controller" => Some(Role::Controller),
             "agent" => Some(Role::Agent),
+            "operator" => Some(Role::Operator),
+            "daemon" => Some(Role::Daemon),
             _ => None,
         }
+    }
+}
+
+impl Role {
+    /// Whether the role's certificates are TLS clients (else servers).
+    pub fn is_client(self) -> bool {
+        matches!(self, Role::Controller | Role::Operator)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The controller's side of mutual TLS with an agent, done here rather than
+//! The controller's side of mutual TLS with an agent (and an operator's
+//! with the daemon's API, by the same rules), done here rather than
 //! by tonic so that imfleet's own rules apply: the server certificate must
 //! chain to the controller's CA, name the dialled address, AND carry exactly
 //! the role `agent` with a serverAuth EKU; and what the agent presented (its
@@ -23,11 +24,12 @@ use crate::state::ClientIdentity;
 
 /// Checks the chain and name as WebPKI does, then the imfleet role.
 #[derive(Debug)]
-struct AgentVerifier {
+struct RoleVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    role: Role,
 }
 
-impl ServerCertVerifier for AgentVerifier {
+impl ServerCertVerifier for RoleVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -43,8 +45,8 @@ impl ServerCertVerifier for AgentVerifier {
             ocsp_response,
             now,
         )?;
-        imfleet_certs::check_peer(end_entity, Role::Agent)
-            .map_err(|e| rustls::Error::General(format!("the agent's certificate: {e}")))?;
+        imfleet_certs::check_peer(end_entity, self.role)
+            .map_err(|e| rustls::Error::General(format!("the {}'s certificate: {e}", self.role)))?;
         Ok(verified)
     }
 
@@ -73,22 +75,43 @@ impl ServerCertVerifier for AgentVerifier {
 
 /// The rustls client configuration for talking to agents.
 pub fn client_config(identity: &ClientIdentity) -> Result<Arc<rustls::ClientConfig>, String> {
+    let config = mtls_client_config(
+        &identity.ca_pem,
+        (&identity.cert_pem, &identity.key_pem),
+        Role::Agent,
+    )
+    .map_err(|e| e.replace("the client identity", "the controller identity"))?;
+    let mut config = Arc::unwrap_or_clone(config);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A rustls client configuration presenting `identity` (certificate, key)
+/// to a server that must chain to `ca_pem` and carry `server_role`.
+pub fn mtls_client_config(
+    ca_pem: &str,
+    identity: (&str, &str),
+    server_role: Role,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     use imfleet_certs::tls;
     let provider = tls::provider();
-    let roots = tls::root_store(&identity.ca_pem).map_err(|e| e.to_string())?;
+    let roots = tls::root_store(ca_pem).map_err(|e| e.to_string())?;
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| e.to_string())?;
-    let (chain, key) = tls::chain_and_key(&identity.cert_pem, &identity.key_pem)
-        .map_err(|e| format!("the controller identity: {e}"))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let (chain, key) = tls::chain_and_key(identity.0, identity.1)
+        .map_err(|e| format!("the client identity: {e}"))?;
+    let verifier = RoleVerifier {
+        inner,
+        role: server_role,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AgentVerifier { inner }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("the controller identity: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+        .map_err(|e| format!("the client identity: {e}"))?;
     Ok(Arc::new(config))
 }
 

@@ -21,6 +21,8 @@
 //!   current certificate is accepted.
 //! - [`health`]: fleet health as pure functions (samples to observations to
 //!   events), Prometheus exposition and metrics.
+//! - [`operators`]: people's certificates for the daemon's API (any PBX
+//!   node drives the fleet through it), and the bundle the CLI presents.
 //! - [`serve`]: the daemon: health streams, history, events, webhook, HTTP.
 //! - [`preflight`]: judging a host's inventory against PortSIP's needs (pure).
 //! - [`deployment`]: the PortSIP spec (pure) and the deploy steps.
@@ -38,6 +40,7 @@ pub mod controller_list;
 pub mod deployment;
 pub mod fleet;
 pub mod health;
+pub mod operators;
 pub mod pbx;
 pub mod preflight;
 pub mod progress;

@@ -8,6 +8,8 @@ use anyhow::bail;
 use clap::Args;
 use imfleet_controller::deployment::DEPLOYMENT_NAME;
 use imfleet_controller::fleet::{Fleet, HostResult, ops};
+use imfleet_controller::serve::api::HostsWanted;
+use imfleet_controller::serve::client::{self, Endpoint};
 use imfleet_controller::store::HostRecord;
 use imfleet_proto::agent::v1::{DeploymentStatus, LogsRequest, control_request::Action};
 
@@ -132,10 +134,25 @@ pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
     println!("{table}");
 }
 
-pub async fn status(dir: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let fleet = super::open_fleet(dir).await?;
-    let hosts = args.select.resolve(&fleet).await?;
-    let statuses = ops::status_preferring_daemon(&fleet, dir, &hosts).await;
+pub async fn status(
+    dir: &Path,
+    remote: Option<&Endpoint>,
+    args: StatusArgs,
+) -> anyhow::Result<ExitCode> {
+    let statuses = match remote {
+        Some(remote) => {
+            let wanted = HostsWanted {
+                all: args.select.all,
+                hosts: args.select.hosts.clone(),
+            };
+            client::status(remote, &wanted).await?.unwrap_or_default()
+        }
+        None => {
+            let fleet = super::open_fleet(dir).await?;
+            let hosts = args.select.resolve(&fleet).await?;
+            ops::status_preferring_daemon(&fleet, dir, &hosts).await
+        }
+    };
     if args.json {
         output::print_json(&statuses)?;
     } else {

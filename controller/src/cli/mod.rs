@@ -8,6 +8,7 @@ mod certs;
 mod deploy;
 mod init;
 mod lifecycle;
+mod operators;
 mod output;
 mod preflight;
 mod serve;
@@ -19,6 +20,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use imfleet_controller::serve::client::Endpoint;
 use imfleet_controller::state::{ControllerState, InitReport, default_state_dir};
 use imfleet_proto::agent::v1::control_request::Action;
 
@@ -41,6 +43,15 @@ pub struct Cli {
     /// older than this controller; without it, such agents are only named.
     #[arg(long, global = true)]
     pub upgrade_agents: bool,
+    /// Ask `controller serve` through its API from any node, as an
+    /// operator: https://VIP:PORT (see `controller serve --api-listen`).
+    /// Works for status, watch, events, rollouts and upgrade.
+    #[arg(long, global = true, env = "IMFLEET_DAEMON", value_name = "URL")]
+    pub daemon: Option<String>,
+    /// The operator bundle presented with --daemon (written by
+    /// `controller operators add`). Default: ~/.config/imfleet/operator.pem.
+    #[arg(long, global = true, env = "IMFLEET_OPERATOR", value_name = "FILE")]
+    pub operator: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -94,6 +105,9 @@ pub enum Command {
     Upgrade(Box<upgrade::UpgradeArgs>),
     /// Recent rollouts and each host's outcome.
     Rollouts(upgrade::RolloutsArgs),
+    /// People whose certificate lets their CLI use the daemon's API from
+    /// any PBX node (add, list, revoke).
+    Operators(operators::OperatorsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -102,6 +116,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None => default_state_dir()?,
     };
     let upgrading_agents = matches!(cli.command, Command::Agents(_));
+    if let Some(url) = &cli.daemon {
+        let remote = remote_endpoint(url, cli.operator.as_deref())?;
+        return remote_command(&dir, &remote, cli.command).await;
+    }
     let outcome = command(&dir, cli.command).await;
     let older = imfleet_controller::fleet::older_agents();
     if older.is_empty() || upgrading_agents {
@@ -142,19 +160,86 @@ async fn command(dir: &std::path::Path, command: Command) -> anyhow::Result<Exit
         Command::Inventory(args) => preflight::inventory(&dir, args).await,
         Command::Preflight(args) => preflight::preflight(&dir, args).await,
         Command::Deploy(args) => deploy::run(&dir, *args).await,
-        Command::Status(args) => lifecycle::status(&dir, args).await,
+        Command::Status(args) => lifecycle::status(&dir, None, args).await,
         Command::Start(args) => lifecycle::control(&dir, args, Action::Start).await,
         Command::Stop(args) => lifecycle::control(&dir, args, Action::Stop).await,
         Command::Restart(args) => lifecycle::control(&dir, args, Action::Restart).await,
         Command::Rm(args) => lifecycle::remove(&dir, args).await,
         Command::Logs(args) => lifecycle::logs(&dir, args).await,
         Command::Serve(args) => serve::serve(&dir, args).await,
-        Command::Events(args) => serve::events(&dir, args).await,
+        Command::Events(args) => serve::events(&dir, None, args).await,
         Command::History(args) => serve::history(&dir, args).await,
-        Command::Watch(args) => watch::watch(&dir, args).await,
-        Command::Upgrade(args) => upgrade::upgrade(&dir, *args).await,
-        Command::Rollouts(args) => upgrade::rollouts(&dir, args).await,
+        Command::Watch(args) => watch::watch(&dir, None, args).await,
+        Command::Upgrade(args) => upgrade::upgrade(&dir, None, *args).await,
+        Command::Rollouts(args) => upgrade::rollouts(&dir, None, args).await,
+        Command::Operators(args) => operators::run(&dir, args).await,
     }
+}
+
+/// A command through the daemon's API (`--daemon`): those that read what
+/// the daemon knows, and upgrades it drives. The others act from the node
+/// that holds the state, so they are refused here with where to run them.
+async fn remote_command(
+    dir: &std::path::Path,
+    remote: &Endpoint,
+    command: Command,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Status(args) => lifecycle::status(dir, Some(remote), args).await,
+        Command::Events(args) => serve::events(dir, Some(remote), args).await,
+        Command::Watch(args) => watch::watch(dir, Some(remote), args).await,
+        Command::Upgrade(args) => upgrade::upgrade(dir, Some(remote), *args).await,
+        Command::Rollouts(args) => upgrade::rollouts(dir, Some(remote), args).await,
+        other => anyhow::bail!(
+            "`controller {}` works on the node that holds the state (where `controller serve` runs, the failover filesystem mounted), not through --daemon; through the daemon: status, watch, events, rollouts, upgrade (nothing was done)",
+            command_name(&other)
+        ),
+    }
+}
+
+/// The subcommand's name as typed.
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Init(_) => "init",
+        Command::Bootstrap(_) => "bootstrap",
+        Command::Ping(_) => "ping",
+        Command::Hosts(_) => "hosts",
+        Command::Agents(_) => "agents",
+        Command::Certs(_) => "certs",
+        Command::Ca(_) => "ca",
+        Command::Inventory(_) => "inventory",
+        Command::Preflight(_) => "preflight",
+        Command::Deploy(_) => "deploy",
+        Command::Start(_) => "start",
+        Command::Stop(_) => "stop",
+        Command::Restart(_) => "restart",
+        Command::Rm(_) => "rm",
+        Command::Logs(_) => "logs",
+        Command::Serve(_) => "serve",
+        Command::History(_) => "history",
+        Command::Operators(_) => "operators",
+        Command::Status(_) => "status",
+        Command::Events(_) => "events",
+        Command::Watch(_) => "watch",
+        Command::Upgrade(_) => "upgrade",
+        Command::Rollouts(_) => "rollouts",
+    }
+}
+
+/// The API endpoint of `--daemon`, with the operator's bundle.
+fn remote_endpoint(url: &str, operator: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+    let path = match operator {
+        Some(path) => path.to_owned(),
+        None => dirs::config_dir()
+            .context(
+                "no home directory to find ~/.config/imfleet/operator.pem in; pass --operator FILE",
+            )?
+            .join("imfleet/operator.pem"),
+    };
+    let bundle = imfleet_controller::operators::Bundle::read(&path).with_context(|| {
+        "--daemon needs an operator bundle (`controller operators add NAME --out FILE` on the active node, then copy it here, mode 0600); pass it with --operator or IMFLEET_OPERATOR"
+    })?;
+    Ok(Endpoint::remote(url, &bundle)?)
 }
 
 /// `hosts` or `--all` as a fleet selection.

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use imfleet_controller::serve::{self, ServeConfig};
+use imfleet_controller::serve::api::EventsWanted;
+use imfleet_controller::serve::{self, ServeConfig, client};
 use imfleet_controller::store::EventQuery;
 
 use super::output;
@@ -38,6 +39,15 @@ pub struct ServeArgs {
     /// readable by its owner only.
     #[arg(long, value_name = "FILE")]
     webhook_file: Option<std::path::PathBuf>,
+    /// Serve the API to operators' CLIs on other nodes here, over TLS with
+    /// operator certificates (`controller operators add`): the cluster's
+    /// virtual IP and a port, e.g. 10.0.0.100:7444.
+    #[arg(long, value_name = "ADDR:PORT")]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Another name the API's certificate carries (a DNS name operators
+    /// use); repeatable. The --api-listen address is always carried.
+    #[arg(long = "api-name", value_name = "NAME", requires = "api_listen")]
+    api_names: Vec<String>,
     /// How long health history is kept (one point per host and minute for a
     /// day, then one per ten minutes).
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
@@ -64,6 +74,8 @@ pub async fn serve(dir: &Path, args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics_insecure: args.metrics_insecure,
         webhook,
         retention: args.history,
+        api_listen: args.api_listen,
+        api_names: args.api_names,
     };
     if config.metrics_insecure && !config.metrics_listen.ip().is_loopback() {
         eprintln!(
@@ -161,27 +173,41 @@ fn since(text: &str, now: i64) -> anyhow::Result<i64> {
         })
 }
 
-pub async fn events(dir: &Path, args: EventsArgs) -> anyhow::Result<ExitCode> {
+pub async fn events(
+    dir: &Path,
+    remote: Option<&client::Endpoint>,
+    args: EventsArgs,
+) -> anyhow::Result<ExitCode> {
     let since = args
         .since
         .as_deref()
         .map(|s| since(s, imfleet_controller::now_unix()))
         .transpose()?
         .unwrap_or(0);
-    let fleet = super::open_fleet(dir).await?;
-    let host = match &args.host {
-        Some(h) => Some(fleet.host(h).await?.name),
-        None => None,
+    let events = match remote {
+        Some(remote) => {
+            let wanted = EventsWanted {
+                host: args.host.clone(),
+                since,
+                limit: args.limit,
+            };
+            client::events(remote, &wanted).await?.unwrap_or_default()
+        }
+        None => {
+            let fleet = super::open_fleet(dir).await?;
+            let host = match &args.host {
+                Some(h) => Some(fleet.host(h).await?.name),
+                None => None,
+            };
+            let query = EventQuery {
+                host,
+                since,
+                after_id: 0,
+                limit: args.limit,
+            };
+            fleet.store().query_events(query).await?
+        }
     };
-    let events = fleet
-        .store()
-        .query_events(EventQuery {
-            host,
-            since,
-            after_id: 0,
-            limit: args.limit,
-        })
-        .await?;
     if args.json {
         output::print_json(&events)?;
         return Ok(ExitCode::SUCCESS);

@@ -15,7 +15,7 @@ use imfleet_controller::rollout::{
     self, Credentials, EventSink, Limits, RolloutEvent, RolloutPlan, Timing, UpgradeRequest,
 };
 use imfleet_controller::serve::api::{Driving, Submission, Upgrade};
-use imfleet_controller::serve::client;
+use imfleet_controller::serve::client::{self, Endpoint};
 use imfleet_controller::store::{Rollout, RolloutState};
 
 use super::deploy::{PbxArgs, given_token};
@@ -104,9 +104,27 @@ pub struct RolloutsArgs {
     json: bool,
 }
 
-pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+pub async fn upgrade(
+    dir: &Path,
+    remote: Option<&Endpoint>,
+    args: UpgradeArgs,
+) -> anyhow::Result<ExitCode> {
+    let endpoint = remote.cloned().unwrap_or_else(|| Endpoint::local(dir));
     if args.follow {
-        return follow_daemon(dir, args.json).await;
+        return match remote {
+            Some(remote) => follow_remote(remote, args.json).await,
+            None => follow_daemon(dir, &endpoint, args.json).await,
+        };
+    }
+    if remote.is_some() && args.dry_run {
+        bail!(
+            "--dry-run plans on the node that holds the state (the active node); run it there, or submit without --dry-run"
+        );
+    }
+    if remote.is_some() && !args.image_file.is_empty() {
+        bail!(
+            "--image-file names a file the daemon reads on the active node; run this upgrade there, or use images the hosts can pull (nothing was started)"
+        );
     }
     let given = Credentials {
         token: given_token(args.token_file.as_deref())?,
@@ -145,8 +163,8 @@ pub async fn upgrade(dir: &Path, args: UpgradeArgs) -> anyhow::Result<ExitCode> 
             credentials: stored,
         },
     };
-    if let Some(run) = client::submit(dir, &submission).await? {
-        return follow_run(dir, run, args.json, args.abort).await;
+    if let Some(run) = client::submit(&endpoint, &submission).await? {
+        return follow_run(&endpoint, run, args.json, args.abort).await;
     }
     let state = super::open_state(dir)?;
     let events = sink(args.json);
@@ -223,23 +241,23 @@ const TAKE_UP_WAIT: Duration = Duration::from_secs(15);
 
 /// `upgrade --follow`: the run the daemon drives now, else how the active
 /// rollout stands.
-async fn follow_daemon(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+async fn follow_daemon(dir: &Path, endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
     let state = super::open_state(dir)?;
     // A daemon that just started takes an active rollout up within seconds.
     let deadline = tokio::time::Instant::now() + TAKE_UP_WAIT;
     let (driving, active) = loop {
-        let driving = client::driving(dir).await?;
+        let driving = client::driving(endpoint).await?;
         if let Some(Driving {
             run: Some(run),
             running: true,
         }) = driving
         {
-            return follow_run(dir, run, json, false).await;
+            return follow_run(endpoint, run, json, false).await;
         }
         let Some(active) = state.store.active_rollout().await? else {
             // It may have just ended: the daemon's newest run says how.
             if let Some(Driving { run: Some(run), .. }) = driving {
-                return follow_run(dir, run, json, false).await;
+                return follow_run(endpoint, run, json, false).await;
             }
             bail!("there is no active rollout to follow; see `controller rollouts`");
         };
@@ -263,15 +281,41 @@ async fn follow_daemon(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     finished(&active, json, false)
 }
 
+/// `upgrade --follow` through the API: the run the daemon drives, the one
+/// it drove last, else how the newest rollout stands.
+async fn follow_remote(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let driving = client::driving(endpoint).await?;
+    if let Some(Driving { run: Some(run), .. }) = driving {
+        return follow_run(endpoint, run, json, false).await;
+    }
+    let newest = client::rollouts(endpoint, 1).await?.unwrap_or_default();
+    match newest.into_iter().next() {
+        Some(rollout) if rollout.state.is_active() => {
+            eprintln!(
+                "rollout {} is not being driven by `controller serve`: it is {}; `controller upgrade --resume` goes on, `--abort` rolls back",
+                rollout.id,
+                rollout.state.as_str()
+            );
+            finished(&rollout, json, false)
+        }
+        _ => bail!("there is no active rollout to follow; see `controller rollouts`"),
+    }
+}
+
 /// Shows a run the daemon drives until it ends; Ctrl-C leaves it running.
-async fn follow_run(dir: &Path, run: u64, json: bool, aborting: bool) -> anyhow::Result<ExitCode> {
+async fn follow_run(
+    endpoint: &Endpoint,
+    run: u64,
+    json: bool,
+    aborting: bool,
+) -> anyhow::Result<ExitCode> {
     let events = sink(json);
     let mut after = 0;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let end = loop {
         let page = tokio::select! {
-            page = client::run_page(dir, run, after) => page,
+            page = client::run_page(endpoint, run, after) => page,
             _ = &mut interrupted => {
                 events.finish();
                 eprintln!(
@@ -284,7 +328,7 @@ async fn follow_run(dir: &Path, run: u64, json: bool, aborting: bool) -> anyhow:
         let gone = match page {
             Ok(Some(page)) => Some(page),
             Ok(None) => None,
-            Err(e) => match client::driving(dir).await {
+            Err(e) => match client::driving(endpoint).await {
                 Ok(None) => None,
                 _ => return Err(e.into()),
             },
@@ -316,9 +360,17 @@ async fn follow_run(dir: &Path, run: u64, json: bool, aborting: bool) -> anyhow:
     }
 }
 
-pub async fn rollouts(dir: &Path, args: RolloutsArgs) -> anyhow::Result<ExitCode> {
-    let state = super::open_state(dir)?;
-    let rollouts = state.store.rollouts(args.limit).await?;
+pub async fn rollouts(
+    dir: &Path,
+    remote: Option<&Endpoint>,
+    args: RolloutsArgs,
+) -> anyhow::Result<ExitCode> {
+    let rollouts = match remote {
+        Some(remote) => client::rollouts(remote, args.limit)
+            .await?
+            .unwrap_or_default(),
+        None => super::open_state(dir)?.store.rollouts(args.limit).await?,
+    };
     if args.json {
         output::print_json(&rollouts)?;
     } else if rollouts.is_empty() {

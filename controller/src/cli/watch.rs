@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Args;
 use imfleet_controller::health::HostSnapshot;
+use imfleet_controller::serve::client::{self, Endpoint};
+use imfleet_controller::state::ControllerState;
 use imfleet_controller::store::{Rollout, StepPhase};
 use imfleet_controller::text::printable;
 
@@ -25,13 +27,35 @@ pub struct WatchArgs {
     json: bool,
 }
 
-pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
+/// The active rollout, from the store here or through the API.
+async fn active_rollout(state: Option<&ControllerState>, endpoint: &Endpoint) -> Option<Rollout> {
+    match state {
+        Some(state) => state.store.active_rollout().await.ok().flatten(),
+        None => client::rollouts(endpoint, 1)
+            .await
+            .ok()
+            .flatten()?
+            .into_iter()
+            .find(|r| r.state.is_active()),
+    }
+}
+
+pub async fn watch(
+    dir: &Path,
+    remote: Option<&Endpoint>,
+    args: WatchArgs,
+) -> anyhow::Result<ExitCode> {
     let terminal = std::io::stdout().is_terminal() && !args.json;
-    let state = super::open_state(dir)?;
+    // The store is read here only for the active rollout's line.
+    let state = match remote {
+        Some(_) => None,
+        None => Some(super::open_state(dir)?),
+    };
+    let endpoint = remote.cloned().unwrap_or_else(|| Endpoint::local(dir));
     let mut ticker = tokio::time::interval(args.every.max(Duration::from_millis(200)));
     loop {
         ticker.tick().await;
-        let Some(hosts) = imfleet_controller::serve::client::fetch_hosts(dir).await? else {
+        let Some(hosts) = client::fetch_hosts(&endpoint).await? else {
             anyhow::bail!(
                 "no `controller serve` answers for {}; start it (systemctl start imfleet-controller, or `controller serve`) to watch the fleet live, or use `controller status`",
                 dir.display()
@@ -46,7 +70,7 @@ pub async fn watch(dir: &Path, args: WatchArgs) -> anyhow::Result<ExitCode> {
                 write!(out, "\x1b[H\x1b[2J")?;
             }
             write!(out, "{}", frame(&hosts, imfleet_controller::now_unix()))?;
-            if let Ok(Some(rollout)) = state.store.active_rollout().await {
+            if let Some(rollout) = active_rollout(state.as_ref(), &endpoint).await {
                 writeln!(out, "\n{}", rollout_line(&rollout))?;
             }
             if !terminal {

@@ -85,7 +85,7 @@ pub async fn ping(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<AgentStatus> {
 }
 
 /// The IM service on one host, as recorded and as the agent sees it now.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ServiceStatus {
     pub host: String,
     pub agent_reachable: bool,
@@ -94,7 +94,7 @@ pub struct ServiceStatus {
     pub status: Option<DeploymentStatus>,
     pub error: Option<String>,
     /// Who answered: "agent" (asked now) or "daemon" (its latest sample).
-    pub source: &'static str,
+    pub source: String,
     /// With the daemon: seconds since the host's last sample.
     pub sample_age_seconds: Option<f64>,
     /// The host's place in the active rollout, if it is in one.
@@ -103,7 +103,7 @@ pub struct ServiceStatus {
 }
 
 /// A host's step in the active rollout, as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HostRollout {
     pub id: i64,
     pub state: crate::store::RolloutState,
@@ -147,7 +147,7 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 deployment,
                 status: Some(status),
                 error: None,
-                source: "agent",
+                source: "agent".into(),
                 sample_age_seconds: None,
                 rollout: None,
             },
@@ -158,7 +158,7 @@ pub async fn status(fleet: &Fleet, hosts: &[HostRecord]) -> Vec<ServiceStatus> {
                 deployment,
                 status: None,
                 error: Some(crate::error_chain(&e)),
-                source: "agent",
+                source: "agent".into(),
                 sample_age_seconds: None,
                 rollout: None,
             },
@@ -175,14 +175,27 @@ pub async fn status_preferring_daemon(
     state_dir: &std::path::Path,
     hosts: &[HostRecord],
 ) -> Vec<ServiceStatus> {
-    let snapshots = match crate::serve::client::fetch_hosts(state_dir).await {
-        Ok(snapshots) => snapshots.unwrap_or_default(),
-        // Said, not hidden: the agents are asked instead.
-        Err(e) => {
-            tracing::warn!("{e}; asking the agents instead");
-            Vec::new()
-        }
-    };
+    let snapshots =
+        match crate::serve::client::fetch_hosts(&crate::serve::client::Endpoint::local(state_dir))
+            .await
+        {
+            Ok(snapshots) => snapshots.unwrap_or_default(),
+            // Said, not hidden: the agents are asked instead.
+            Err(e) => {
+                tracing::warn!("{e}; asking the agents instead");
+                Vec::new()
+            }
+        };
+    status_from_snapshots(fleet, &snapshots, hosts).await
+}
+
+/// The status of `hosts` from the daemon's `snapshots` where they hold a
+/// host, from its agent otherwise (what the daemon answers its clients).
+pub async fn status_from_snapshots(
+    fleet: &Fleet,
+    snapshots: &[crate::health::HostSnapshot],
+    hosts: &[HostRecord],
+) -> Vec<ServiceStatus> {
     let by_name: std::collections::HashMap<&str, &crate::health::HostSnapshot> =
         snapshots.iter().map(|s| (s.host.as_str(), s)).collect();
     // Each host from the daemon when it has seen it; the others (none, or
@@ -240,7 +253,7 @@ async fn from_snapshot(
         error: (!snap.agent_up)
             .then(|| snap.error.clone())
             .or_else(|| (!snap.im_detail.is_empty()).then(|| snap.im_detail.clone())),
-        source: "daemon",
+        source: "daemon".into(),
         sample_age_seconds: snap.sample_age_seconds,
         rollout: None,
     }

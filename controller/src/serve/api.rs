@@ -128,3 +128,37 @@ pub struct RunEnd {
     /// Why the run stopped, when it did not end the rollout.
     pub error: Option<String>,
 }
+
+/// Which hosts a `status` asks for (POST /v1/status).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostsWanted {
+    pub all: bool,
+    /// By name or agent address (ignored with `all`).
+    pub hosts: Vec<String>,
+}
+
+impl HostsWanted {
+    pub fn selection(&self) -> Selection {
+        if self.all {
+            Selection::All
+        } else {
+            Selection::Hosts(self.hosts.clone())
+        }
+    }
+}
+
+/// Which events an `events` asks for (GET /v1/events).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsWanted {
+    /// A host by name or agent address; none: every event.
+    pub host: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub since: i64,
+    pub limit: usize,
+}
+
+/// The most events or rollouts one answer holds.
+pub const MAX_LISTED: usize = 10_000;

@@ -2,8 +2,9 @@
 //! (Prometheus text), `/healthz` (the process answers) and `/readyz` (hosts
 //! loaded from the store). On the Unix socket in the state directory's
 //! private `run/` (so only who may read the state may ask): the same plus
-//! `/v1/hosts`, the fleet as JSON for `controller status` and `watch`, and
-//! the rollouts the daemon drives (`/v1/rollouts`, see `api`).
+//! `/v1/hosts`, the fleet as JSON for `watch`, `/v1/status`, `/v1/events`,
+//! the rollouts and those the daemon drives (`/v1/rollouts`, see `api`).
+//! The same API goes over TLS to operators on other nodes (`remote`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -17,12 +18,12 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::net::{TcpListener, UnixListener};
 
-use super::api::{Accepted, Submission};
+use super::api::{Accepted, EventsWanted, HostsWanted, MAX_LISTED, Submission};
 use super::{ServeError, Shared};
 
 const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn routes(shared: Shared, with_api: bool) -> Router {
+pub(super) fn routes(shared: Shared, with_api: bool) -> Router {
     let mut router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -30,7 +31,9 @@ fn routes(shared: Shared, with_api: bool) -> Router {
     if with_api {
         router = router
             .route("/v1/hosts", get(hosts))
-            .route("/v1/rollouts", post(submit))
+            .route("/v1/status", post(status))
+            .route("/v1/events", get(events))
+            .route("/v1/rollouts", post(submit).get(rollouts))
             .route("/v1/rollouts/driving", get(driving))
             .route("/v1/rollouts/runs/{run}", get(run_page));
     }
@@ -58,17 +61,84 @@ async fn hosts(State(shared): State<Shared>) -> impl IntoResponse {
     axum::Json(shared.view.snapshots())
 }
 
+/// What `controller status` shows, as the daemon sees it (the agents it
+/// has not seen yet are asked).
+async fn status(
+    State(shared): State<Shared>,
+    axum::Json(wanted): axum::Json<HostsWanted>,
+) -> axum::response::Response {
+    let fleet = match shared.fleet.read() {
+        Ok(fleet) => fleet.clone(),
+        Err(_) => {
+            return failed(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "fleet lock poisoned".into(),
+            );
+        }
+    };
+    let hosts = match fleet.resolve(&wanted.selection()).await {
+        Ok(hosts) => hosts,
+        Err(e) => return failed(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let snapshots = shared.view.snapshots();
+    let statuses = crate::fleet::ops::status_from_snapshots(&fleet, &snapshots, &hosts).await;
+    axum::Json(statuses).into_response()
+}
+
+async fn events(
+    State(shared): State<Shared>,
+    Query(wanted): Query<EventsWanted>,
+) -> axum::response::Response {
+    let host = match &wanted.host {
+        Some(name) => match shared.store.host(name).await {
+            Ok(Some(host)) => Some(host.name),
+            Ok(None) => {
+                let unknown = crate::fleet::FleetError::UnknownHost(name.clone());
+                return failed(StatusCode::BAD_REQUEST, unknown.to_string());
+            }
+            Err(e) => return failed(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        },
+        None => None,
+    };
+    let query = crate::store::EventQuery {
+        host,
+        since: wanted.since,
+        after_id: 0,
+        limit: wanted.limit.min(MAX_LISTED),
+    };
+    match shared.store.query_events(query).await {
+        Ok(events) => axum::Json(events).into_response(),
+        Err(e) => failed(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RolloutsQuery {
+    limit: usize,
+}
+
+async fn rollouts(
+    State(shared): State<Shared>,
+    Query(query): Query<RolloutsQuery>,
+) -> axum::response::Response {
+    match shared.store.rollouts(query.limit.min(MAX_LISTED)).await {
+        Ok(rollouts) => axum::Json(rollouts).into_response(),
+        Err(e) => failed(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// An error the CLI shows as the daemon's refusal.
+fn failed(status: StatusCode, error: String) -> axum::response::Response {
+    (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+}
+
 async fn submit(
     State(shared): State<Shared>,
     axum::Json(submission): axum::Json<Submission>,
 ) -> axum::response::Response {
     match shared.rollouts.submit(submission) {
         Ok(run) => axum::Json(Accepted { run }).into_response(),
-        Err(error) => (
-            StatusCode::BAD_REQUEST,
-            axum::Json(serde_json::json!({ "error": error })),
-        )
-            .into_response(),
+        Err(error) => failed(StatusCode::BAD_REQUEST, error),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod api;
 pub mod client;
 pub mod http;
 mod queue;
+mod remote;
 mod rollouts;
 mod view;
 mod watcher;
@@ -61,6 +62,12 @@ pub struct ServeConfig {
     pub webhook: Option<String>,
     /// How long health history is kept.
     pub retention: Duration,
+    /// Where operators' CLIs on other nodes reach the API (TLS, operator
+    /// certificates): the cluster's virtual IP. None: the socket only.
+    pub api_listen: Option<SocketAddr>,
+    /// Further names (IP addresses or DNS names) the API's certificate
+    /// carries besides the listen address.
+    pub api_names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +91,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Webhook(#[from] WebhookError),
+    #[error("the API's server certificate: {0}")]
+    ApiIdentity(String),
 }
 
 /// What the watchers, the HTTP handlers and the main loop share.
@@ -95,6 +104,9 @@ pub(crate) struct Shared {
     webhook: Option<Webhook>,
     ready: Arc<AtomicBool>,
     rollouts: Arc<rollouts::Rollouts>,
+    /// The hosts and the means to reach them, as the main loop last
+    /// (re)opened them: what the API answers `status` with.
+    fleet: Arc<std::sync::RwLock<Fleet>>,
     /// Changes go to one persister task in the order they were decided, so
     /// a watcher aborted by a reload or rescan never loses one.
     persist: Arc<queue::Queue>,
@@ -194,6 +206,10 @@ pub async fn run(
             what: config.metrics_listen.to_string(),
             source,
         })?;
+    let api = match config.api_listen {
+        Some(addr) => Some(api_listener(&state, addr, &config.api_names).await?),
+        None => None,
+    };
     let webhook = config.webhook.as_deref().map(Webhook::start).transpose()?;
     let persist = Arc::new(queue::Queue::default());
     let persisting = tokio::spawn(persister(
@@ -208,15 +224,21 @@ pub async fn run(
         webhook,
         ready: Arc::default(),
         rollouts: rollouts::Rollouts::new(state_dir),
+        fleet: Arc::new(std::sync::RwLock::new(Fleet::new(&state))),
         persist: persist.clone(),
     };
     let owning = tokio::spawn(shared.rollouts.clone().own(state.store.clone()));
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
-    let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped));
+    let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped.clone()));
+    let api_identity = api.map(|(listener, identity, tls)| {
+        tokio::spawn(remote::serve(shared.clone(), listener, tls, http_stopped));
+        identity
+    });
     tracing::info!(
         metrics = %shared.config.metrics_listen,
         socket = %socket_path.display(),
         interval_ms = shared.config.interval.as_millis() as u64,
+        api = ?shared.config.api_listen,
         "serving"
     );
     let mut fleet = Fleet::new(&state);
@@ -232,7 +254,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
-                reopen(state_dir, &mut fleet, &mut watchers, "reloaded");
+                reopen(state_dir, &shared, &mut fleet, &mut watchers, "reloaded");
                 marks = state_marks(state_dir);
                 rescan_hosts(&shared, &fleet, &mut watchers).await;
             }
@@ -241,7 +263,7 @@ pub async fn run(
                 // certificate, or moved a CA rotation on: re-read them.
                 let now = state_marks(state_dir);
                 if now != marks {
-                    reopen(state_dir, &mut fleet, &mut watchers, "the controller's certificates changed");
+                    reopen(state_dir, &shared, &mut fleet, &mut watchers, "the controller's certificates changed");
                     marks = now;
                 }
                 rescan_hosts(&shared, &fleet, &mut watchers).await;
@@ -250,11 +272,14 @@ pub async fn run(
                 // The daemon's own identity first (renewed where the CA is,
                 // by re-opening the state), then the agents'.
                 if identity_due(fleet.identity()) {
-                    reopen(state_dir, &mut fleet, &mut watchers, "renewed the controller's certificate");
+                    reopen(state_dir, &shared, &mut fleet, &mut watchers, "renewed the controller's certificate");
                     marks = state_marks(state_dir);
                     rescan_hosts(&shared, &fleet, &mut watchers).await;
                 }
                 tokio::spawn(renew_due_agents(fleet.clone()));
+                if let Some(identity) = &api_identity {
+                    identity.renew_if_due(fleet.ca());
+                }
             }
             _ = prune.tick() => {
                 let keep = shared.config.retention.as_secs().min(i64::MAX as u64) as i64;
@@ -290,6 +315,40 @@ pub async fn run(
     Ok(())
 }
 
+/// The API's listener, its server identity and TLS configuration.
+async fn api_listener(
+    state: &ControllerState,
+    addr: SocketAddr,
+    names: &[String],
+) -> Result<
+    (
+        tokio::net::TcpListener,
+        Arc<remote::ServerIdentity>,
+        Arc<rustls::ServerConfig>,
+    ),
+    ServeError,
+> {
+    let mut sans = Vec::new();
+    if !addr.ip().is_unspecified() {
+        sans.push(addr.ip().to_string());
+    }
+    sans.extend(names.iter().cloned());
+    if sans.is_empty() {
+        return Err(ServeError::ApiIdentity(format!(
+            "{addr} names no address a client could check; give the virtual IP (--api-listen VIP:PORT) or --api-name"
+        )));
+    }
+    let identity = remote::ServerIdentity::issue(&state.ca, sans)?;
+    let tls = remote::tls_config(&state.ca, identity.clone())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            what: addr.to_string(),
+            source,
+        })?;
+    Ok((listener, identity, tls))
+}
+
 /// The files whose change makes the daemon re-open the state: its
 /// certificate, the list of accepted controller certificates, a CA
 /// rotation's record.
@@ -308,6 +367,7 @@ fn state_marks(dir: &Path) -> Vec<Option<Vec<u8>>> {
 /// with it; on failure keeps what it has.
 fn reopen(
     dir: &Path,
+    shared: &Shared,
     fleet: &mut Fleet,
     watchers: &mut HashMap<String, (HostRecord, tokio::task::AbortHandle)>,
     why: &str,
@@ -315,6 +375,9 @@ fn reopen(
     match ControllerState::open(dir) {
         Ok(fresh) => {
             *fleet = Fleet::new(&fresh);
+            if let Ok(mut kept) = shared.fleet.write() {
+                *kept = fleet.clone();
+            }
             for (_, (_, task)) in watchers.drain() {
                 task.abort();
             }
@@ -422,6 +485,8 @@ mod tests {
             metrics_insecure: insecure,
             webhook: None,
             retention: Duration::from_secs(86_400),
+            api_listen: None,
+            api_names: Vec::new(),
         }
     }
 

@@ -1,12 +1,12 @@
 //! The append-only event log: what happened to which host, and when.
 
 use rusqlite::{Connection, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError};
 
 /// What an event tells of. Stored by name; names never change meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventKind {
     Bootstrap,
@@ -49,6 +49,10 @@ pub enum EventKind {
     AgentUpgraded,
     /// An agent upgrade did not hold: the host put the previous one back.
     AgentUpgradeFailed,
+    /// An operator certificate was issued (`controller operators add`).
+    OperatorAdded,
+    /// An operator's certificates were revoked.
+    OperatorRevoked,
 }
 
 named!(EventKind {
@@ -79,6 +83,8 @@ named!(EventKind {
     Steady => "steady",
     AgentUpgraded => "agent-upgraded",
     AgentUpgradeFailed => "agent-upgrade-failed",
+    OperatorAdded => "operator-added",
+    OperatorRevoked => "operator-revoked",
 });
 
 impl EventKind {
@@ -106,7 +112,7 @@ impl std::fmt::Display for EventKind {
 }
 
 /// One recorded event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub id: i64,
     /// Unix seconds.

@@ -130,6 +130,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     SELECT cert_serial, name, 'agent', '', bootstrapped_at, cert_not_after, 'current',
         bootstrapped_at, bootstrapped_at
     FROM hosts WHERE cert_serial != '';",
+    // 6: operators' certificates (role `operator`) name the person they
+    // were issued to; see store::operators.
+    "ALTER TABLE certificates ADD COLUMN holder TEXT;
+    CREATE INDEX certificates_by_holder ON certificates(holder, state);",
 ];
 
 /// Brings the schema up to date. Several processes may open one database at

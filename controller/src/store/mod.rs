@@ -29,6 +29,7 @@ mod events;
 mod health;
 mod hosts;
 mod migrations;
+mod operators;
 mod rollouts;
 
 use std::path::Path;
@@ -43,6 +44,7 @@ pub use health::{
     HealthPoint, MAX_HEALTH_EVENTS_PER_HOST, Observed, STEP_SECONDS as HEALTH_STEP_SECONDS,
 };
 pub use hosts::HostRecord;
+pub use operators::Operator;
 pub use rollouts::{PlannedStep, Rollout, RolloutState, RolloutStep, StepPhase};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,10 @@ pub enum StoreError {
         "the linked SQLite {0} has the WAL-reset corruption bug (fixed in 3.51.3, 3.50.7 and 3.44.6); rebuild imfleet with its bundled SQLite"
     )]
     UnsafeSqlite(&'static str),
+    #[error(
+        "operator {name} holds certificate {serial} already; revoke it first (`controller operators revoke {name}`) or choose another name (nothing was changed)"
+    )]
+    OperatorExists { name: String, serial: String },
     #[error("state database: the store thread has stopped")]
     Closed,
     #[error("state database: {what} holds a value this controller does not know: {value}")]

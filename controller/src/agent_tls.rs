@@ -79,6 +79,7 @@ pub fn client_config(identity: &ClientIdentity) -> Result<Arc<rustls::ClientConf
         &identity.ca_pem,
         (&identity.cert_pem, &identity.key_pem),
         Role::Agent,
+        rustls::DEFAULT_VERSIONS,
     )
     .map_err(|e| e.replace("the client identity", "the controller identity"))?;
     let mut config = Arc::unwrap_or_clone(config);
@@ -92,6 +93,7 @@ pub fn mtls_client_config(
     ca_pem: &str,
     identity: (&str, &str),
     server_role: Role,
+    versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     use imfleet_certs::tls;
     let provider = tls::provider();
@@ -106,7 +108,7 @@ pub fn mtls_client_config(
         role: server_role,
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))

@@ -23,6 +23,8 @@
 //!   events), Prometheus exposition and metrics.
 //! - [`operators`]: people's certificates for the daemon's API (any PBX
 //!   node drives the fleet through it), and the bundle the CLI presents.
+//! - [`ha`]: the daemon as a Pacemaker resource: the OCF agent, the pure
+//!   plan of `pcs` changes from the observed CIB, and running them.
 //! - [`serve`]: the daemon: health streams, history, events, webhook, HTTP.
 //! - [`preflight`]: judging a host's inventory against PortSIP's needs (pure).
 //! - [`deployment`]: the PortSIP spec (pure) and the deploy steps.
@@ -39,6 +41,7 @@ pub mod ca_rotation;
 pub mod controller_list;
 pub mod deployment;
 pub mod fleet;
+pub mod ha;
 pub mod health;
 pub mod operators;
 pub mod pbx;

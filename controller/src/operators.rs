@@ -93,6 +93,7 @@ pub async fn add(
         }
         Err(e) => return Err(write_err(e)),
     };
+    let mut recorded = None;
     let issued = async {
         let ca = state.ca.load()?;
         let identity = ca.issue(Role::Operator, name, &[], Validity::starting_now(lifetime))?;
@@ -100,11 +101,12 @@ pub async fn add(
         let record =
             CertificateRecord::new(&info, None, CertificateState::Current, crate::now_unix());
         state.store.add_operator(name, &record).await?;
+        recorded = Some(record.serial.clone());
+        // Every CA the fleet trusts (both during a rotation): the daemon's
+        // certificate chains to one of them.
         let bundle = format!(
             "{}{}{}",
-            identity.cert_pem,
-            identity.key_pem,
-            state.ca.cert_pem()
+            identity.cert_pem, identity.key_pem, state.identity.ca_pem
         );
         file.write_all(bundle.as_bytes())
             .and_then(|()| file.sync_all())
@@ -120,9 +122,12 @@ pub async fn add(
         }),
         Err(e) => {
             let _ = std::fs::remove_file(out);
-            if !matches!(e, OperatorError::Store(_)) {
-                // Recorded but not handed out: withdrawn again.
-                let _ = state.store.revoke_operator(name, crate::now_unix()).await;
+            if let Some(serial) = recorded {
+                // Recorded but not handed out: withdrawn again (only it).
+                let _ = state
+                    .store
+                    .revoke_operator_certificate(&serial, crate::now_unix())
+                    .await;
             }
             Err(e)
         }
@@ -153,15 +158,22 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Reads `path`, refusing one other users could read (as OpenSSH
-    /// refuses such a private key) and one whose parts do not belong
-    /// together.
+    /// Reads `path`, refusing one other users could read or that is not
+    /// this user's (as OpenSSH refuses such a private key), a symbolic
+    /// link, and one whose parts do not belong together. Opened once: what
+    /// is checked is what is read.
     pub fn read(path: &Path) -> Result<Bundle, OperatorError> {
+        use std::io::Read;
         let bad = |detail: String| OperatorError::Bundle {
             path: path.to_owned(),
             detail,
         };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| bad(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
         if meta.mode() & 0o077 != 0 {
             return Err(bad(format!(
                 "it can be read by other users (mode {:o}); run `chmod 600 {}`",
@@ -169,17 +181,25 @@ impl Bundle {
                 path.display()
             )));
         }
-        if meta.len() > 64 * 1024 {
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(bad("it belongs to another user".into()));
+        }
+        let mut text = String::new();
+        file.take(MAX_BUNDLE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(e.to_string()))?;
+        if text.len() as u64 > MAX_BUNDLE_BYTES {
             return Err(bad("larger than an operator bundle can be".into()));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let certs = imfleet_certs::split_certificates_pem(&text);
-        let [cert_pem, ca_pem] = certs.as_slice() else {
-            return Err(bad(format!(
-                "it holds {} certificate(s), not the operator's and the CA's (written by `controller operators add`)",
-                certs.len()
-            )));
+        let [cert_pem, cas @ ..] = certs.as_slice() else {
+            return Err(bad("it holds no certificate".into()));
         };
+        if cas.is_empty() {
+            return Err(bad(
+                "it holds no CA certificate after the operator's (written by `controller operators add`)".into(),
+            ));
+        }
         let key_pem = private_key_block(&text)
             .ok_or_else(|| bad("it holds no private key".into()))?
             .to_owned();
@@ -192,10 +212,13 @@ impl Bundle {
         Ok(Bundle {
             cert_pem: cert_pem.clone(),
             key_pem,
-            ca_pem: ca_pem.clone(),
+            ca_pem: cas.concat(),
         })
     }
 }
+
+/// No bundle is larger (a certificate, a key, a few CAs).
+const MAX_BUNDLE_BYTES: u64 = 64 * 1024;
 
 fn private_key_block(text: &str) -> Option<&str> {
     const BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
@@ -233,7 +256,7 @@ mod tests {
         let mode = std::fs::metadata(&out).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let bundle = Bundle::read(&out).unwrap();
-        assert_eq!(bundle.ca_pem.trim(), state.ca.cert_pem().trim());
+        assert!(bundle.ca_pem.contains(state.ca.cert_pem().trim()));
         let info = imfleet_certs::inspect_pem(&bundle.cert_pem).unwrap();
         assert_eq!(info.serial_hex.to_ascii_lowercase(), added.serial);
         // An agent never takes it for the controller.
@@ -258,5 +281,12 @@ mod tests {
             .unwrap();
         let open = Bundle::read(&out).unwrap_err().to_string();
         assert!(open.contains("chmod 600"), "{open}");
+        // A link to it: refused, not followed.
+        std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        assert!(Bundle::read(&link).is_err());
+        assert!(Bundle::read(&out).is_ok());
     }
 }

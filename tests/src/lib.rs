@@ -6,6 +6,7 @@
 //! installed; `scripts/test` sets that up.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod daemon;
 pub mod deploy;
 pub mod engine;

@@ -24,11 +24,14 @@ fn run(cmd: Command) -> Run {
     run_with_limit(cmd, Duration::from_secs(600))
 }
 
-/// `status --json` without what changes from one sample to the next.
+/// `status --json` without what changes from one sample to the next, and
+/// who answered (the agent itself until the daemon has seen the host).
 fn steady(status: serde_json::Value) -> serde_json::Value {
     let mut status = status;
     for host in status.as_array_mut().expect("an array of hosts") {
-        host.as_object_mut().unwrap().remove("sample_age_seconds");
+        let host = host.as_object_mut().unwrap();
+        host.remove("sample_age_seconds");
+        host.remove("source");
     }
     status
 }
@@ -173,10 +176,42 @@ fn an_operator_on_another_node_gets_the_same_answers_and_drives_an_upgrade() {
     );
     assert_eq!(controller_code, None, "a controller certificate was served");
     assert!(
-        daemon.log().contains("API: refused a client certificate"),
+        daemon
+            .log()
+            .contains("certificate role `controller` is not `operator`"),
         "{}",
         daemon.log()
     );
+    // The API never takes an image archive (a file on the active node: any
+    // file could be sent to a host), whatever the client.
+    let submission = serde_json::json!({
+        "action": "start",
+        "upgrade": {
+            "all": false, "hosts": fleet.names(), "image": "x",
+            "db_image": null, "image_files": [state.join("ca.key")],
+            "canaries": 0,
+            "limits": {"max_parallel": 1, "max_failures": 0, "auto_rollback": true},
+            "timing": {"min_healthy": 1000, "healthy_deadline": 60000, "progress_deadline": 120000},
+            "stop_grace_seconds": 5, "force": true
+        },
+        "credentials": {"token": "imtok-x"}
+    });
+    let posted = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&alice)
+        .args(["-H", "content-type: application/json", "--data"])
+        .arg(submission.to_string())
+        .arg(format!("{url}/v1/rollouts"))
+        .output()
+        .unwrap();
+    let posted = String::from_utf8_lossy(&posted.stdout).into_owned();
+    assert!(posted.ends_with("\n400"), "{posted}");
+    assert!(posted.contains("image archives"), "{posted}");
+    let rollouts = run(remote(&other, &url, &alice, &["rollouts", "--json"])).json();
+    assert_eq!(rollouts.as_array().unwrap().len(), 1, "{rollouts:#}");
+
     // Another fleet's operator is refused at the handshake.
     let stranger_fleet = Controller::new();
     let stranger = bundles.path().join("stranger.pem");

@@ -55,7 +55,24 @@ struct RenewArgs {
 pub async fn certs(dir: &Path, args: CertsArgs) -> anyhow::Result<ExitCode> {
     let fleet = super::open_fleet(dir).await?;
     if let Some(CertsCommand::Revoke(revoke)) = &args.command {
-        if let Some(agent) = fleet.store().certificate(&revoke.serial).await?
+        let found = fleet.store().certificate(&revoke.serial).await?;
+        if let Some(operator) = &found
+            && operator.role == "operator"
+        {
+            let holder = fleet
+                .store()
+                .operators()
+                .await?
+                .into_iter()
+                .find(|o| o.serial == operator.serial)
+                .map(|o| o.name)
+                .unwrap_or_else(|| "?".into());
+            anyhow::bail!(
+                "{} is the operator certificate of {holder}; `controller operators revoke {holder}` revokes it (nothing was changed)",
+                operator.serial
+            );
+        }
+        if let Some(agent) = found
             && agent.role == "agent"
         {
             anyhow::bail!(

@@ -6,6 +6,7 @@ mod bootstrap;
 mod ca;
 mod certs;
 mod deploy;
+mod ha;
 mod init;
 mod lifecycle;
 mod operators;
@@ -43,9 +44,10 @@ pub struct Cli {
     /// older than this controller; without it, such agents are only named.
     #[arg(long, global = true)]
     pub upgrade_agents: bool,
-    /// Ask `controller serve` through its API from any node, as an
-    /// operator: https://VIP:PORT (see `controller serve --api-listen`).
-    /// Works for status, watch, events, rollouts and upgrade.
+    /// On a node without the state: ask `controller serve` through its API,
+    /// as an operator: https://VIP:PORT (see `controller serve
+    /// --api-listen`). Works for status, watch, events, rollouts and
+    /// upgrade; ignored where the state is.
     #[arg(long, global = true, env = "IMFLEET_DAEMON", value_name = "URL")]
     pub daemon: Option<String>,
     /// The operator bundle presented with --daemon (written by
@@ -108,6 +110,10 @@ pub enum Command {
     /// People whose certificate lets their CLI use the daemon's API from
     /// any PBX node (add, list, revoke).
     Operators(operators::OperatorsArgs),
+    /// Run `controller serve` under the PBX cluster's Pacemaker (install,
+    /// status, agent).
+    #[command(subcommand)]
+    Ha(ha::HaCommand),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -116,7 +122,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None => default_state_dir()?,
     };
     let upgrading_agents = matches!(cli.command, Command::Agents(_));
-    if let Some(url) = &cli.daemon {
+    // Through the daemon only from a node that does not hold the state:
+    // where it is, the local socket reaches the same daemon, and every
+    // command works (IMFLEET_DAEMON may be set on every node).
+    if let Some(url) = &cli.daemon
+        && !dir.join("ca.pem").exists()
+    {
         let remote = remote_endpoint(url, cli.operator.as_deref())?;
         return remote_command(&dir, &remote, cli.command).await;
     }
@@ -173,6 +184,7 @@ async fn command(dir: &std::path::Path, command: Command) -> anyhow::Result<Exit
         Command::Upgrade(args) => upgrade::upgrade(&dir, None, *args).await,
         Command::Rollouts(args) => upgrade::rollouts(&dir, None, args).await,
         Command::Operators(args) => operators::run(&dir, args).await,
+        Command::Ha(command) => ha::ha(&dir, command).await,
     }
 }
 
@@ -218,6 +230,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Serve(_) => "serve",
         Command::History(_) => "history",
         Command::Operators(_) => "operators",
+        Command::Ha(_) => "ha",
         Command::Status(_) => "status",
         Command::Events(_) => "events",
         Command::Watch(_) => "watch",

@@ -284,11 +284,31 @@ async fn follow_daemon(dir: &Path, endpoint: &Endpoint, json: bool) -> anyhow::R
 /// `upgrade --follow` through the API: the run the daemon drives, the one
 /// it drove last, else how the newest rollout stands.
 async fn follow_remote(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
-    let driving = client::driving(endpoint).await?;
-    if let Some(Driving { run: Some(run), .. }) = driving {
-        return follow_run(endpoint, run, json, false).await;
-    }
-    let newest = client::rollouts(endpoint, 1).await?.unwrap_or_default();
+    // A daemon that just started (a failover) takes an active rollout up
+    // within seconds.
+    let deadline = tokio::time::Instant::now() + TAKE_UP_WAIT;
+    let newest = loop {
+        let driving = client::driving(endpoint).await?;
+        let run = driving.as_ref().and_then(|d| d.run);
+        if let (Some(run), Some(true)) = (run, driving.as_ref().map(|d| d.running)) {
+            return follow_run(endpoint, run, json, false).await;
+        }
+        let newest = client::rollouts(endpoint, 1).await?.unwrap_or_default();
+        let waiting = newest
+            .first()
+            .is_some_and(|r| matches!(r.state, RolloutState::Running | RolloutState::Aborting));
+        if !waiting {
+            // It may have just ended: the daemon's newest run says how.
+            if let Some(run) = run {
+                return follow_run(endpoint, run, json, false).await;
+            }
+            break newest;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break newest;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     match newest.into_iter().next() {
         Some(rollout) if rollout.state.is_active() => {
             eprintln!(

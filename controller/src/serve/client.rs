@@ -69,6 +69,8 @@ impl Endpoint {
             &bundle.ca_pem,
             (&bundle.cert_pem, &bundle.key_pem),
             imfleet_certs::Role::Daemon,
+            // TLS 1.2 would show the operator's certificate on the wire.
+            &[&rustls::version::TLS13],
         )
         .map_err(EndpointError::Tls)?;
         Arc::make_mut(&mut tls).alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -301,7 +303,7 @@ async fn ask(
             let Ok(stream) = tokio::net::UnixStream::connect(socket).await else {
                 return Ok(None);
             };
-            tokio::time::timeout(limit, exchange(stream, request))
+            tokio::time::timeout(limit, exchange(stream, request, MAX_ANSWER_BYTES))
                 .await
                 .map_err(timed_out)
                 .and_then(|r| r)
@@ -327,7 +329,7 @@ async fn ask(
                 .map_err(|_| "no connection within 5 s".to_owned())
                 .and_then(|r| r)
                 .map_err(unreachable)?;
-            tokio::time::timeout(limit, exchange(tls, request))
+            tokio::time::timeout(limit, exchange(tls, request, MAX_REMOTE_ANSWER_BYTES))
                 .await
                 .map_err(timed_out)
                 .and_then(|r| r)
@@ -343,6 +345,7 @@ async fn ask(
 async fn exchange<IO>(
     io: IO,
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    most: usize,
 ) -> Result<(http::StatusCode, Vec<u8>), String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -358,7 +361,7 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let status = answer.status();
-    let body = http_body_util::Limited::new(answer.into_body(), MAX_ANSWER_BYTES)
+    let body = http_body_util::Limited::new(answer.into_body(), most)
         .collect()
         .await
         .map_err(|e| e.to_string())?;
@@ -368,3 +371,6 @@ where
 /// The most the CLI reads of the daemon's answer (a host's snapshot is at
 /// most about 60 KB: see `health::ingest`).
 const MAX_ANSWER_BYTES: usize = 256 << 20;
+/// The same from a daemon across the network, which may not be ours: a
+/// few hundred hosts' snapshots.
+const MAX_REMOTE_ANSWER_BYTES: usize = 32 << 20;

@@ -134,8 +134,20 @@ fn failed(status: StatusCode, error: String) -> axum::response::Response {
 
 async fn submit(
     State(shared): State<Shared>,
+    remote: Option<axum::Extension<super::remote::Remote>>,
     axum::Json(submission): axum::Json<Submission>,
 ) -> axum::response::Response {
+    // An image archive is a file on this node: only who may read the state
+    // here (the socket) may name one, or any file could be sent to a host.
+    if remote.is_some()
+        && let Submission::Start { upgrade, .. } = &submission
+        && !upgrade.image_files.is_empty()
+    {
+        return failed(
+            StatusCode::BAD_REQUEST,
+            "image archives (--image-file) are named only on the node that holds the state; run this upgrade there, or use images the hosts can pull".into(),
+        );
+    }
     match shared.rollouts.submit(submission) {
         Ok(run) => axum::Json(Accepted { run }).into_response(),
         Err(error) => failed(StatusCode::BAD_REQUEST, error),

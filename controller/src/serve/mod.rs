@@ -207,7 +207,11 @@ pub async fn run(
             source,
         })?;
     let api = match config.api_listen {
-        Some(addr) => Some(api_listener(&state, addr, &config.api_names).await?),
+        Some(addr) => Some(remote::Api::new(
+            &Fleet::new(&state),
+            addr,
+            &config.api_names,
+        )?),
         None => None,
     };
     let webhook = config.webhook.as_deref().map(Webhook::start).transpose()?;
@@ -230,10 +234,9 @@ pub async fn run(
     let owning = tokio::spawn(shared.rollouts.clone().own(state.store.clone()));
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let servers = tokio::spawn(http::serve(shared.clone(), tcp, unix, http_stopped.clone()));
-    let api_identity = api.map(|(listener, identity, tls)| {
-        tokio::spawn(remote::serve(shared.clone(), listener, tls, http_stopped));
-        identity
-    });
+    if let Some(api) = &api {
+        tokio::spawn(remote::serve(api.clone(), shared.clone(), http_stopped));
+    }
     tracing::info!(
         metrics = %shared.config.metrics_listen,
         socket = %socket_path.display(),
@@ -255,6 +258,9 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
                 reopen(state_dir, &shared, &mut fleet, &mut watchers, "reloaded");
+                if let Some(api) = &api {
+                    api.refresh(&fleet);
+                }
                 marks = state_marks(state_dir);
                 rescan_hosts(&shared, &fleet, &mut watchers).await;
             }
@@ -264,6 +270,9 @@ pub async fn run(
                 let now = state_marks(state_dir);
                 if now != marks {
                     reopen(state_dir, &shared, &mut fleet, &mut watchers, "the controller's certificates changed");
+                    if let Some(api) = &api {
+                        api.refresh(&fleet);
+                    }
                     marks = now;
                 }
                 rescan_hosts(&shared, &fleet, &mut watchers).await;
@@ -277,8 +286,8 @@ pub async fn run(
                     rescan_hosts(&shared, &fleet, &mut watchers).await;
                 }
                 tokio::spawn(renew_due_agents(fleet.clone()));
-                if let Some(identity) = &api_identity {
-                    identity.renew_if_due(fleet.ca());
+                if let Some(api) = &api {
+                    api.refresh(&fleet);
                 }
             }
             _ = prune.tick() => {
@@ -313,40 +322,6 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
-}
-
-/// The API's listener, its server identity and TLS configuration.
-async fn api_listener(
-    state: &ControllerState,
-    addr: SocketAddr,
-    names: &[String],
-) -> Result<
-    (
-        tokio::net::TcpListener,
-        Arc<remote::ServerIdentity>,
-        Arc<rustls::ServerConfig>,
-    ),
-    ServeError,
-> {
-    let mut sans = Vec::new();
-    if !addr.ip().is_unspecified() {
-        sans.push(addr.ip().to_string());
-    }
-    sans.extend(names.iter().cloned());
-    if sans.is_empty() {
-        return Err(ServeError::ApiIdentity(format!(
-            "{addr} names no address a client could check; give the virtual IP (--api-listen VIP:PORT) or --api-name"
-        )));
-    }
-    let identity = remote::ServerIdentity::issue(&state.ca, sans)?;
-    let tls = remote::tls_config(&state.ca, identity.clone())?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen {
-            what: addr.to_string(),
-            source,
-        })?;
-    Ok((listener, identity, tls))
 }
 
 /// The files whose change makes the daemon re-open the state: its

@@ -114,18 +114,44 @@ impl Store {
         .await
     }
 
-    /// The operator a client certificate (by serial) belongs to, while it
-    /// is accepted; `None` for anything else (revoked, unknown, another role).
-    pub async fn accepted_operator(&self, serial: &str) -> Result<Option<String>, StoreError> {
-        let serial = serial.to_ascii_lowercase();
+    /// The operator a client certificate belongs to while it is accepted:
+    /// its serial recorded for an operator, current, unexpired at `now`,
+    /// and the key it holds the one issued (a serial alone is no secret).
+    /// `None` for anything else.
+    pub async fn accepted_operator(
+        &self,
+        serial: &str,
+        key_sha256: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let (serial, key) = (serial.to_ascii_lowercase(), key_sha256.to_owned());
         self.call(move |c| {
             Ok(c.query_row(
                 "SELECT holder FROM certificates
-                 WHERE serial = ?1 AND role = 'operator' AND state = 'current'",
-                [serial],
+                 WHERE serial = ?1 AND key_sha256 = ?2 AND role = 'operator'
+                   AND state = 'current' AND not_after > ?3",
+                params![serial, key, now],
                 |r| r.get(0),
             )
             .optional()?)
+        })
+        .await
+    }
+
+    /// Revokes one operator certificate (one issued but never handed out).
+    pub async fn revoke_operator_certificate(
+        &self,
+        serial: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let serial = serial.to_ascii_lowercase();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE certificates SET state = 'revoked', changed_at = ?2
+                 WHERE serial = ?1 AND role = 'operator'",
+                params![serial, now],
+            )?;
+            Ok(())
         })
         .await
     }
@@ -159,18 +185,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            store.accepted_operator("0A").await.unwrap().as_deref(),
+            store
+                .accepted_operator("0A", "k", 50)
+                .await
+                .unwrap()
+                .as_deref(),
             Some("alice")
         );
+        // Another key under the serial, or past its expiry: refused.
+        assert_eq!(
+            store.accepted_operator("0a", "other", 50).await.unwrap(),
+            None
+        );
+        assert_eq!(store.accepted_operator("0a", "k", 100).await.unwrap(), None);
         let twice = store.add_operator("alice", &cert("0b", "operator")).await;
         assert!(
             matches!(twice, Err(StoreError::OperatorExists { ref serial, .. }) if serial == "0a"),
             "{twice:?}"
         );
-        assert_eq!(store.accepted_operator("0b").await.unwrap(), None);
+        assert_eq!(store.accepted_operator("0b", "k", 50).await.unwrap(), None);
 
         assert_eq!(store.revoke_operator("alice", 5).await.unwrap(), 1);
-        assert_eq!(store.accepted_operator("0a").await.unwrap(), None);
+        assert_eq!(store.accepted_operator("0a", "k", 50).await.unwrap(), None);
         assert_eq!(store.revoke_operator("alice", 6).await.unwrap(), 0);
         // A new certificate for the name once the old one is revoked.
         store
@@ -216,6 +252,6 @@ mod tests {
             .record_certificate(&cert("0d", "controller"))
             .await
             .unwrap();
-        assert_eq!(store.accepted_operator("0d").await.unwrap(), None);
+        assert_eq!(store.accepted_operator("0d", "k", 50).await.unwrap(), None);
     }
 }

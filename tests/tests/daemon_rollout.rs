@@ -123,3 +123,100 @@ fn the_daemon_drives_a_detached_rollout_and_a_new_daemon_takes_it_up_after_each_
     let secret = std::fs::read_to_string(&token).unwrap();
     assert!(!daemon.log().contains(secret.trim()));
 }
+
+/// A small deterministic generator (xorshift64*): the seed is printed, and
+/// IMFLEET_TEST_SEED replays a run.
+struct Points(u64);
+
+impl Points {
+    fn next_below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound
+    }
+}
+
+#[test]
+fn the_daemon_killed_at_random_points_of_rollouts_leaves_records_matching_the_hosts() {
+    let fleet = Fleet::deployed(2);
+    let seed = std::env::var("IMFLEET_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("kill points from IMFLEET_TEST_SEED={seed}");
+    let mut points = Points(seed);
+    let mut daemon = Daemon::start(&fleet.controller, &[]);
+    let mut kills = 0;
+    // Up to the next image and back: two rollouts, each cut many times.
+    for image in [NEXT_IMAGE, imfleet_tests::deploy::IMAGE] {
+        let token = fleet.new_token();
+        let mut cli = fleet
+            .upgrade_command(&token, &["--image", image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..6 {
+            // A kill point anywhere in the next 3 s of the rollout: between
+            // steps, inside an apply, while a record is written.
+            let after = Duration::from_millis(points.next_below(3000));
+            std::thread::sleep(after);
+            daemon.signal(nix::sys::signal::Signal::SIGKILL);
+            drop(daemon);
+            kills += 1;
+            daemon = Daemon::start(&fleet.controller, &[]);
+            if fleet.last_rollout()["state"] != "running" {
+                break;
+            }
+        }
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let followed = imfleet_tests::run_with_limit(
+            fleet.controller.command(&["upgrade", "--follow", "--json"]),
+            Duration::from_secs(600),
+        );
+        assert!(
+            followed.success(),
+            "seed {seed}: {followed:#?}\n{}",
+            daemon.log()
+        );
+        let last: serde_json::Value =
+            serde_json::from_str(followed.stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            last["rollout"]["state"], "succeeded",
+            "seed {seed}: {last:#}"
+        );
+        // The records end where the hosts are.
+        assert_eq!(fleet.phases(), vec!["done"; 2], "seed {seed}");
+        for i in 0..2 {
+            assert_eq!(
+                fleet.running(i),
+                (image.to_owned(), true),
+                "seed {seed}: host {i}"
+            );
+        }
+        let mut args = vec!["status".to_owned(), "--json".to_owned()];
+        args.extend(fleet.names());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let status = fleet.controller.run(&args).json();
+        for host in status.as_array().unwrap() {
+            assert_eq!(
+                host["deployment"]["image"], image,
+                "seed {seed}: {status:#}"
+            );
+        }
+        assert_eq!(most_out_of_service(&fleet.timeline()), 1, "seed {seed}");
+    }
+    assert!(
+        kills >= 4,
+        "only {kills} kill(s): the rollouts ended too soon"
+    );
+    println!("{kills} kills");
+}

@@ -58,6 +58,22 @@ fn quiet(program: &str, args: &[&str]) {
     let _ = output(Command::new(program).args(args));
 }
 
+/// A cable from the switch (`port`, on its bridge) to `inside` in
+/// namespace `ns`, which gets `address` (CIDR).
+fn plug(port: &str, ns: &str, inside: &str, address: &str) {
+    let sw = switch();
+    let link = [
+        "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns,
+    ];
+    must("ip", &link);
+    must(
+        "ip",
+        &["-n", &sw, "link", "set", port, "master", "br0", "up"],
+    );
+    must("ip", &["-n", ns, "addr", "add", address, "dev", inside]);
+    must("ip", &["-n", ns, "link", "set", inside, "up"]);
+}
+
 fn netns(node: &str) -> String {
     format!("{PREFIX}-{node}")
 }
@@ -279,30 +295,7 @@ impl Cluster {
             let ns = netns(node);
             let port = format!("{node}-p");
             must("ip", &["netns", "add", &ns]);
-            must(
-                "ip",
-                &[
-                    "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                    "netns", &ns,
-                ],
-            );
-            must(
-                "ip",
-                &["-n", &sw, "link", "set", &port, "master", "br0", "up"],
-            );
-            must(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{}/24", node_ip(i)),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            must("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+            plug(&port, &ns, "eth0", &format!("{}/24", node_ip(i)));
             must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
         }
     }
@@ -465,33 +458,9 @@ impl Cluster {
     /// node reaches `address` (the host's own, which its certificate names).
     pub fn join_host(&mut self, host_netns: &str, address: Ipv4Addr) {
         let k = self.joined.len() as u8 + 1;
-        let sw = switch();
         let (port, inside) = (format!("{PREFIX}-h{k}"), format!("{PREFIX}-c{k}"));
         let link = format!("{NET}.{}", 20 + k);
-        must(
-            "ip",
-            &[
-                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", &inside, "netns",
-                host_netns,
-            ],
-        );
-        must(
-            "ip",
-            &["-n", &sw, "link", "set", &port, "master", "br0", "up"],
-        );
-        must(
-            "ip",
-            &[
-                "-n",
-                host_netns,
-                "addr",
-                "add",
-                &format!("{link}/24"),
-                "dev",
-                &inside,
-            ],
-        );
-        must("ip", &["-n", host_netns, "link", "set", &inside, "up"]);
+        plug(&port, host_netns, &inside, &format!("{link}/24"));
         for node in NODES {
             must(
                 "ip",

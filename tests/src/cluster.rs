@@ -103,6 +103,9 @@ for pair in etc-corosync:/etc/corosync var-lib-corosync:/var/lib/corosync \
   mount --bind "$dir/${pair%%:*}" "${pair#*:}" || exit 1
 done
 mount --bind "$2/hosts" /etc/hosts
+# Each node's own resource agents: what `ha install --apply` writes on one
+# node is not on the others.
+mount --bind "$dir/resource.d" /usr/lib/ocf/resource.d || exit 1
 hostname "$node"
 ip link set lo up
 export PCMK_logfile=/var/log/pacemaker/pacemaker.log PCMK_logfacility=none
@@ -229,6 +232,14 @@ impl Cluster {
                 std::fs::create_dir_all(nd.join("var-lib-pacemaker").join(sub)).unwrap();
             }
             std::fs::create_dir_all(nd.join("log-pacemaker/bundles")).unwrap();
+            must(
+                "cp",
+                &[
+                    "-a",
+                    "/usr/lib/ocf/resource.d",
+                    &nd.join("resource.d").display().to_string(),
+                ],
+            );
             std::fs::write(nd.join("etc-corosync/corosync.conf"), &conf).unwrap();
             std::fs::write(nd.join("etc-corosync/authkey"), &key).unwrap();
             std::fs::write(nd.join("var-lib-pacemaker/cib/cib.xml"), CIB_SEED).unwrap();
@@ -257,6 +268,8 @@ impl Cluster {
         let image = self.dir.join("shared.img").display().to_string();
         must("truncate", &["-s", "128M", &image]);
         must("mkfs.ext4", &["-q", "-F", "-L", "imfleet-data", &image]);
+        // It holds the CA key.
+        must("chmod", &["0600", &image]);
         self.loop_device = must("losetup", &["-f", "--show", &image]).trim().to_owned();
         let mnt = self.dir.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
@@ -505,17 +518,16 @@ impl Cluster {
     }
 }
 
-/// The node a resource runs on, from `crm_mon` XML.
+/// The node a resource runs on, from `crm_mon` XML (read as `controller
+/// ha status` reads it).
 pub fn running_on(xml: &str, resource: &str) -> Option<String> {
-    let start = xml.find(&format!(r#"<resource id="{resource}""#))?;
-    let rest = &xml[start..];
-    let end = rest.find("</resource>").unwrap_or(rest.len());
-    let element = &rest[..end];
-    if !element.contains(r#"role="Started""#) {
-        return None;
+    let status = imfleet_controller::ha::cib::status(xml, resource, &[]).ok()?;
+    let daemon = status.daemon?;
+    if daemon.active && daemon.role == "Started" {
+        daemon.nodes.into_iter().next()
+    } else {
+        None
     }
-    let node = element.split(r#"<node name=""#).nth(1)?;
-    Some(node.split('"').next()?.to_owned())
 }
 
 /// What a cluster of a killed test run left: its namespaces, loop device
@@ -539,6 +551,13 @@ fn remove_leftovers() {
 }
 
 fn remove_network(joined: &[u8]) {
+    // A killed run's nodes still run in their namespaces: end them first.
+    for node in NODES {
+        let pids = output(Command::new("ip").args(["netns", "pids", &netns(node)]));
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            quiet("kill", &["-9", pid]);
+        }
+    }
     for k in joined {
         quiet(
             "ip",

@@ -84,8 +84,15 @@ fn the_daemon_fails_over_mid_rollout_and_one_that_cannot_start_never_moves_the_p
         "--apply",
     ];
     let first = ha.ha(NODES[0], &install);
-    assert_eq!(first["steps"].as_array().unwrap().len(), 5, "{first:#}");
+    assert_eq!(first["steps"].as_array().unwrap().len(), 7, "{first:#}");
     for node in &NODES[1..] {
+        // Once the change has reached this node's copy of the CIB.
+        cluster.wait_for(
+            node,
+            "the configuration replicated",
+            Duration::from_secs(30),
+            |xml| xml.contains(&format!(r#"id="{DAEMON}""#)),
+        );
         let again = ha.ha(node, &install);
         assert_eq!(again["steps"], serde_json::json!([]), "{node}: {again:#}");
     }
@@ -203,7 +210,9 @@ fn the_daemon_fails_over_mid_rollout_and_one_that_cannot_start_never_moves_the_p
         failover.as_secs_f64()
     );
     let now_active = cluster.location(&other, "pbx_services").unwrap();
+    // The CLI that followed lost its daemon with the node; it is not needed.
     let mut follower = follower;
+    let _ = follower.kill();
     let _ = follower.wait();
 
     // The new daemon takes the rollout up and finishes it.

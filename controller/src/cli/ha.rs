@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use imfleet_controller::ha::{self, HaConfig, pacemaker, plan};
 
@@ -15,8 +14,8 @@ pub enum HaCommand {
     /// state; with --apply, install the resource agent on this node and run
     /// them (only what is missing: safe to repeat, on every node).
     Install(InstallArgs),
-    /// Where the daemon runs, how it stands, and whether the configuration
-    /// is as `ha install` makes it.
+    /// Where the daemon runs, how it stands and its failures (exit status
+    /// 1 when it does not run).
     Status(StatusArgs),
     /// Print the OCF resource agent (ocf:imfleet:controller).
     Agent,
@@ -38,9 +37,8 @@ pub struct InstallArgs {
     #[command(flatten)]
     target: Target,
     /// The controller executable, at the same path on every node.
-    /// Default: this one.
-    #[arg(long, value_name = "PATH")]
-    binary: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "PATH", default_value = "/usr/local/bin/controller")]
+    binary: std::path::PathBuf,
     /// Where the daemon serves /metrics and /readyz (monitor asks /readyz).
     #[arg(long, default_value = imfleet_controller::serve::DEFAULT_METRICS_LISTEN, value_name = "ADDR:PORT")]
     metrics_listen: std::net::SocketAddr,
@@ -51,7 +49,7 @@ pub struct InstallArgs {
     /// Where the daemon's output goes, on each node.
     #[arg(
         long,
-        default_value = "/var/log/imfleet-controller.log",
+        default_value = "/var/log/imfleet/controller.log",
         value_name = "FILE"
     )]
     log_file: std::path::PathBuf,
@@ -82,11 +80,12 @@ pub async fn ha(dir: &Path, command: HaCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn config(dir: &Path, args: &InstallArgs) -> anyhow::Result<HaConfig> {
-    let binary = match &args.binary {
-        Some(path) => path.clone(),
-        None => std::env::current_exe().context("where this controller is installed")?,
-    };
-    for (flag, path) in [("--binary", &binary), ("--log-file", &args.log_file)] {
+    let binary = &args.binary;
+    for (flag, path) in [
+        ("--binary", binary),
+        ("--log-file", &args.log_file),
+        ("--state-dir", &dir.to_path_buf()),
+    ] {
         if !path.is_absolute() {
             anyhow::bail!("{flag} {} must be an absolute path", path.display());
         }
@@ -94,7 +93,7 @@ fn config(dir: &Path, args: &InstallArgs) -> anyhow::Result<HaConfig> {
     if !args.metrics_listen.ip().is_loopback() {
         anyhow::bail!("--metrics-listen must be a loopback address (the agent asks /readyz there)");
     }
-    let state_dir = std::path::absolute(dir).context("the state directory")?;
+    let state_dir = dir;
     Ok(HaConfig {
         resource: args.target.resource_id.clone(),
         with: args.target.with.clone(),
@@ -112,6 +111,12 @@ async fn install(dir: &Path, args: InstallArgs) -> anyhow::Result<ExitCode> {
     if args.api_listen.is_some() && config.with.len() < 2 {
         eprintln!(
             "note: --api-listen binds the virtual IP: add its resource with --with (after the filesystem's), so the daemon starts once the address is up"
+        );
+    }
+    if !Path::new(&config.binary).exists() {
+        eprintln!(
+            "note: {} is not on this node; install the controller there on every node (or give --binary)",
+            config.binary
         );
     }
     if !dir.join("ca.pem").exists() {
@@ -159,8 +164,12 @@ async fn install(dir: &Path, args: InstallArgs) -> anyhow::Result<ExitCode> {
         println!(
             "# On every node: install the resource agent (or run `controller ha install --apply` there)."
         );
+        let dir = Path::new(ha::AGENT_PATH)
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
         println!(
-            "controller ha agent > {path} && chmod 755 {path}",
+            "mkdir -p {dir} && controller ha agent > {path} && chmod 755 {path}",
             path = ha::AGENT_PATH
         );
     }

@@ -117,16 +117,25 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let explicit_state = cli.state_dir.is_some();
     let dir = match cli.state_dir {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
     let upgrading_agents = matches!(cli.command, Command::Agents(_));
+    // The daemon's resource names its state directory on every node: a
+    // default (a local disk) would not be the replicated one.
+    if matches!(cli.command, Command::Ha(ha::HaCommand::Install(_))) && !explicit_state {
+        anyhow::bail!(
+            "`ha install` needs --state-dir (or IMFLEET_STATE_DIR): the state directory on the replicated filesystem, e.g. /var/lib/portsip/imfleet"
+        );
+    }
     // Through the daemon only from a node that does not hold the state:
     // where it is, the local socket reaches the same daemon, and every
     // command works (IMFLEET_DAEMON may be set on every node).
     if let Some(url) = &cli.daemon
         && !dir.join("ca.pem").exists()
+        && !matches!(cli.command, Command::Ha(_))
     {
         let remote = remote_endpoint(url, cli.operator.as_deref())?;
         return remote_command(&dir, &remote, cli.command).await;

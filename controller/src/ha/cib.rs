@@ -17,6 +17,8 @@ pub struct Observed {
     pub primitive: Option<Primitive>,
     pub colocations: BTreeMap<String, Colocation>,
     pub orders: BTreeMap<String, Order>,
+    /// Filesystem resources (`ocf:heartbeat:Filesystem`) and where they mount.
+    pub mounts: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,14 +34,19 @@ pub struct Colocation {
     pub rsc: String,
     pub with_rsc: String,
     pub score: String,
+    pub influence: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Order {
     pub first: String,
+    pub first_action: Option<String>,
     pub then: String,
+    pub then_action: Option<String>,
     /// None: Mandatory (Pacemaker's default).
     pub kind: Option<String>,
+    /// None: true (Pacemaker's default).
+    pub symmetrical: Option<String>,
 }
 
 const RESOURCE_TAGS: &[&str] = &["primitive", "group", "clone", "master", "bundle"];
@@ -61,6 +68,12 @@ pub fn observe(cib: &str, resource: &str) -> Result<Observed, HaError> {
             if tag == "primitive" && id == resource {
                 observed.primitive = Some(primitive(node));
             }
+            if tag == "primitive" && node.attribute("type") == Some("Filesystem") {
+                let found = primitive(node);
+                if let Some(directory) = found.params.get("directory") {
+                    observed.mounts.insert(id.to_owned(), directory.clone());
+                }
+            }
         }
         let attr = |name: &str| node.attribute(name).unwrap_or_default().to_owned();
         match tag {
@@ -71,6 +84,7 @@ pub fn observe(cib: &str, resource: &str) -> Result<Observed, HaError> {
                         rsc: attr("rsc"),
                         with_rsc: attr("with-rsc"),
                         score: attr("score"),
+                        influence: node.attribute("influence").map(str::to_owned),
                     },
                 );
             }
@@ -79,8 +93,11 @@ pub fn observe(cib: &str, resource: &str) -> Result<Observed, HaError> {
                     id.to_owned(),
                     Order {
                         first: attr("first"),
+                        first_action: node.attribute("first-action").map(str::to_owned),
                         then: attr("then"),
+                        then_action: node.attribute("then-action").map(str::to_owned),
                         kind: node.attribute("kind").map(str::to_owned),
+                        symmetrical: node.attribute("symmetrical").map(str::to_owned),
                     },
                 );
             }
@@ -223,7 +240,9 @@ mod tests {
     const CIB: &str = r#"<cib><configuration><crm_config/><nodes/>
       <resources>
         <group id="pbx">
-          <primitive id="datapath_fs" class="ocf" provider="heartbeat" type="Filesystem"/>
+          <primitive id="datapath_fs" class="ocf" provider="heartbeat" type="Filesystem">
+            <instance_attributes id="fs"><nvpair id="fs-d" name="directory" value="/var/lib/portsip"/></instance_attributes>
+          </primitive>
           <primitive id="vip" class="ocf" provider="heartbeat" type="IPaddr2"/>
         </group>
         <primitive id="imfleet-controller" class="ocf" provider="imfleet" type="controller">
@@ -247,6 +266,7 @@ mod tests {
         assert_eq!(p.meta["critical"], "false");
         assert_eq!(seen.colocations["c1"].with_rsc, "datapath_fs");
         assert_eq!(seen.orders["o1"].kind, None);
+        assert_eq!(seen.mounts["datapath_fs"], "/var/lib/portsip");
         assert!(observe("<cib/>", "x").is_err());
         assert!(observe("not xml", "x").is_err());
     }

@@ -5,12 +5,14 @@
 //!
 //! What keeps the PBX safe from the daemon: the daemon is colocated with
 //! the resources it needs (`with`: the filesystem holding its state, the
-//! virtual IP of its API), never the other way round. Its meta attribute
-//! `critical=false` makes those colocations' `influence` false, so its
-//! failures never move them; its stop never fails (the agent ends with
-//! SIGKILL) and `on-fail=block` keeps a failed stop from escalating to
-//! fencing; `migration-threshold` and `failure-timeout` make a daemon that
-//! keeps failing stay stopped for a while instead of looping.
+//! virtual IP of its API), never the other way round, with `influence=false`
+//! (and `critical=false`, its default), so its failures never move them while
+//! they run. It starts after them and stops before them by two one-way
+//! orders (the stop one optional), so a stop of the daemon that blocks never
+//! holds them back; its stop does not fail (the agent ends with SIGKILL) and
+//! `on-fail=block` keeps a failed one from fencing the node;
+//! `migration-threshold` and `failure-timeout` make a daemon that keeps
+//! failing stay stopped for a while instead of looping.
 
 pub mod cib;
 pub mod pacemaker;
@@ -63,6 +65,10 @@ impl HaConfig {
     pub fn order_id(&self, r: &str) -> String {
         format!("{}-after-{r}", self.resource)
     }
+
+    pub fn stop_order_id(&self, r: &str) -> String {
+        format!("{}-stops-before-{r}", self.resource)
+    }
 }
 
 /// The daemon's meta attributes: why each is there is in the module docs.
@@ -86,6 +92,14 @@ pub enum HaError {
         "`{value}` cannot be a parameter of the resource ({what}): no quotes, spaces or control characters"
     )]
     BadValue { what: &'static str, value: String },
+    #[error(
+        "the state directory {state_dir} is not on {resource} (mounted on {mount}): the daemon's state must be on the replicated filesystem it runs with; give --state-dir under {mount}"
+    )]
+    StateNotReplicated {
+        state_dir: String,
+        resource: String,
+        mount: String,
+    },
     #[error("the cluster configuration could not be read: {0}")]
     Cib(String),
     #[error("`{command}` failed: {detail}")]

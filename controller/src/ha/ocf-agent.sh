@@ -4,27 +4,28 @@
 # Pacemaker resource. `controller ha install --apply` writes this file to
 # /usr/lib/ocf/resource.d/imfleet/controller on the node it runs on.
 #
-# start    waits until the daemon answers /readyz (its hosts loaded);
-#          refuses a state directory that holds no imfleet state (the
-#          replicated filesystem not mounted here).
+# start    waits until the daemon answers /readyz on the socket in its
+#          state directory (its own, not whatever holds a port); refuses a
+#          state directory that holds no imfleet state (the replicated
+#          filesystem not mounted here); gives up before Pacemaker's timeout.
 # monitor  the process (pid file, checked against the binary), then /readyz;
 #          7 (not running) when it is not there.
-# stop     SIGTERM, then SIGKILL after the grace period; always succeeds: a
-#          failed stop would have Pacemaker fence the node, which moves the
-#          PBX.
+# stop     SIGTERM, then SIGKILL after the grace period; succeeds whatever
+#          the configuration or installation: a failed stop would block the
+#          resource or fence the node.
 
 : "${OCF_FUNCTIONS_DIR=${OCF_ROOT:-/usr/lib/ocf}/lib/heartbeat}"
 # shellcheck disable=SC1091
 . "${OCF_FUNCTIONS_DIR}/ocf-shellfuncs"
 
-: "${OCF_RESKEY_binary=/usr/local/bin/controller}"
-: "${OCF_RESKEY_state_dir=}"
-: "${OCF_RESKEY_metrics_listen=127.0.0.1:9743}"
-: "${OCF_RESKEY_api_listen=}"
-: "${OCF_RESKEY_extra_args=}"
-: "${OCF_RESKEY_logfile=/var/log/imfleet-controller.log}"
-: "${OCF_RESKEY_pidfile=${HA_RSCTMP}/${OCF_RESOURCE_INSTANCE}.pid}"
-: "${OCF_RESKEY_stop_grace=}"
+: "${OCF_RESKEY_binary:=/usr/local/bin/controller}"
+: "${OCF_RESKEY_state_dir:=}"
+: "${OCF_RESKEY_metrics_listen:=127.0.0.1:9743}"
+: "${OCF_RESKEY_api_listen:=}"
+: "${OCF_RESKEY_extra_args:=}"
+: "${OCF_RESKEY_logfile:=/var/log/imfleet/controller.log}"
+: "${OCF_RESKEY_pidfile:=${HA_RSCTMP}/${OCF_RESOURCE_INSTANCE}.pid}"
+: "${OCF_RESKEY_stop_grace:=}"
 
 meta_data() {
 	cat <<END
@@ -52,7 +53,7 @@ controller ha install prints the commands.
 <content type="string"/>
 </parameter>
 <parameter name="metrics_listen" unique="1">
-<longdesc lang="en">Loopback address and port of /metrics, /healthz and /readyz (monitor asks /readyz).</longdesc>
+<longdesc lang="en">Loopback address and port of /metrics, /healthz and /readyz for Prometheus (monitor asks /readyz on the daemon's socket).</longdesc>
 <shortdesc lang="en">metrics address</shortdesc>
 <content type="string" default="127.0.0.1:9743"/>
 </parameter>
@@ -69,7 +70,7 @@ controller ha install prints the commands.
 <parameter name="logfile" unique="0">
 <longdesc lang="en">File receiving the daemon's output.</longdesc>
 <shortdesc lang="en">log file</shortdesc>
-<content type="string" default="/var/log/imfleet-controller.log"/>
+<content type="string" default="/var/log/imfleet/controller.log"/>
 </parameter>
 <parameter name="pidfile" unique="1">
 <longdesc lang="en">PID file.</longdesc>
@@ -100,23 +101,32 @@ daemon_pid() {
 	case "$pid" in ''|*[!0-9]*) return 1;; esac
 	# By its command line, not /proc/PID/exe: a binary replaced by an
 	# upgrade keeps running under its old inode.
-	[ "$(tr '\000' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1)" = "$OCF_RESKEY_binary" ] || return 1
+	[ "$(tr '\000' '\n' 2>/dev/null <"/proc/$pid/cmdline" | head -n 1)" = "$OCF_RESKEY_binary" ] || return 1
 	echo "$pid"
 }
 
+# The daemon of this state directory answers ready on its own socket.
 ready() {
-	curl -fsS -m 3 -o /dev/null "http://$OCF_RESKEY_metrics_listen/readyz" 2>/dev/null
+	curl -fsS -m 3 --noproxy '*' -o /dev/null \
+		--unix-socket "$OCF_RESKEY_state_dir/run/serve.sock" http://imfleet/readyz 2>/dev/null
 }
 
 validate() {
-	if [ -z "$OCF_RESKEY_state_dir" ]; then
-		ocf_exit_reason "parameter state_dir is required"
-		return "$OCF_ERR_CONFIGURED"
-	fi
+	case "$OCF_RESKEY_state_dir" in
+	/*) ;;
+	*)
+		ocf_exit_reason "parameter state_dir must be an absolute path"
+		return "$OCF_ERR_CONFIGURED";;
+	esac
 	case "$OCF_RESKEY_metrics_listen" in
 	127.*:[0-9]*|\[::1\]:[0-9]*) ;;
 	*)
 		ocf_exit_reason "metrics_listen $OCF_RESKEY_metrics_listen is not a loopback address and port"
+		return "$OCF_ERR_CONFIGURED";;
+	esac
+	case "$OCF_RESKEY_stop_grace" in
+	*[!0-9]*)
+		ocf_exit_reason "stop_grace $OCF_RESKEY_stop_grace is not a number of seconds"
 		return "$OCF_ERR_CONFIGURED";;
 	esac
 	if [ ! -x "$OCF_RESKEY_binary" ]; then
@@ -137,44 +147,64 @@ monitor() {
 	fi
 	ocf_is_probe && return "$OCF_SUCCESS"
 	if ! ready; then
-		ocf_exit_reason "the daemon does not answer /readyz on $OCF_RESKEY_metrics_listen"
+		ocf_exit_reason "the daemon does not answer /readyz on $OCF_RESKEY_state_dir/run/serve.sock"
 		return "$OCF_ERR_GENERIC"
 	fi
 	return "$OCF_SUCCESS"
 }
 
+# Seconds left before Pacemaker's timeout for this action, less a margin.
+time_left() {
+	left=$(( ${OCF_RESKEY_CRM_meta_timeout:-60000} / 1000 - 5 ))
+	[ "$left" -lt 1 ] && left=1
+	echo "$left"
+}
+
 start() {
-	if daemon_pid >/dev/null && ready; then
-		return "$OCF_SUCCESS"
+	umask 077
+	if pid=$(daemon_pid); then
+		# Already started (perhaps still loading its hosts): wait for it
+		# rather than start a second one.
+		:
+	else
+		# Not mounted here (or never initialised): the daemon would refuse
+		# too, but the reason is clearer from here.
+		if [ ! -f "$OCF_RESKEY_state_dir/ca.pem" ]; then
+			ocf_exit_reason "$OCF_RESKEY_state_dir holds no imfleet state: is the replicated filesystem mounted on this node?"
+			return "$OCF_ERR_GENERIC"
+		fi
+		mkdir -p "$(dirname "$OCF_RESKEY_pidfile")"
+		mkdir -p -m 0750 "$(dirname "$OCF_RESKEY_logfile")"
+		rm -f "$OCF_RESKEY_pidfile"
+		set -- --state-dir "$OCF_RESKEY_state_dir" serve --metrics-listen "$OCF_RESKEY_metrics_listen"
+		[ -n "$OCF_RESKEY_api_listen" ] && set -- "$@" --api-listen "$OCF_RESKEY_api_listen"
+		# extra_args is split into words on purpose (no globbing; no eval).
+		# setsid and every stream redirected: pacemaker-execd must not wait
+		# on the daemon's pipes.
+		set -f
+		# shellcheck disable=SC2086
+		IMFLEET_LOG="${IMFLEET_LOG:-info}" setsid "$OCF_RESKEY_binary" "$@" $OCF_RESKEY_extra_args \
+			</dev/null >>"$OCF_RESKEY_logfile" 2>&1 &
+		pid=$!
+		set +f
+		echo "$pid" >"$OCF_RESKEY_pidfile"
 	fi
-	# Not mounted here (or never initialised): the daemon would refuse too,
-	# but the reason is clearer from here. A soft error: it may be mounted
-	# on the next try.
-	if [ ! -f "$OCF_RESKEY_state_dir/ca.pem" ]; then
-		ocf_exit_reason "$OCF_RESKEY_state_dir holds no imfleet state: is the replicated filesystem mounted on this node?"
-		return "$OCF_ERR_GENERIC"
-	fi
-	mkdir -p "$(dirname "$OCF_RESKEY_pidfile")" "$(dirname "$OCF_RESKEY_logfile")"
-	rm -f "$OCF_RESKEY_pidfile"
-	set -- --state-dir "$OCF_RESKEY_state_dir" serve --metrics-listen "$OCF_RESKEY_metrics_listen"
-	[ -n "$OCF_RESKEY_api_listen" ] && set -- "$@" --api-listen "$OCF_RESKEY_api_listen"
-	# setsid and every stream redirected: pacemaker-execd must not wait on
-	# the daemon's pipes.
-	# shellcheck disable=SC2086
-	IMFLEET_LOG="${IMFLEET_LOG:-info}" setsid "$OCF_RESKEY_binary" "$@" $OCF_RESKEY_extra_args \
-		</dev/null >>"$OCF_RESKEY_logfile" 2>&1 &
-	pid=$!
-	echo "$pid" >"$OCF_RESKEY_pidfile"
-	# Until ready; Pacemaker ends this at the start timeout.
+	deadline=$(( $(date +%s) + $(time_left) ))
 	while :; do
 		if ! kill -0 "$pid" 2>/dev/null; then
 			rm -f "$OCF_RESKEY_pidfile"
 			ocf_exit_reason "controller serve exited at start: $(tail -n 3 "$OCF_RESKEY_logfile" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
 			return "$OCF_ERR_GENERIC"
 		fi
-		if ready; then
+		if ready && kill -0 "$pid" 2>/dev/null; then
 			ocf_log info "controller serve started (pid $pid)"
 			return "$OCF_SUCCESS"
+		fi
+		if [ "$(date +%s)" -ge "$deadline" ]; then
+			kill -KILL "$pid" 2>/dev/null
+			rm -f "$OCF_RESKEY_pidfile"
+			ocf_exit_reason "controller serve was not ready in time: $(tail -n 3 "$OCF_RESKEY_logfile" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
+			return "$OCF_ERR_GENERIC"
 		fi
 		sleep 0.2
 	done
@@ -185,11 +215,10 @@ stop() {
 		rm -f "$OCF_RESKEY_pidfile"
 		return "$OCF_SUCCESS"
 	fi
-	grace=$OCF_RESKEY_stop_grace
-	if [ -z "$grace" ]; then
-		grace=$(( ${OCF_RESKEY_CRM_meta_timeout:-40000} / 1000 - 5 ))
-		[ "$grace" -lt 1 ] && grace=1
-	fi
+	case "$OCF_RESKEY_stop_grace" in
+	''|*[!0-9]*) grace=$(time_left);;
+	*) grace=$OCF_RESKEY_stop_grace;;
+	esac
 	kill -TERM "$pid" 2>/dev/null
 	waited=0
 	while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt $(( grace * 10 )) ]; do
@@ -199,6 +228,11 @@ stop() {
 	if kill -0 "$pid" 2>/dev/null; then
 		ocf_log warn "controller serve (pid $pid) outlived SIGTERM by ${grace} s: SIGKILL"
 		kill -KILL "$pid" 2>/dev/null
+		waited=0
+		while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 50 ]; do
+			sleep 0.1
+			waited=$(( waited + 1 ))
+		done
 	fi
 	rm -f "$OCF_RESKEY_pidfile"
 	return "$OCF_SUCCESS"
@@ -207,15 +241,18 @@ stop() {
 case "$1" in
 meta-data) meta_data; exit "$OCF_SUCCESS";;
 usage|help) echo "usage: $0 {start|stop|monitor|validate-all|meta-data}"; exit "$OCF_SUCCESS";;
+# Before any validation: a daemon that runs is stopped whatever the
+# configuration or installation now says (the pid file and the command
+# line need neither).
+stop) stop; exit $?;;
 esac
 
 validate
 rc=$?
 if [ "$rc" -ne "$OCF_SUCCESS" ]; then
 	case "$1" in
-	# Not installed or configured here: nothing runs here to stop, and a
-	# probe finds it not running (an error would make Pacemaker act).
-	stop) exit "$OCF_SUCCESS";;
+	# Not installed or configured here: a probe finds it not running (an
+	# error would make Pacemaker act).
 	monitor) ocf_is_probe && exit "$OCF_NOT_RUNNING"; exit "$rc";;
 	*) exit "$rc";;
 	esac
@@ -223,7 +260,6 @@ fi
 
 case "$1" in
 start) start;;
-stop) stop;;
 monitor|status) monitor;;
 validate-all) exit "$OCF_SUCCESS";;
 *) exit "$OCF_ERR_UNIMPLEMENTED";;

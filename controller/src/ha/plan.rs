@@ -58,12 +58,43 @@ const KNOWN_PARAMS: &[&str] = &[
     "api_listen",
 ];
 
+/// A constraint id to be replaced must be the daemon's: never delete
+/// someone else's constraint that happens to carry the name.
+fn ours(cid: &str, names_daemon: bool) -> Result<(), HaError> {
+    if names_daemon {
+        Ok(())
+    } else {
+        Err(HaError::Cib(format!(
+            "constraint `{cid}` exists and is not the daemon's; choose another --resource-id"
+        )))
+    }
+}
+
+fn delete(cid: &str) -> Step {
+    Step::new(
+        format!("remove {cid}, which says something else"),
+        &["constraint", "delete", cid],
+    )
+}
+
 /// The steps that bring `observed` to `config`; empty when it holds.
 pub fn plan(config: &HaConfig, observed: &Observed) -> Result<Vec<Step>, HaError> {
     super::check(config)?;
     for with in &config.with {
         if !observed.resources.contains(with) {
             return Err(HaError::MissingResource(with.clone()));
+        }
+    }
+    // State on a local disk would fork the fleet's records at the first
+    // failover: it must lie on the filesystem the daemon runs with.
+    if let Some(mount) = config.with.first().and_then(|w| observed.mounts.get(w)) {
+        let under = std::path::Path::new(&config.state_dir).starts_with(mount);
+        if !under {
+            return Err(HaError::StateNotReplicated {
+                state_dir: config.state_dir.clone(),
+                resource: config.with[0].clone(),
+                mount: mount.clone(),
+            });
         }
     }
     let id = config.resource.as_str();
@@ -145,20 +176,20 @@ pub fn plan(config: &HaConfig, observed: &Observed) -> Result<Vec<Step>, HaError
     }
     for with in &config.with {
         let cid = config.colocation_id(with);
-        let right = observed.colocations.get(&cid).is_some_and(|c| {
+        let found = observed.colocations.get(&cid);
+        let right = found.is_some_and(|c| {
             c.rsc == id
                 && &c.with_rsc == with
                 && matches!(c.score.as_str(), "INFINITY" | "+INFINITY")
+                && c.influence.as_deref() == Some("false")
         });
         if !right {
-            if observed.colocations.contains_key(&cid) {
-                steps.push(Step::new(
-                    format!("remove {cid}, which says something else"),
-                    &["constraint", "delete", &cid],
-                ));
+            if let Some(c) = found {
+                ours(&cid, c.rsc == id)?;
+                steps.push(delete(&cid));
             }
             steps.push(Step::new(
-                format!("run {id} only where {with} runs"),
+                format!("run {id} only where {with} runs, never moving {with} for it"),
                 &[
                     "constraint",
                     "colocation",
@@ -167,32 +198,54 @@ pub fn plan(config: &HaConfig, observed: &Observed) -> Result<Vec<Step>, HaError
                     "with",
                     with,
                     "INFINITY",
+                    "influence=false",
                     &format!("id={cid}"),
                 ],
             ));
         }
-        let oid = config.order_id(with);
-        let right = observed.orders.get(&oid).is_some_and(|o| {
-            &o.first == with && o.then == id && o.kind.as_deref().is_none_or(|k| k == "Mandatory")
-        });
-        if !right {
-            if observed.orders.contains_key(&oid) {
-                steps.push(Step::new(
-                    format!("remove {oid}, which says something else"),
-                    &["constraint", "delete", &oid],
-                ));
+        // Two one-way orders rather than one symmetrical: a stop of the
+        // daemon that blocks must never hold the PBX's resources back.
+        let wanted = [
+            (
+                config.order_id(with),
+                (with.as_str(), "start", id, "start", "Mandatory"),
+                format!("start {id} after {with}"),
+            ),
+            (
+                config.stop_order_id(with),
+                (id, "stop", with.as_str(), "stop", "Optional"),
+                format!("stop {id} before {with} when both stop"),
+            ),
+        ];
+        for (oid, (first, first_action, then, then_action, kind), why) in wanted {
+            let found = observed.orders.get(&oid);
+            let right = found.is_some_and(|o| {
+                o.first == first
+                    && o.first_action.as_deref().unwrap_or("start") == first_action
+                    && o.then == then
+                    && o.then_action.as_deref().unwrap_or(first_action) == then_action
+                    && o.kind.as_deref().unwrap_or("Mandatory") == kind
+                    && o.symmetrical.as_deref() == Some("false")
+            });
+            if right {
+                continue;
+            }
+            if let Some(o) = found {
+                ours(&oid, o.first == id || o.then == id)?;
+                steps.push(delete(&oid));
             }
             steps.push(Step::new(
-                format!("start {id} after {with}, stop it before"),
+                why,
                 &[
                     "constraint",
                     "order",
-                    "start",
-                    with,
+                    first_action,
+                    first,
                     "then",
-                    "start",
-                    id,
-                    "kind=Mandatory",
+                    then_action,
+                    then,
+                    &format!("kind={kind}"),
+                    "symmetrical=false",
                     &format!("id={oid}"),
                 ],
             ));
@@ -248,14 +301,30 @@ mod tests {
                     rsc: config.resource.clone(),
                     with_rsc: with.clone(),
                     score: "INFINITY".into(),
+                    influence: Some("false".into()),
                 },
             );
+            // As pcs writes them: actions and kind spelled out.
             seen.orders.insert(
                 config.order_id(with),
                 Order {
                     first: with.clone(),
+                    first_action: Some("start".into()),
                     then: config.resource.clone(),
-                    kind: None,
+                    then_action: Some("start".into()),
+                    kind: Some("Mandatory".into()),
+                    symmetrical: Some("false".into()),
+                },
+            );
+            seen.orders.insert(
+                config.stop_order_id(with),
+                Order {
+                    first: config.resource.clone(),
+                    first_action: Some("stop".into()),
+                    then: with.clone(),
+                    then_action: Some("stop".into()),
+                    kind: Some("Optional".into()),
+                    symmetrical: Some("false".into()),
                 },
             );
         }
@@ -265,7 +334,7 @@ mod tests {
     #[test]
     fn a_fresh_cluster_gets_the_resource_with_critical_false_and_both_constraints_per_resource() {
         let steps = plan(&config(), &portsip_cluster()).unwrap();
-        assert_eq!(steps.len(), 5);
+        assert_eq!(steps.len(), 7);
         let create = steps[0].command_line();
         assert!(create.starts_with("pcs resource create imfleet-controller ocf:imfleet:controller binary=/usr/local/bin/controller"), "{create}");
         assert!(
@@ -278,11 +347,15 @@ mod tests {
         );
         assert_eq!(
             steps[1].command_line(),
-            "pcs constraint colocation add imfleet-controller with datapath_fs INFINITY id=imfleet-controller-with-datapath_fs"
+            "pcs constraint colocation add imfleet-controller with datapath_fs INFINITY influence=false id=imfleet-controller-with-datapath_fs"
         );
         assert_eq!(
             steps[2].command_line(),
-            "pcs constraint order start datapath_fs then start imfleet-controller kind=Mandatory id=imfleet-controller-after-datapath_fs"
+            "pcs constraint order start datapath_fs then start imfleet-controller kind=Mandatory symmetrical=false id=imfleet-controller-after-datapath_fs"
+        );
+        assert_eq!(
+            steps[3].command_line(),
+            "pcs constraint order stop imfleet-controller then stop datapath_fs kind=Optional symmetrical=false id=imfleet-controller-stops-before-datapath_fs"
         );
     }
 
@@ -296,8 +369,9 @@ mod tests {
         let mut upgraded = done.clone();
         upgraded.colocations.remove(&config.colocation_id("vip"));
         upgraded.orders.remove(&config.order_id("vip"));
+        upgraded.orders.remove(&config.stop_order_id("vip"));
         let steps = plan(&config, &upgraded).unwrap();
-        assert_eq!(steps.len(), 2, "{steps:#?}");
+        assert_eq!(steps.len(), 3, "{steps:#?}");
         assert!(steps.iter().all(|s| s.pcs.contains(&"vip".to_owned())));
 
         // Someone set critical=true and moved the state directory.
@@ -325,8 +399,20 @@ mod tests {
             "pcs resource update imfleet-controller api_listen="
         );
 
+        // An order made symmetrical again (a blocked stop would hold the
+        // PBX) is replaced.
+        let mut symmetrical = done.clone();
+        symmetrical
+            .orders
+            .get_mut(&config.order_id("vip"))
+            .unwrap()
+            .symmetrical = None;
+        let steps = plan(&config, &symmetrical).unwrap();
+        assert_eq!(steps[0].pcs[..2], ["constraint", "delete"]);
+        assert_eq!(steps.len(), 2);
+
         // A constraint id holding something else is replaced, not kept.
-        let mut wrong = done;
+        let mut wrong = done.clone();
         wrong
             .colocations
             .get_mut(&config.colocation_id("datapath_fs"))
@@ -335,6 +421,30 @@ mod tests {
         let steps = plan(&config, &wrong).unwrap();
         assert_eq!(steps[0].pcs[..2], ["constraint", "delete"]);
         assert_eq!(steps.len(), 2);
+
+        // ... but only when it is the daemon's: another's is never deleted.
+        let mut foreign = done;
+        foreign
+            .colocations
+            .get_mut(&config.colocation_id("vip"))
+            .unwrap()
+            .rsc = "pbx_service".into();
+        assert!(plan(&config, &foreign).is_err());
+    }
+
+    #[test]
+    fn the_state_must_be_on_the_filesystem_the_daemon_runs_with() {
+        let mut seen = portsip_cluster();
+        seen.mounts
+            .insert("datapath_fs".into(), "/var/lib/portsip".into());
+        assert!(plan(&config(), &seen).is_ok());
+        let mut local = config();
+        local.state_dir = "/var/lib/imfleet".into();
+        let err = plan(&local, &seen).unwrap_err().to_string();
+        assert!(err.contains("not on datapath_fs"), "{err}");
+        // A prefix of the name is not the directory.
+        local.state_dir = "/var/lib/portsip-old/imfleet".into();
+        assert!(plan(&local, &seen).is_err());
     }
 
     #[test]

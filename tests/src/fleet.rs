@@ -91,13 +91,20 @@ impl<H: ImHost> Fleet<H> {
         token: &std::path::Path,
         extra: &[&str],
     ) -> std::process::Command {
-        let token = token.display().to_string();
+        let args = self.upgrade_args(token, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.controller.command(&args)
+    }
+
+    /// The arguments of [`Fleet::upgrade_command`], for a controller run
+    /// elsewhere (another node).
+    pub fn upgrade_args(&self, token: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec!["upgrade".into()];
         args.extend(self.names());
         // --force: the test hosts are not Ubuntu 24.04.
         args.extend([
             "--token-file".into(),
-            token,
+            token.display().to_string(),
             "--json".into(),
             "--force".into(),
         ]);
@@ -111,8 +118,7 @@ impl<H: ImHost> Fleet<H> {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.controller.command(&args)
+        args
     }
 
     pub fn upgrade(&self, extra: &[&str]) -> Run {

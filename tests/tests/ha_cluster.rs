@@ -136,22 +136,8 @@ fn the_daemon_fails_over_mid_rollout_and_one_that_cannot_start_never_moves_the_p
     let token = cluster.dir().join("token");
     std::fs::write(&token, "imtok-ha-0001-0123456789abcdef\n").unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let token = token.display().to_string();
-    let names = fleet.names();
-    let mut args = vec!["upgrade"];
-    args.extend(names.iter().map(String::as_str));
-    args.extend([
-        "--image",
-        NEXT_IMAGE,
-        "--token-file",
-        &token,
-        "--json",
-        "--force",
-        "--stop-grace",
-        "5",
-        "--min-healthy-time",
-        "4s",
-    ]);
+    let args = fleet.upgrade_args(&token, &["--image", NEXT_IMAGE, "--min-healthy-time", "4s"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let follower = ha
         .remote(&other, &args)
         .stdout(Stdio::null())

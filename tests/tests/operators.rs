@@ -130,22 +130,8 @@ fn an_operator_on_another_node_gets_the_same_answers_and_drives_an_upgrade() {
 
     // An upgrade driven from the other node, by the daemon.
     let token = fleet.new_token();
-    let token = token.display().to_string();
-    let mut args = vec!["upgrade"];
-    let names = fleet.names();
-    args.extend(names.iter().map(String::as_str));
-    args.extend([
-        "--image",
-        NEXT_IMAGE,
-        "--token-file",
-        &token,
-        "--json",
-        "--force",
-        "--stop-grace",
-        "5",
-        "--min-healthy-time",
-        "2s",
-    ]);
+    let args = fleet.upgrade_args(&token, &["--image", NEXT_IMAGE]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let upgraded = run(remote(&other, &url, &alice, &args));
     assert!(upgraded.success(), "{upgraded:#?}\n{}", daemon.log());
     assert_eq!(fleet.running(0), (NEXT_IMAGE.to_owned(), true));

@@ -147,6 +147,10 @@ async fn install(dir: &Path, args: InstallArgs) -> anyhow::Result<ExitCode> {
     let agent_written = if args.apply {
         let written = pacemaker::install_agent()?;
         pacemaker::apply(&steps).await?;
+        let configured = observed.as_ref().is_some_and(|o| o.primitive.is_some());
+        if written && configured {
+            pacemaker::reprobe_here(&config.resource).await?;
+        }
         Some(written)
     } else {
         None

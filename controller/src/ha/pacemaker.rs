@@ -45,6 +45,19 @@ pub async fn status(config: &HaConfig) -> Result<ClusterStatus, HaError> {
     super::cib::status(&xml, &config.resource, &config.with)
 }
 
+/// After the agent was written on this node: has Pacemaker probe the
+/// daemon's resource here again (a probe made before the agent was here
+/// found it "not installed", which keeps the daemon off this node for good).
+pub async fn reprobe_here(resource: &str) -> Result<(), HaError> {
+    let node = run("crm_node", &["-n"]).await?;
+    run(
+        "crm_resource",
+        &["--refresh", "--resource", resource, "--node", node.trim()],
+    )
+    .await
+    .map(drop)
+}
+
 /// Writes the resource agent where Pacemaker finds it, when it differs;
 /// whether it was written.
 pub fn install_agent() -> Result<bool, HaError> {

@@ -198,23 +198,14 @@ async fn install(dir: &Path, args: InstallArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let config = HaConfig {
-        resource: args.target.resource_id.clone(),
-        with: args.target.with.clone(),
-        binary: String::new(),
-        state_dir: String::new(),
-        metrics_listen: String::new(),
-        api_listen: None,
-        log_file: String::new(),
-    };
-    let status = pacemaker::status(&config).await?;
+    let (resource, with) = (&args.target.resource_id, &args.target.with);
+    let status = pacemaker::status(resource, with).await?;
     if args.json {
         output::print_json(&status)?;
     } else {
         let Some(daemon) = &status.daemon else {
             println!(
-                "{} is not configured in this cluster; `controller ha install` prints how",
-                config.resource
+                "{resource} is not configured in this cluster; `controller ha install` prints how"
             );
             return Ok(ExitCode::from(1));
         };
@@ -244,8 +235,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{table}");
         for (node, count) in &status.fail_counts {
             println!(
-                "{}: {count} failure(s) on {node} (`crm_resource --cleanup --resource {}` clears them)",
-                config.resource, config.resource
+                "{resource}: {count} failure(s) on {node} (`crm_resource --cleanup --resource {resource}` clears them)"
             );
         }
     }

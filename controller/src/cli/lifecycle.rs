@@ -114,16 +114,18 @@ pub fn print_status_table(rows: &[(String, Option<DeploymentStatus>)]) {
                     } else {
                         "-".into()
                     };
+                    // Printable: the rows may come from a daemon across the
+                    // network (`--daemon`), not only from this node.
                     table.add_row(vec![
-                        host.clone(),
-                        c.name.clone(),
-                        c.state.clone(),
-                        c.health.clone(),
-                        c.image.clone(),
+                        output::shown(host, 256),
+                        output::shown(&c.name, 256),
+                        output::shown(&c.state, 64),
+                        output::shown(&c.health, 64),
+                        output::shown(&c.image, 512),
                         if c.image_version.is_empty() {
                             "-".into()
                         } else {
-                            c.image_version.clone()
+                            output::shown(&c.image_version, 128)
                         },
                         uptime,
                     ]);

@@ -216,9 +216,13 @@ pub async fn events(
     for e in &events {
         table.add_row(vec![
             imfleet_controller::rfc3339(e.at),
-            e.host.clone().unwrap_or_else(|| "-".into()),
+            // Printable: the events may come from a daemon across the
+            // network (`--daemon`).
+            e.host
+                .as_deref()
+                .map_or_else(|| "-".into(), |h| output::shown(h, 256)),
             e.kind.to_string(),
-            e.detail.clone(),
+            output::shown(&e.detail, 4096),
         ]);
     }
     println!("{table}");

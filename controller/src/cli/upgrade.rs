@@ -446,21 +446,21 @@ fn print_plan(plan: &RolloutPlan) {
 }
 
 fn print_rollout(r: &Rollout) {
-    let image = r.params["image"].as_str().unwrap_or("(images kept)");
+    let image = output::shown(r.params["image"].as_str().unwrap_or("(images kept)"), 512);
     println!(
         "rollout {} {} ({image}), started {} by {}",
         r.id,
         r.state.as_str(),
         output::rfc3339(r.created_at),
-        r.holder
+        output::shown(&r.holder, 256)
     );
     let mut table = output::table(&["host", "canary", "phase", "detail"]);
     for s in &r.steps {
         table.add_row(vec![
-            s.host.clone(),
+            output::shown(&s.host, 256),
             if s.canary { "yes" } else { "" }.into(),
             s.phase.as_str().into(),
-            s.detail.clone(),
+            output::shown(&s.detail, 4096),
         ]);
     }
     println!("{table}");

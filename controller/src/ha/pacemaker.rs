@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::cib::{ClusterStatus, Observed};
 use super::plan::Step;
-use super::{AGENT_PATH, AGENT_SCRIPT, HaConfig, HaError};
+use super::{AGENT_PATH, AGENT_SCRIPT, HaError};
 
 /// Runs `program args`, its standard output on success.
 async fn run(program: &str, args: &[&str]) -> Result<String, HaError> {
@@ -36,13 +36,13 @@ pub async fn observe(resource: &str) -> Result<Observed, HaError> {
 }
 
 /// How the daemon's resource and those it runs with stand.
-pub async fn status(config: &HaConfig) -> Result<ClusterStatus, HaError> {
+pub async fn status(resource: &str, with: &[String]) -> Result<ClusterStatus, HaError> {
     let xml = run(
         "crm_mon",
         &["--one-shot", "--output-as=xml", "--include=all"],
     )
     .await?;
-    super::cib::status(&xml, &config.resource, &config.with)
+    super::cib::status(&xml, resource, with)
 }
 
 /// After the agent was written on this node: has Pacemaker probe the
